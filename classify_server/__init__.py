@@ -1,0 +1,91 @@
+"""An HTTP image classifier: `gunicorn classify_server:app`, then `curl -F data=@image.jpg localhost:8000/`.
+
+`create_app` is the application factory (as in Flask's tutorial): configuration
+from the environment (classify_server.settings), the model loaded once into a
+persistent TensorFlow session (classify_server.model), and one blueprint per
+concern: classification (api), health and metadata (health), the browser page (page).
+"""
+import logging
+import uuid
+
+from flask import Flask, Request, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from classify_server import settings
+
+log = logging.getLogger("classify_server")
+
+
+class InMemoryRequest(Request):
+    """Uploads stay in memory (bounded by MAX_UPLOAD_BYTES): never written to disk."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        import io
+        return io.BytesIO()
+
+
+def create_app(test_config=None, classifier=None):
+    app = Flask(__name__)
+    app.request_class = InMemoryRequest
+    app.config.from_mapping(settings.from_env())
+    if test_config:
+        app.config.update(test_config)
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"]
+    app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is in api.py
+
+    if classifier is None:
+        from classify_server.model import Classifier
+        classifier = Classifier(app.config["MODEL_DIR"], settings.graph_overrides(),
+                                app.config["TF_INTRA_OP_THREADS"], app.config["TF_INTER_OP_THREADS"],
+                                app.config["MAX_IMAGE_PIXELS"])
+        classifier.warm_up()
+    app.extensions["classifier"] = classifier
+
+    from classify_server import api, health, page
+    app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(page.bp)
+
+    @app.before_request
+    def assign_request_id():
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+
+    @app.after_request
+    def security_headers(response):
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        messages = {404: "no such path: POST an image to / (curl -F data=@image.jpg URL)",
+                    405: f"method {request.method} is not allowed here",
+                    413: f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes "
+                         "(MAX_UPLOAD_BYTES)"}
+        message = messages.get(exc.code) if exc.description == type(exc).description else exc.description
+        response = jsonify(error=message or exc.description)
+        response.status_code = exc.code
+        if exc.code == 405:
+            response.headers["Allow"] = ", ".join(exc.valid_methods or [])
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc):
+        log.exception("request %s failed", g.get("request_id"))
+        return jsonify(error="internal error; the server log has the details",
+                       request_id=g.get("request_id")), 500
+
+    return app
+
+
+def __getattr__(name):
+    """`gunicorn classify_server:app` builds the app in each worker, after the fork."""
+    if name != "app":
+        raise AttributeError(name)
+    from classify_server.model import ModelLoadError
+    try:
+        return create_app()
+    except ModelLoadError as exc:
+        # gunicorn prints this one line and stops, instead of restarting workers forever.
+        from gunicorn.errors import AppImportError
+        raise AppImportError(f"classify_server: {exc}") from None

@@ -1,0 +1,61 @@
+"""Classification over HTTP: POST / with multipart field `data`.
+
+One `data` part answers [[label, score], ...], best first; several parts answer
+one such list per part, in order: [[[label, score], ...], ...].
+"""
+from flask import Blueprint, abort, current_app, jsonify, request
+
+from retrain.preprocessing import ImageTooLarge, InvalidImage
+
+bp = Blueprint("api", __name__)
+
+
+def parse_top_k(default, maximum):
+    raw = request.args.get("top_k")
+    if raw is None:
+        return min(default, maximum)
+    try:
+        k = int(raw)
+    except ValueError:
+        abort(400, f"top_k must be a positive integer, got {raw[:40]!r}")
+    if k < 1:
+        abort(400, f"top_k must be a positive integer, got {k}")
+    return min(k, maximum)
+
+
+def uploaded_images(max_parts):
+    """The bytes of every `data` part, or a 4xx saying what to send."""
+    if not request.mimetype == "multipart/form-data":
+        abort(415, "send the image as multipart/form-data in field 'data' (curl -F data=@image.jpg URL)")
+    files = request.files.getlist("data")
+    if not files:
+        abort(400, "no 'data' file field in the form: send the image as curl -F data=@image.jpg URL")
+    if len(files) > max_parts:
+        abort(413, f"too many 'data' parts: {len(files)}, the limit is {max_parts} (MAX_PARTS)")
+    images = [f.read() for f in files]
+    for i, data in enumerate(images):
+        if not data:
+            abort(400, f"'data' part {i + 1} ({files[i].filename or 'unnamed'}) is empty")
+    return images
+
+
+def classify(classifier, images, top_k):
+    """Decode each image with the shared preprocessing and run them as one batch."""
+    inputs = []
+    for i, data in enumerate(images):
+        try:
+            inputs.append(classifier.preprocess(data))
+        except ImageTooLarge as exc:
+            abort(413, f"part {i + 1}: {exc} (MAX_IMAGE_PIXELS)")
+        except InvalidImage as exc:
+            abort(400, f"part {i + 1} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}")
+    return [classifier.top_k(p, top_k) for p in classifier.predict(inputs)]
+
+
+@bp.post("/")
+def classify_upload():
+    classifier = current_app.extensions["classifier"]
+    top_k = parse_top_k(current_app.config["TOP_K"], len(classifier.labels))
+    images = uploaded_images(current_app.config["MAX_PARTS"])
+    answers = classify(classifier, images, top_k)
+    return jsonify(answers[0] if len(answers) == 1 else answers)

@@ -1,0 +1,81 @@
+"""Classify images from the command line with the server's session code.
+
+    python -m classify_server.label_image --graph model/graph.pb --labels model/labels.txt --image x.jpg
+
+Without --image, reads image paths from stdin, one per line, and classifies each
+with the same session as it arrives (the "online" mode), printing one JSON line
+per image. Flags are those of TensorFlow's label_image.py.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from classify_server.model import Classifier, ModelLoadError
+from retrain.preprocessing import ImageTooLarge, InvalidImage
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m classify_server.label_image", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--graph", default="model/graph.pb")
+    p.add_argument("--labels", default=None, help="default: labels.txt beside the graph")
+    p.add_argument("--image", default=None, help="one image; without it, paths are read from stdin")
+    p.add_argument("--input_layer")
+    p.add_argument("--output_layer")
+    p.add_argument("--input_height", type=int)
+    p.add_argument("--input_width", type=int)
+    p.add_argument("--input_mean", type=float)
+    p.add_argument("--input_std", type=float)
+    p.add_argument("--top_k", type=int, default=5)
+    return p.parse_args(argv)
+
+
+def load(flags):
+    """A Classifier over --graph and --labels, which need not sit in one model folder."""
+    model_dir = os.path.dirname(os.path.abspath(flags.graph))
+    labels = flags.labels or os.path.join(model_dir, "labels.txt")
+    overrides = {k: v for k, v in vars(flags).items()
+                 if k.startswith(("input_", "output_")) and v is not None}
+    if os.path.basename(flags.graph) == "graph.pb" and os.path.abspath(labels) == os.path.join(model_dir, "labels.txt"):
+        return Classifier(model_dir, overrides)
+    with tempfile.TemporaryDirectory() as tmp:  # a model folder view of the two files
+        os.symlink(os.path.abspath(flags.graph), os.path.join(tmp, "graph.pb"))
+        shutil.copy(labels, os.path.join(tmp, "labels.txt"))
+        return Classifier(tmp, overrides)
+
+
+def classify_file(classifier, path, top_k):
+    with open(path, "rb") as f:
+        inputs = [classifier.preprocess(f.read())]
+    return classifier.top_k(classifier.predict(inputs)[0], top_k)
+
+
+def main(argv=None):
+    flags = parse_args(argv)
+    try:
+        classifier = load(flags)
+    except (ModelLoadError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if flags.image:
+        for label, score in classify_file(classifier, flags.image, flags.top_k):
+            print(f"{label} {score:.5f}")
+        return 0
+    status = 0
+    for line in sys.stdin:
+        path = line.strip()
+        if not path:
+            continue
+        try:
+            answer = {"image": path, "labels": classify_file(classifier, path, flags.top_k)}
+        except (OSError, InvalidImage, ImageTooLarge) as exc:
+            answer, status = {"image": path, "error": str(exc)}, 1
+        print(json.dumps(answer), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

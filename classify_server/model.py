@@ -1,0 +1,142 @@
+"""The model session: a frozen GraphDef imported once into a persistent tf.compat.v1.Session.
+
+One `Classifier` lives as long as its gunicorn worker and serves every request;
+Session.run is thread-safe, so threaded workers share it. Any frozen
+classification graph works: ours (float32 pixels at `input:0`, scaling inside),
+the classic retrain.py output (JPEG bytes at `DecodeJpeg/contents:0`), or a
+third-party one configured by label_image.py-style settings.
+"""
+import io
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from retrain.preprocessing import decode_image, probe_image
+
+SIDECAR = "model.json"
+CLASSIC_INPUT = "DecodeJpeg/contents:0"
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory is missing, incomplete or corrupt."""
+
+
+def _tensor_name(name):
+    return name if ":" in name else name + ":0"
+
+
+def read_spec(model_dir, overrides=None):
+    """Where the tensors are and what they take: the sidecar, then `overrides` on top."""
+    graph_path = os.path.join(model_dir, "graph.pb")
+    labels_path = os.path.join(model_dir, "labels.txt")
+    for path in (graph_path, labels_path):
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"model not found: {path} is missing (set MODEL_DIR to the folder "
+                                 f"retrain wrote, or run: python -m retrain --output_dir {model_dir})")
+    spec = {"input_layer": None, "output_layer": "final_result", "input_height": None,
+            "input_width": None, "input_mean": 0.0, "input_std": 1.0}
+    sidecar_path = os.path.join(model_dir, SIDECAR)
+    sidecar = {}
+    if os.path.isfile(sidecar_path):
+        try:
+            with open(sidecar_path, encoding="utf-8") as f:
+                sidecar = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"corrupt model sidecar {sidecar_path}: {exc}") from None
+        spec.update(input_layer=sidecar.get("input"), output_layer=sidecar.get("output", "final_result"),
+                    input_height=sidecar.get("input_height"), input_width=sidecar.get("input_width"),
+                    input_mean=sidecar.get("input_mean", 0.0), input_std=sidecar.get("input_std", 1.0))
+    spec.update(overrides or {})
+    with open(labels_path, encoding="utf-8") as f:
+        labels = [line.rstrip("\n") for line in f if line.strip()]
+    if not labels:
+        raise ModelLoadError(f"corrupt model: {labels_path} has no labels")
+    return graph_path, labels, spec, sidecar
+
+
+class Classifier:
+    def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, max_pixels=None):
+        self.model_dir = os.path.abspath(model_dir)
+        graph_path, self.labels, spec, self.sidecar = read_spec(model_dir, overrides)
+        self.max_pixels = max_pixels
+        graph_def = tf.compat.v1.GraphDef()
+        try:
+            with open(graph_path, "rb") as f:
+                graph_def.ParseFromString(f.read())
+            graph = tf.Graph()
+            with graph.as_default():
+                tf.import_graph_def(graph_def, name="")
+        except Exception as exc:  # protobuf and TensorFlow raise many kinds on garbage
+            raise ModelLoadError(f"corrupt model: cannot import {graph_path} as a frozen GraphDef "
+                                 f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        names = {op.name for op in graph.get_operations()}
+        input_name = spec["input_layer"] or ("DecodeJpeg/contents" if "DecodeJpeg/contents" in names else "input")
+        try:
+            self.input = graph.get_tensor_by_name(_tensor_name(input_name))
+            self.output = graph.get_tensor_by_name(_tensor_name(spec["output_layer"]))
+        except (KeyError, ValueError) as exc:
+            raise ModelLoadError(f"{graph_path}: {exc}; set INPUT_LAYER and OUTPUT_LAYER to the graph's "
+                                 "input and output tensor names") from None
+        self.takes_bytes = self.input.dtype == tf.string
+        shape = self.input.shape
+        self.height = spec["input_height"] or (shape[1] if shape.rank == 4 and shape[1] else 299)
+        self.width = spec["input_width"] or (shape[2] if shape.rank == 4 and shape[2] else 299)
+        self.mean, self.std = float(spec["input_mean"]), float(spec["input_std"])
+        self.graph_path = graph_path
+        config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_threads,
+                                          inter_op_parallelism_threads=inter_threads)
+        self.session = tf.compat.v1.Session(graph=graph, config=config)
+        self.ready = False
+
+    def preprocess(self, data):
+        """Encoded image bytes -> what the graph's input takes (shared preprocessing)."""
+        if self.takes_bytes:
+            # The classic graph decodes JPEG itself: hand it JPEG whatever came in.
+            kind, height, width = probe_image(data)
+            pixels = decode_image(data, (height, width), self.max_pixels)  # validates, rejects bombs
+            if kind == "JPEG":
+                return data
+            out = io.BytesIO()
+            Image.fromarray(pixels.astype(np.uint8)).save(out, "JPEG", quality=95)
+            return out.getvalue()
+        pixels = decode_image(data, (self.height, self.width), self.max_pixels)
+        if self.mean or self.std != 1.0:
+            pixels = (pixels - self.mean) / self.std
+        return pixels
+
+    def predict(self, inputs):
+        """Preprocessed inputs (a list) -> probabilities, shape (len(inputs), classes)."""
+        if self.takes_bytes:  # the classic graph takes one scalar string per run
+            return np.stack([np.reshape(self.session.run(self.output, {self.input: x}), -1) for x in inputs])
+        return self.session.run(self.output, {self.input: np.stack(inputs)})
+
+    def top_k(self, probabilities, k):
+        """[[label, score], ...] best first, for one probability vector."""
+        order = np.argsort(-probabilities)[:k]
+        return [[self.labels[i], float(probabilities[i])] for i in order]
+
+    def warm_up(self):
+        """One run on a blank image: checks the graph end to end and pays the first-run cost."""
+        blank = io.BytesIO()
+        Image.new("RGB", (self.width, self.height), (128, 128, 128)).save(blank, "JPEG")
+        probabilities = self.predict([self.preprocess(blank.getvalue())])
+        if probabilities.shape[-1] != len(self.labels):
+            raise ModelLoadError(f"{self.graph_path} answers {probabilities.shape[-1]} scores but "
+                                 f"{len(self.labels)} labels are listed in labels.txt")
+        self.ready = True
+        self.loaded_at = time.time()
+
+    def metadata(self):
+        return {"labels": self.labels, "input_height": self.height, "input_width": self.width,
+                "input_mean": self.mean, "input_std": self.std, "input_tensor": self.input.name,
+                "output_tensor": self.output.name, "input_dtype": self.input.dtype.name,
+                "model_dir": self.model_dir, "graph": self.graph_path,
+                "architecture": self.sidecar.get("architecture"), "accuracy": self.sidecar.get("accuracy"),
+                "created": self.sidecar.get("created")}
+
+    def close(self):
+        self.session.close()

@@ -1,0 +1,5 @@
+import sys
+
+from retrain.cli import main
+
+sys.exit(main())

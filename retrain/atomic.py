@@ -1,0 +1,26 @@
+"""Atomic writes: readers see the old file or the new one, never half of one."""
+import os
+import tempfile
+
+
+def write_bytes(path, data):
+    """Write `data` to `path` through a temp file in the same directory and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_text(path, text):
+    write_bytes(path, text.encode("utf-8"))

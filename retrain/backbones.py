@@ -1,0 +1,66 @@
+"""The ImageNet backbones retrain can build on, each with its input size and scaling.
+
+Every model built here takes raw RGB pixel values in [0, 255]; the backbone's own
+scaling is the first layer of the graph, so whoever runs the graph never needs to
+know it.
+"""
+import hashlib
+import os
+from dataclasses import dataclass
+
+import keras
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    application: str       # class name in keras.applications
+    size: int              # input height = width
+    scale: float           # pixels are fed to the backbone as x * scale + offset
+    offset: float
+
+
+ARCHITECTURES = {
+    a.name: a for a in (
+        # Both scale to [-1, 1], as keras.applications' preprocess_input does for them.
+        Architecture("inception_v3", "InceptionV3", 299, 1 / 127.5, -1.0),
+        Architecture("mobilenet_v2", "MobileNetV2", 224, 1 / 127.5, -1.0),
+    )
+}
+
+
+def weights_tag(weights):
+    """A short name for the weights, part of the bottleneck cache key."""
+    if weights in ("imagenet", "none"):
+        return weights
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "file-" + digest.hexdigest()[:12]
+
+
+def build_backbone(arch, weights):
+    """The backbone with global average pooling: raw pixels in, pooled features out.
+
+    `weights` is "imagenet" (Keras downloads and caches it), "none" (random, but
+    seeded so that cached bottlenecks stay valid across runs) or a local file.
+    """
+    application = getattr(keras.applications, arch.application)
+    if weights == "none":
+        keras.utils.set_random_seed(0)
+    try:
+        base = application(input_shape=(arch.size, arch.size, 3), include_top=False,
+                           weights="imagenet" if weights == "imagenet" else None, pooling="avg")
+    except Exception as exc:  # Keras raises several kinds when the download fails
+        raise SystemExit(f"error: could not get the ImageNet weights of {arch.name}: {exc}\n"
+                         "Offline? Pass --weights PATH to a local .weights.h5 file "
+                         "(or --weights none for random weights, tests only).") from None
+    if weights not in ("imagenet", "none"):
+        if not os.path.isfile(weights):
+            raise SystemExit(f"error: --weights {weights}: no such file "
+                             "(use imagenet, none, or a path to a .weights.h5 file)")
+        base.load_weights(weights)
+    inputs = keras.Input((arch.size, arch.size, 3), name="input")
+    features = keras.layers.Rescaling(arch.scale, arch.offset, name="scale")(inputs)
+    return keras.Model(inputs, base(features), name=f"{arch.name}_backbone")

@@ -1,0 +1,159 @@
+"""Retrain an ImageNet network to recognise your own classes of images.
+
+Transfer learning as TensorFlow's classic image_retraining/retrain.py did it,
+on TensorFlow 2 / Keras 3. Put your photos in one folder per class:
+
+    ~/flower_photos/daisy/photo1.jpg
+    ~/flower_photos/roses/another.png
+    ...
+
+and run
+
+    python -m retrain --image_dir ~/flower_photos
+
+An ImageNet backbone (Inception-v3 by default, or --architecture mobilenet_v2)
+turns each image into a "bottleneck", its pooled feature vector; these are cached
+under --bottleneck_dir, so later runs skip that slow part. A new softmax layer is
+trained on them, and the backbone plus that layer are written as one frozen graph:
+
+    model/graph.pb     float32 images [None, H, W, 3], raw RGB 0-255, at input:0;
+                       class probabilities at final_result:0
+    model/labels.txt   one label per line, in the order of the probabilities
+    model/model.json   tensor names, image size, architecture, accuracies
+
+which `gunicorn classify_server:app` serves. Images are split into training,
+validation and testing sets by a hash of their file name, so adding images never
+moves old ones between sets. Without --image_dir, TensorFlow's flower_photos
+data set is downloaded to ~/flower_photos. For the last points of accuracy, and
+time to spare, --fine_tune also trains the top of the backbone.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+from retrain.images import create_image_lists, maybe_download_flowers
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m retrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image_dir", default=None,
+                   help="folder with one subfolder of images per class (default: ~/flower_photos, "
+                        "downloaded when absent)")
+    p.add_argument("--architecture", default="inception_v3", help="inception_v3 (299x299) or mobilenet_v2 (224x224)")
+    p.add_argument("--weights", default="imagenet",
+                   help="imagenet (downloaded by Keras), a local .weights.h5 file, or none (random: tests only)")
+    p.add_argument("--output_dir", default="model", help="where graph.pb, labels.txt and model.json go")
+    p.add_argument("--output_graph", default=None, help="graph path (default: OUTPUT_DIR/graph.pb)")
+    p.add_argument("--output_labels", default=None, help="labels path (default: OUTPUT_DIR/labels.txt)")
+    p.add_argument("--saved_model_dir", default=None, help="also export a SavedModel here (TensorFlow Serving)")
+    p.add_argument("--bottleneck_dir", default="/tmp/bottleneck", help="bottleneck cache")
+    p.add_argument("--summaries_dir", default="/tmp/retrain_logs", help="TensorBoard summaries")
+    p.add_argument("--how_many_training_steps", type=int, default=4000)
+    p.add_argument("--learning_rate", type=float, default=0.001, help="Adam learning rate of the new layer")
+    p.add_argument("--train_batch_size", type=int, default=100)
+    p.add_argument("--l2_regularization", type=float, default=0.002, help="L2 penalty on the new layer's weights")
+    p.add_argument("--eval_step_interval", type=int, default=100, help="steps between validation reports")
+    p.add_argument("--testing_percentage", type=int, default=10)
+    p.add_argument("--validation_percentage", type=int, default=10)
+    p.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images")
+    p.add_argument("--random_crop", type=int, default=0, help="percentage margin to randomly crop")
+    p.add_argument("--random_scale", type=int, default=0, help="percentage to randomly scale up")
+    p.add_argument("--random_brightness", type=int, default=0, help="percentage to randomly change brightness")
+    p.add_argument("--fine_tune", action="store_true", help="also train the top of the backbone (slow)")
+    p.add_argument("--fine_tune_epochs", type=int, default=3)
+    p.add_argument("--fine_tune_learning_rate", type=float, default=1e-4)
+    p.add_argument("--fine_tune_fraction", type=float, default=0.2, help="share of backbone layers to train")
+    p.add_argument("--fine_tune_batch_size", type=int, default=32)
+    p.add_argument("--print_misclassified_test_images", action="store_true")
+    flags = p.parse_args(argv)
+    flags.output_graph = flags.output_graph or os.path.join(flags.output_dir, "graph.pb")
+    flags.output_labels = flags.output_labels or os.path.join(flags.output_dir, "labels.txt")
+    return flags
+
+
+def main(argv=None):
+    flags = parse_args(argv)
+    # Heavy imports after parsing, so that --help and flag errors are instant.
+    from retrain import backbones, bottlenecks, export, train
+
+    if flags.architecture not in backbones.ARCHITECTURES:
+        raise SystemExit(f"error: unknown --architecture {flags.architecture!r}; "
+                         f"choose one of {', '.join(backbones.ARCHITECTURES)}")
+    arch = backbones.ARCHITECTURES[flags.architecture]
+    image_dir = flags.image_dir or maybe_download_flowers(os.path.expanduser("~/flower_photos"))
+    lists = create_image_lists([image_dir], flags.validation_percentage, flags.testing_percentage)
+    labels = lists.labels
+    if flags.weights == "none":
+        print("\n" + "!" * 72 + "\n!! --weights none: RANDOM backbone weights. The model will be close to\n"
+              "!! useless; this is for tests and speed benchmarks only.\n" + "!" * 72 + "\n", file=sys.stderr)
+
+    start = time.time()
+    backbone = backbones.build_backbone(arch, flags.weights)
+    cache_dir = os.path.join(flags.bottleneck_dir, f"{arch.name}-{backbones.weights_tag(flags.weights)}")
+    all_paths = [p for s in lists.sets().values() for paths in s.values() for p in paths]
+    features, skipped = bottlenecks.get_bottlenecks(all_paths, backbone.predict_on_batch, arch.size, cache_dir)
+    if skipped:
+        print(f"warning: skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
+        for path, reason in sorted(skipped.items()):
+            print(f"  {path}: {reason}", file=sys.stderr)
+    for label in labels:
+        if not any(p in features for s in lists.sets().values() for p in s[label]):
+            raise SystemExit(f"error: class {label!r} has no usable image; add images or remove its folder")
+
+    def arrays(image_set):
+        paths = [p for i, label in enumerate(labels) for p in image_set[label] if p in features]
+        y = np.array([i for i, label in enumerate(labels) for p in image_set[label] if p in features], np.int64)
+        x = np.stack([features[p] for p in paths]) if paths else np.zeros((0, 1), np.float32)
+        return paths, x, y
+
+    (train_paths, train_x, train_y), (val_paths, val_x, val_y), (test_paths, test_x, test_y) = (
+        arrays(lists.training), arrays(lists.validation), arrays(lists.testing))
+    print(f"{len(train_y)} training, {len(val_y)} validation, {len(test_y)} testing images "
+          f"in {len(labels)} classes", file=sys.stderr)
+    if not len(train_y):
+        raise SystemExit("error: no training images; lower --testing_percentage/--validation_percentage "
+                         "or add images")
+    head = train.train_head(train_x, train_y, (val_x, val_y) if len(val_y) else None, len(labels), flags)
+
+    if flags.fine_tune or train.augmentation_layers(flags) is not None:
+        model = train.train_on_images(backbone, head, train_paths, train_y, (val_paths, val_y), arch.size, flags)
+
+        def predict(paths, x):
+            return model.predict(train.load_images(paths, arch.size).astype(np.float32), verbose=0)
+    else:
+        model = train.build_classifier(backbone, head)
+
+        def predict(paths, x):
+            return head.predict(x, verbose=0)
+
+    accuracy = {}
+    for name, paths, x, y in (("validation", val_paths, val_x, val_y), ("test", test_paths, test_x, test_y)):
+        if len(y):
+            predicted = np.argmax(predict(paths, x), axis=1)
+            accuracy[name] = float(np.mean(predicted == y))
+            print(f"{name} accuracy = {accuracy[name]:.4f} (N={len(y)})")
+    if "test" in accuracy:
+        print("confusion matrix (test set):")
+        print(train.format_confusion(train.confusion_matrix(test_y, predicted, len(labels)), labels))
+        if flags.print_misclassified_test_images:
+            print("misclassified test images:")
+            for path, truth, guess in zip(test_paths, test_y, predicted):
+                if truth != guess:
+                    print(f"  {path}  (true {labels[truth]}, predicted {labels[guess]})")
+    else:
+        print("warning: the test set is empty; no test accuracy (raise --testing_percentage or add images)",
+              file=sys.stderr)
+
+    info = {"architecture": arch.name, "weights": flags.weights, "labels_count": len(labels),
+            "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "image_dir": os.path.abspath(image_dir),
+            "training_seconds": round(time.time() - start, 1)}
+    export.write_model(flags.output_graph, flags.output_labels, model, arch.size, labels, info)
+    print(f"wrote {flags.output_graph} and {flags.output_labels}")
+    if flags.saved_model_dir:
+        export.write_saved_model(flags.saved_model_dir, model, arch.size)
+        print(f"wrote SavedModel {flags.saved_model_dir}")
+    return 0

@@ -1,0 +1,82 @@
+"""Writing the model: a frozen graph.pb, labels.txt, a JSON sidecar, and a SavedModel.
+
+graph.pb takes float32 images [None, H, W, 3] of raw RGB values in [0, 255] at
+`input:0` and answers class probabilities at `final_result:0`. The sidecar
+(model.json) tells the server those names and the image size. Every file is
+written atomically, so a server watching the directory never reads half a model.
+"""
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+from retrain import atomic
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "final_result"
+SIDECAR = "model.json"
+
+
+def _serving_function(model, size):
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_NAME)])
+    def serve(images):
+        return model(images, training=False)
+    return serve
+
+
+def frozen_graph_def(model, size):
+    """The model as one GraphDef with its weights folded in as constants."""
+    frozen = convert_variables_to_constants_v2(_serving_function(model, size).get_concrete_function())
+    graph_def = frozen.graph.as_graph_def()
+    output = frozen.outputs[0].name.split(":")[0]
+    for node in graph_def.node:  # give the output the name retrain.py's graphs use
+        if node.name == output:
+            node.name = OUTPUT_NAME
+    return graph_def
+
+
+def write_model(output_graph, output_labels, model, size, labels, info):
+    """Write graph.pb, labels.txt and the sidecar beside graph.pb, each atomically."""
+    atomic.write_bytes(output_graph, frozen_graph_def(model, size).SerializeToString())
+    atomic.write_text(output_labels, "".join(label + "\n" for label in labels))
+    sidecar = dict(info, input=INPUT_NAME + ":0", output=OUTPUT_NAME + ":0", input_height=size,
+                   input_width=size, input_mean=0.0, input_std=1.0,
+                   graph=os.path.basename(output_graph), labels=os.path.basename(output_labels),
+                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    atomic.write_text(os.path.join(os.path.dirname(os.path.abspath(output_graph)), SIDECAR),
+                      json.dumps(sidecar, indent=2) + "\n")
+
+
+def write_saved_model(saved_model_dir, model, size):
+    """A SavedModel for TensorFlow Serving; `serving_default` takes encoded image bytes.
+
+    TF Serving has no Pillow, so this signature decodes with TensorFlow's own ops
+    (tf.io.decode_image, bilinear resize with antialiasing); `predict_images`
+    takes already-decoded pixels like graph.pb does.
+    """
+    pixels = _serving_function(model, size)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    def serve_bytes(images):
+        def decode(data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
+        return {"scores": pixels(tf.map_fn(decode, images, fn_output_signature=tf.float32))}
+
+    module = tf.Module()
+    module.model = model
+    parent = os.path.dirname(os.path.abspath(saved_model_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".saved_model.")
+    try:
+        tf.saved_model.save(module, tmp, signatures={"serving_default": serve_bytes,
+                                                     "predict_images": pixels})
+        if os.path.isdir(saved_model_dir):
+            shutil.rmtree(saved_model_dir)
+        os.replace(tmp, saved_model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

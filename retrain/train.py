@@ -1,0 +1,133 @@
+"""Training: the new softmax layer on cached bottlenecks, and optional fine-tuning.
+
+The model is built in one place, `build_classifier`: raw pixels -> backbone
+(scaling included) -> new softmax layer named `final_result`.
+"""
+import numpy as np
+import keras
+import tensorflow as tf
+from tqdm import tqdm
+
+from retrain.preprocessing import decode_image
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """A tqdm bar over training steps, with the latest validation accuracy."""
+
+    def __init__(self, total_steps, steps_per_epoch, desc):
+        super().__init__()
+        self.bar = tqdm(total=total_steps, unit="step", desc=desc)
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self.bar.update(self.steps_per_epoch)
+        self.bar.set_postfix(loss=f"{logs.get('loss', 0):.3f}", train_acc=f"{logs.get('accuracy', 0):.3f}",
+                             val_acc=f"{logs.get('val_accuracy', float('nan')):.3f}")
+        if epoch == 0 or (epoch + 1) % 10 == 0:
+            tqdm.write(f"step {(epoch + 1) * self.steps_per_epoch}: train accuracy {logs.get('accuracy', 0):.3f}, "
+                       f"validation accuracy {logs.get('val_accuracy', float('nan')):.3f}")
+
+    def on_train_end(self, logs=None):
+        self.bar.close()
+
+
+def build_head(feature_dim, class_count, l2=0.0):
+    # An L2 penalty keeps the layer from memorising the training set: it is a
+    # logistic regression on the features, and it generalises like a regularised one.
+    return keras.Sequential([keras.Input((feature_dim,), name="bottleneck"),
+                             keras.layers.Dense(class_count, activation="softmax", name="final_result",
+                                                kernel_regularizer=keras.regularizers.L2(l2) if l2 else None)],
+                            name="head")
+
+
+def build_classifier(backbone, head, augmentation=None):
+    """Raw RGB pixels in [0, 255] -> class probabilities; augmentation only acts in training."""
+    inputs = keras.Input(backbone.input_shape[1:], name="input")
+    x = augmentation(inputs) if augmentation is not None else inputs
+    return keras.Model(inputs, head(backbone(x)), name="classifier")
+
+
+def _fit(model, dataset, validation, steps, eval_step_interval, summaries_dir, desc):
+    epochs = max(1, steps // eval_step_interval)
+    callbacks = [ProgressBar(epochs * eval_step_interval, eval_step_interval, desc)]
+    if summaries_dir:
+        callbacks.append(keras.callbacks.TensorBoard(summaries_dir))
+    return model.fit(dataset, epochs=epochs, steps_per_epoch=eval_step_interval,
+                     validation_data=validation, callbacks=callbacks, verbose=0)
+
+
+def train_head(train_x, train_y, val, class_count, flags):
+    """Train the softmax layer on bottlenecks; many steps run in one graph call, so it is fast."""
+    head = build_head(train_x.shape[1], class_count, flags.l2_regularization)
+    head.compile(optimizer=keras.optimizers.Adam(flags.learning_rate),
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                 steps_per_execution=flags.eval_step_interval)
+    dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
+               .shuffle(len(train_x), seed=0).repeat().batch(flags.train_batch_size))
+    _fit(head, dataset, val, flags.how_many_training_steps, flags.eval_step_interval,
+         flags.summaries_dir and flags.summaries_dir + "/head", "training head")
+    return head
+
+
+def augmentation_layers(flags):
+    """retrain.py's distortion flags as Keras preprocessing layers (training only)."""
+    layers = []
+    if flags.flip_left_right:
+        layers.append(keras.layers.RandomFlip("horizontal"))
+    if flags.random_crop:
+        layers.append(keras.layers.RandomZoom((-flags.random_crop / 100.0, 0.0)))
+    if flags.random_scale:
+        layers.append(keras.layers.RandomZoom((0.0, flags.random_scale / 100.0)))
+    if flags.random_brightness:
+        layers.append(keras.layers.RandomBrightness(flags.random_brightness / 100.0, value_range=(0, 255)))
+    return keras.Sequential(layers, name="augmentation") if layers else None
+
+
+def load_images(paths, size):
+    """Decode images once into uint8 memory for training on pixels (augmentation, fine-tuning)."""
+    return np.stack([decode_image(p, (size, size)).astype(np.uint8)
+                     for p in tqdm(paths, unit="img", desc="loading images")])
+
+
+def train_on_images(backbone, head, train_paths, train_y, val, size, flags):
+    """Train on pixels: the head with augmented inputs, and with --fine_tune the backbone's top."""
+    augmentation = augmentation_layers(flags)
+    model = build_classifier(backbone, head, augmentation)
+    if flags.fine_tune:
+        # Unfreeze the top of the backbone; BatchNorm layers stay frozen so their
+        # statistics, learned on ImageNet, are not disturbed by small batches.
+        backbone.trainable = True
+        layers = [layer for layer in backbone.layers[-1].layers]
+        cut = int(len(layers) * (1 - flags.fine_tune_fraction))
+        for i, layer in enumerate(layers):
+            layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+    else:
+        backbone.trainable = False
+    model.compile(optimizer=keras.optimizers.Adam(flags.fine_tune_learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train_x = load_images(train_paths, size)
+    dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
+               .shuffle(len(train_x), seed=0).repeat()
+               .map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(flags.fine_tune_batch_size)
+               .prefetch(2))
+    steps_per_epoch = max(1, len(train_x) // flags.fine_tune_batch_size)
+    val_x, val_y = val
+    val_images = (load_images(val_x, size).astype(np.float32), val_y) if len(val_x) else None
+    _fit(model, dataset, val_images, steps_per_epoch * flags.fine_tune_epochs, steps_per_epoch,
+         flags.summaries_dir and flags.summaries_dir + "/fine_tune", "fine-tuning")
+    return build_classifier(backbone, head)
+
+
+def confusion_matrix(truth, predicted, class_count):
+    matrix = np.zeros((class_count, class_count), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    return matrix
+
+
+def format_confusion(matrix, labels):
+    width = max(8, max(len(label) for label in labels) + 1)
+    lines = ["true \\ predicted".ljust(width) + "".join(label[:width - 1].rjust(width) for label in labels)]
+    for label, row in zip(labels, matrix):
+        lines.append(label[:width - 1].ljust(width) + "".join(str(v).rjust(width) for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="classify-service",
+    version="0.1.0",
+    description="Fine-tune an ImageNet network on a folder of labelled photos and serve it over HTTP",
+    packages=find_packages(include=["retrain", "classify_server"]),
+    package_data={"classify_server": ["static/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "tensorflow>=2.16,<2.22",
+        "flask>=3.0",
+        "gunicorn>=22",
+        "pillow>=10.1",
+        "numpy",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "test": ["pytest", "requests", "selenium"],
+    },
+    entry_points={"console_scripts": [
+        "retrain=retrain.cli:main",
+        "label_image=classify_server.label_image:main",
+    ]},
+)

@@ -1,0 +1,148 @@
+"""Shared fixtures: generated image folders, a small trained model, a real gunicorn server."""
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+FLOWERS = os.path.join(SHARED, "data", "flower_photos")
+MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.weights.h5")
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Each generated class is a shape of its own colour on a noisy background.
+CLASSES = {"red_circle": ((220, 30, 30), "ellipse"), "green_square": ((30, 200, 40), "rectangle"),
+           "blue_triangle": ((30, 40, 220), "polygon")}
+
+
+def shape_image(label, seed, size=(64, 48), fmt="JPEG"):
+    """Encoded bytes of one generated image of class `label`."""
+    rng = np.random.default_rng(seed)
+    colour, shape = CLASSES[label]
+    w, h = size
+    image = Image.fromarray(rng.integers(0, 90, (h, w, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(image)
+    x0, y0 = rng.integers(0, w // 4), rng.integers(0, h // 4)
+    x1, y1 = x0 + w // 2 + rng.integers(0, w // 4), y0 + h // 2 + rng.integers(0, h // 4)
+    if shape == "polygon":
+        draw.polygon([(x0, y1), ((x0 + x1) // 2, y0), (x1, y1)], fill=colour)
+    else:
+        getattr(draw, shape)([x0, y0, x1, y1], fill=colour)
+    out = io.BytesIO()
+    image.save(out, fmt)
+    return out.getvalue()
+
+
+def make_image_dir(root, classes=tuple(CLASSES), per_class=12, start=0):
+    """One folder per class of generated JPEGs; returns the folder."""
+    for label in classes:
+        os.makedirs(os.path.join(root, label), exist_ok=True)
+        for i in range(start, start + per_class):
+            with open(os.path.join(root, label, f"{label}_{i:03d}.jpg"), "wb") as f:
+                f.write(shape_image(label, seed=hash((label, i)) % 2**32))
+    return str(root)
+
+
+def run_retrain(*args, check=True, timeout=600):
+    """`python -m retrain ARGS` in a subprocess, as users run it."""
+    result = subprocess.run([sys.executable, "-m", "retrain", *map(str, args)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"retrain failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def image_dir(tmp_path_factory):
+    return make_image_dir(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory, image_dir):
+    """A model folder (graph.pb, labels.txt, model.json): MobileNetV2, random weights, 3 shape classes."""
+    out = tmp_path_factory.mktemp("model")
+    run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", "none",
+                "--how_many_training_steps", 300, "--output_dir", out,
+                "--bottleneck_dir", tmp_path_factory.mktemp("bottlenecks"), "--summaries_dir", "")
+    return str(out)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `gunicorn classify_server:app` on a loopback port."""
+
+    def __init__(self, env, workers=1, args=(), log_path=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = dict(os.environ, WEB_CONCURRENCY=str(workers), ACCESS_LOG="", **env)
+        self.log = open(log_path, "w+b") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "classify_server:app", "-b", f"127.0.0.1:{self.port}", *args],
+            cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout=120):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return self
+            except requests.RequestException:  # refused, or accepted before a worker is up
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"gunicorn not ready after {timeout}s:\n{self.output()}")
+
+    def output(self):
+        if not self.log_path:
+            return ""
+        self.log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start_server(env) -> a ready Server; all are stopped at the end of the test."""
+    servers = []
+
+    def start(env, workers=1, args=(), wait=True):
+        server = Server(env, workers, args, log_path=tmp_path / f"gunicorn-{len(servers)}.log")
+        servers.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(trained_model, tmp_path_factory):
+    """One gunicorn server with 2 workers over the trained model, shared by a test module."""
+    s = Server({"MODEL_DIR": trained_model}, workers=2,
+               log_path=tmp_path_factory.mktemp("server") / "gunicorn.log")
+    yield s.wait_ready()
+    s.stop()

@@ -55,7 +55,7 @@ def write_saved_model(saved_model_dir, model, size):
     """A SavedModel for TensorFlow Serving; `serving_default` takes encoded image bytes.
 
     TF Serving has no Pillow, so this signature decodes with TensorFlow's own ops
-    (tf.io.decode_image, bilinear resize with antialiasing); `predict_images`
+    (tf.io.decode_image, antialiased bilinear resize, centre crop); `predict_images`
     takes already-decoded pixels like graph.pb does.
     """
     pixels = _serving_function(model, size)
@@ -63,8 +63,12 @@ def write_saved_model(saved_model_dir, model, size):
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):
         def decode(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
+            # As decode_image does: scale the short side to `size`, crop the centre.
+            image = tf.cast(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
+            shape = tf.cast(tf.shape(image)[:2], tf.float32)
+            scaled = tf.cast(tf.math.ceil(shape * size / tf.reduce_min(shape)), tf.int32)
+            image = tf.image.resize(image, scaled, antialias=True)
+            return tf.image.resize_with_crop_or_pad(image, size, size)
         return {"scores": pixels(tf.map_fn(decode, images, fn_output_signature=tf.float32))}
 
     module = tf.Module()

@@ -33,6 +33,8 @@ class ImageTooLarge(ValueError):
 def decode_image(data, size, max_pixels=DEFAULT_MAX_PIXELS):
     """Decode encoded image bytes (or a path) to float32 RGB of `size` = (height, width).
 
+    The image is scaled, keeping its aspect ratio, until it covers `size`, and the
+    centre is cropped out.
     EXIF orientation is applied; grayscale, palette, RGBA, CMYK and 16-bit images
     become plain RGB (transparency over white); animated images give their first frame.
     """
@@ -45,11 +47,13 @@ def decode_image(data, size, max_pixels=DEFAULT_MAX_PIXELS):
                 f"image is {image.width}x{image.height} = {pixels} pixels, over the limit of {max_pixels}")
         if image.format == "JPEG":
             # Decode large JPEGs at a reduced scale (DCT scaling): much faster, and the
-            # result is still at least twice the target size before the real resize.
+            # result still covers twice the target size before the real resize.
             image.draft("RGB", (2 * width, 2 * height))
         image = ImageOps.exif_transpose(image)
         image = _to_rgb(image)
-        image = image.resize((width, height), Image.BILINEAR)
+        # Keep the aspect ratio: scale the short side to fit, crop the centre. (Squashing
+        # the whole photo instead costs about 1 point of accuracy on flower_photos.)
+        image = ImageOps.fit(image, (width, height), Image.BILINEAR)
     except (ImageTooLarge, InvalidImage):
         raise
     except UnidentifiedImageError:

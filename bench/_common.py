@@ -1,0 +1,266 @@
+"""Helpers shared by the benchmark scripts: tables, child processes, /proc readings.
+
+Every child process is started in a session of its own and registered here, so
+that `stop_all` (run at exit, on SIGTERM and on Ctrl-C) can end its whole process
+group: nothing a benchmark starts outlives it.
+"""
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+FLOWERS = os.path.join(SHARED, "data", "flower_photos")
+MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.weights.h5")
+
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+_children = []
+
+
+def log(*args):
+    print(time.strftime("[%H:%M:%S]"), *args, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- tables
+
+def fmt(value, digits=1):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(headers, rows, title=None):
+    """A Markdown table (readable as plain text too)."""
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells[1:]:
+        lines.append("| " + " | ".join(c.rjust(w) if _numeric(c) else c.ljust(w)
+                                        for c, w in zip(row, widths)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _numeric(text):
+    t = text.replace(",", "").replace("x", "").replace("%", "").replace(" ms", "").strip()
+    try:
+        float(t)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------- processes
+
+def start(cmd, **kwargs):
+    """Popen in a new session (its own process group), registered for cleanup."""
+    kwargs.setdefault("start_new_session", True)
+    process = subprocess.Popen(cmd, **kwargs)
+    _children.append(process)
+    return process
+
+
+def stop(process, timeout=30):
+    """SIGTERM the child's process group, SIGKILL it if it lingers, then any straggler of the group."""
+    if process is None:
+        return
+    pgid = process.pid  # start() makes every child the leader of its own group
+    if process.poll() is None:
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(pgid, signal.SIGKILL)
+            process.wait()
+    for pid in group_members(pgid):  # e.g. a worker whose master died first
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if process in _children:
+        _children.remove(process)
+
+
+def _signal_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_members(pgid):
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(name))
+    return out
+
+
+def stop_all():
+    for process in list(_children):
+        stop(process, timeout=10)
+
+
+def _on_signal(signum, frame):
+    stop_all()
+    raise SystemExit(128 + signum)
+
+
+atexit.register(stop_all)
+signal.signal(signal.SIGTERM, _on_signal)
+signal.signal(signal.SIGHUP, _on_signal)
+
+
+def run_timed(cmd, timeout, env=None, cwd=ROOT, echo=False):
+    """Run `cmd`, timestamping every line (\\r or \\n ended) of stdout and stderr.
+
+    Returns (returncode, wall seconds, [(seconds since start, stream, line)]).
+    Kills the process group at `timeout`.
+    """
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    t0 = time.monotonic()
+    process = start(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines, lock = [], threading.Lock()
+
+    def pump(stream, name):
+        buffer = b""
+        while True:
+            chunk = stream.read1(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while True:
+                cut = min([i for i in (buffer.find(b"\n"), buffer.find(b"\r")) if i >= 0], default=-1)
+                if cut < 0:
+                    break
+                line, buffer = buffer[:cut].decode(errors="replace"), buffer[cut + 1:]
+                if line.strip():
+                    with lock:
+                        lines.append((time.monotonic() - t0, name, line))
+                    if echo:
+                        print(f"    {name}| {line}", file=sys.stderr, flush=True)
+        if buffer.strip():
+            with lock:
+                lines.append((time.monotonic() - t0, name, buffer.decode(errors="replace")))
+
+    threads = [threading.Thread(target=pump, args=(process.stdout, "out"), daemon=True),
+               threading.Thread(target=pump, args=(process.stderr, "err"), daemon=True)]
+    for t in threads:
+        t.start()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(process)
+        raise RuntimeError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}")
+    for t in threads:
+        t.join(5)
+    wall = time.monotonic() - t0
+    stop(process)
+    return process.returncode, wall, sorted(lines)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- /proc
+
+def children_of(pid):
+    """PIDs whose parent is `pid`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append(int(name))
+    return sorted(out)
+
+
+def descendants_of(pid):
+    out, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        out += kids
+        todo += kids
+    return sorted(out)
+
+
+def rss_mib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def cpu_seconds(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
+
+
+def other_busy_processes(exclude=()):
+    """Command lines of processes (not ours) that used CPU lately: the noise to report."""
+    mine = set(exclude) | {os.getpid()}
+    for p in _children:
+        mine.add(p.pid)
+        mine.update(descendants_of(p.pid))
+    first = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) not in mine:
+            c = cpu_seconds(int(name))
+            if c is not None:
+                first[int(name)] = c
+    time.sleep(1.0)
+    busy = []
+    for pid, c0 in first.items():
+        c1 = cpu_seconds(pid)
+        if c1 is not None and c1 - c0 > 0.05:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            busy.append((round(c1 - c0, 2), cmd[:100]))
+    return sorted(busy, reverse=True)

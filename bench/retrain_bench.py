@@ -1,0 +1,354 @@
+"""Benchmark `python -m retrain` on the real flower photos with MobileNetV2's ImageNet weights.
+
+    .venv/bin/python bench/retrain_bench.py [--fine_tune] [--diagnose]
+
+Prints, as tables:
+  * run 1 (fresh temp --bottleneck_dir, default flags): test accuracy, wall time and
+    its phases (timed from the lines retrain prints, not from its progress bars);
+  * bottleneck throughput of run 1 (images computed / time between retrain's
+    "computing N bottlenecks" and "N training, ... images" lines) against the raw
+    forward throughput of the same Keras backbone measured in this process
+    (predict_on_batch on random float32 batches of 32, best of several, measured
+    right before and right after run 1), and their ratio (target >= 0.9);
+  * run 2, reusing the cache: wall time and speedup over run 1 (target >= 10x);
+  * with --fine_tune, a third run with --fine_tune (cache reused): test accuracy
+    (target >= 0.93);
+  * when the ratio is under 0.9 (or with --diagnose), where the time goes:
+    the product's bottlenecks.get_bottlenecks run in this process on a subset of
+    the images, with the same backbone, as is and with one thing changed at a time.
+
+Everything goes into a temp folder that is removed at the end (--keep to keep it);
+every child process is ended on exit. Nothing in retrain/ is changed.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image_dir", default=C.FLOWERS)
+    p.add_argument("--weights", default=C.MOBILENET_WEIGHTS)
+    p.add_argument("--architecture", default="mobilenet_v2")
+    p.add_argument("--fine_tune", action="store_true", help="also run retrain --fine_tune and report its accuracy")
+    p.add_argument("--diagnose", action="store_true", help="run the diagnosis even if the ratio is >= 0.9")
+    p.add_argument("--no_diagnose", action="store_true", help="never run the diagnosis")
+    p.add_argument("--diagnose_images", type=int, default=640, help="images used by each diagnosis step")
+    p.add_argument("--repeats", type=int, default=7, help="timed predict_on_batch calls per raw measurement")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds allowed to each retrain run")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (models, cache, logs)")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------- raw forward throughput
+
+def raw_forward(backbone, size, repeats, batch=32, seed=0):
+    """Images/s of backbone.predict_on_batch on random batches: (best, median, all)."""
+    import numpy as np
+    x = np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    for _ in range(2):  # tracing and first-run allocations
+        backbone.predict_on_batch(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        backbone.predict_on_batch(x)
+        times.append(time.perf_counter() - t)
+    rates = sorted(batch / t for t in times)
+    return rates[-1], rates[len(rates) // 2], rates
+
+
+# ---------------------------------------------------------------- retrain runs
+
+def retrain_cmd(flags, out, bottleneck_dir, extra=()):
+    return [sys.executable, "-m", "retrain", "--image_dir", flags.image_dir, "--architecture", flags.architecture,
+            "--weights", flags.weights, "--bottleneck_dir", bottleneck_dir, "--output_dir", out,
+            "--summaries_dir", os.path.join(out, "summaries"), *extra]
+
+
+def run_retrain(name, cmd, timeout, log_path):
+    C.log(f"{name}: {' '.join(cmd)}")
+    code, wall, lines = C.run_timed(cmd, timeout)
+    with open(log_path, "w") as f:
+        for t, stream, line in lines:
+            f.write(f"{t:9.2f} {stream} {line}\n")
+    if code != 0:
+        tail = "\n".join(line for _, _, line in lines[-30:])
+        raise SystemExit(f"{name} failed with exit code {code}:\n{tail}")
+    C.log(f"{name}: {wall:.1f} s")
+    return wall, lines
+
+
+def first(lines, text):
+    for t, _, line in lines:
+        if text in line:
+            return t, line
+    return None, None
+
+
+def phases(lines, wall):
+    """Seconds spent in each phase of one retrain run, from the lines it prints."""
+    t_compute, compute_line = first(lines, "bottlenecks (")
+    t_sets, _ = first(lines, " training, ")
+    t_loading, _ = first(lines, "loading images")
+    t_val, _ = first(lines, "validation accuracy =")
+    t_wrote, _ = first(lines, "wrote ")
+    computed = int(compute_line.split("computing ")[1].split()[0]) if compute_line else 0
+    marks = [("start-up: imports, backbone, image list, cache check", 0.0, t_compute or t_sets),
+             ("bottlenecks computed", t_compute, t_sets if t_compute else None),
+             ("head training" + (" + fine-tuning" if t_loading else ""), t_sets, t_val),
+             ("evaluation, export of graph.pb", t_val, t_wrote),
+             ("exit", t_wrote, wall)]
+    rows = [(name, b - a) for name, a, b in marks if a is not None and b is not None]
+    return rows, computed, (t_sets - t_compute) if t_compute and t_sets else None
+
+
+def accuracy_of(out):
+    with open(os.path.join(out, "model.json")) as f:
+        return json.load(f)["accuracy"]
+
+
+# ---------------------------------------------------------------- diagnosis
+
+def diagnose(flags, backbone, arch, paths, work, raw_best):
+    """Where does get_bottlenecks lose against the raw forward rate? One change at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from retrain import atomic, bottlenecks
+    from retrain.preprocessing import decode_image
+
+    size = arch.size
+    rows = []
+    quiet = contextlib.redirect_stderr(io.StringIO())
+
+    def rate(n, seconds):
+        return n / seconds
+
+    # Decoding alone, with 1 and 2 threads.
+    sample = paths[:256]
+    t = time.perf_counter()
+    for p in sample:
+        decode_image(p, (size, size))
+    decode1 = rate(len(sample), time.perf_counter() - t)
+    with ThreadPoolExecutor(2) as pool:
+        t = time.perf_counter()
+        list(pool.map(lambda p: decode_image(p, (size, size)), sample))
+        decode2 = rate(len(sample), time.perf_counter() - t)
+    rows.append(("decode_image alone, 1 thread", decode1, None, "JPEG decode + resize to float32"))
+    rows.append(("decode_image alone, 2 threads", decode2, None, ""))
+
+    # The cache write: atomic.write_bytes (fsync per file) against a plain write.
+    vector = np.zeros(backbone.output_shape[-1], np.float32)
+    blob = io.BytesIO()
+    np.save(blob, vector)
+    scratch = os.path.join(work, "diag-writes")
+    t = time.perf_counter()
+    for i in range(200):
+        atomic.write_bytes(os.path.join(scratch, "a", f"{i}.npy"), blob.getvalue())
+    fsync_ms = (time.perf_counter() - t) / 200 * 1000
+    os.makedirs(os.path.join(scratch, "b"), exist_ok=True)
+    t = time.perf_counter()
+    for i in range(200):
+        with open(os.path.join(scratch, "b", f"{i}.npy"), "wb") as f:
+            f.write(blob.getvalue())
+    plain_ms = (time.perf_counter() - t) / 200 * 1000
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    # Forward pass while two threads keep decoding (what the pipeline does).
+    stop = threading.Event()
+
+    def decode_forever():
+        i = 0
+        while not stop.is_set():
+            decode_image(paths[i % len(paths)], (size, size))
+            i += 1
+
+    decoders = [threading.Thread(target=decode_forever, daemon=True) for _ in range(2)]
+    for d in decoders:
+        d.start()
+    contended, _, _ = raw_forward(backbone, size, max(3, flags.repeats // 2))
+    stop.set()
+    for d in decoders:
+        d.join()
+    rows.append(("predict_on_batch(32) while 2 threads decode", contended, contended / raw_best,
+                 "TF threads and decode threads share 2 cores"))
+
+    # The product's get_bottlenecks on a subset, as is and with one change at a time.
+    subset = paths[:flags.diagnose_images]
+    real_write = atomic.write_bytes
+    real_pool = bottlenecks.ThreadPoolExecutor
+
+    def no_fsync_write(path, data):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def run(label, note, batch_size=bottlenecks.BATCH_SIZE, write=None, decode_threads=None):
+        cache = tempfile.mkdtemp(dir=work, prefix="diag-cache.")
+        try:
+            if write:
+                atomic.write_bytes = write
+            if decode_threads:
+                bottlenecks.ThreadPoolExecutor = lambda max_workers: real_pool(max_workers=decode_threads)
+            with quiet:
+                t = time.perf_counter()
+                features, _ = bottlenecks.get_bottlenecks(subset, backbone.predict_on_batch, size, cache,
+                                                          batch_size=batch_size)
+                seconds = time.perf_counter() - t
+        finally:
+            atomic.write_bytes = real_write
+            bottlenecks.ThreadPoolExecutor = real_pool
+            shutil.rmtree(cache, ignore_errors=True)
+        r = rate(len(features), seconds)
+        rows.append((label, r, r / raw_best, note))
+        C.log(f"diagnose: {label}: {r:.1f} img/s")
+        return r
+
+    run("get_bottlenecks as is (batch 32, 2 decode threads)", "the product code path, warm")
+    run("  ... without fsync in the cache write", "atomic rename kept, fsync dropped", write=no_fsync_write)
+    run("  ... 1 decode thread", "", decode_threads=1)
+    run("  ... 1 decode thread, no fsync", "", write=no_fsync_write, decode_threads=1)
+    run("  ... batch 64", "", batch_size=64)
+    run("  ... batch 64, no fsync", "", batch_size=64, write=no_fsync_write)
+    return rows, fsync_ms, plain_ms, decode1, decode2
+
+
+# ---------------------------------------------------------------- main
+
+def main():
+    flags = parse_args()
+    flags.image_dir = os.path.abspath(flags.image_dir)
+    flags.weights = os.path.abspath(flags.weights) if flags.weights not in ("imagenet", "none") else flags.weights
+    work = tempfile.mkdtemp(prefix="retrain_bench.")
+    C.log(f"work folder {work}; load average {' '.join(C.load_average())}")
+    busy_before = C.other_busy_processes()
+    try:
+        report = bench(flags, work)
+    finally:
+        if flags.keep:
+            C.log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        C.stop_all()
+    busy_after = C.other_busy_processes()
+    print(report)
+    print("### Machine\n")
+    print(f"{os.cpu_count()} cores; load average at the end {' '.join(C.load_average())}.")
+    busy = busy_before + busy_after
+    if busy:
+        print("Other processes using CPU (sampled 1 s before and after the benchmark; figures are noisy):")
+        for cpu, cmd in busy[:8]:
+            print(f"  {cpu:4.2f} CPU-s/s  {cmd}")
+    else:
+        print("No other busy process was seen before or after the benchmark.")
+
+
+def bench(flags, work):
+    import keras  # noqa: F401  (imports TensorFlow)
+    from retrain import backbones, images
+
+    arch = backbones.ARCHITECTURES[flags.architecture]
+    lists = images.create_image_lists([flags.image_dir], 10, 10)
+    paths = [p for s in lists.sets().values() for ps in s.values() for p in ps]
+    C.log(f"{len(paths)} images; building the {arch.name} backbone in this process")
+    backbone = backbones.build_backbone(arch, flags.weights)
+
+    raw_before = raw_forward(backbone, arch.size, flags.repeats)
+    C.log(f"raw forward before run 1: best {raw_before[0]:.1f} img/s, median {raw_before[1]:.1f}")
+
+    cache = os.path.join(work, "bottlenecks")
+    out1, out2, out3 = (os.path.join(work, n) for n in ("model1", "model2", "model_fine_tune"))
+    cmd1 = retrain_cmd(flags, out1, cache)
+    wall1, lines1 = run_retrain("run 1 (empty cache)", cmd1, flags.timeout, os.path.join(work, "run1.log"))
+    raw_after = raw_forward(backbone, arch.size, flags.repeats)
+    C.log(f"raw forward after run 1: best {raw_after[0]:.1f} img/s, median {raw_after[1]:.1f}")
+    cmd2 = retrain_cmd(flags, out2, cache)
+    wall2, lines2 = run_retrain("run 2 (cache reused)", cmd2, flags.timeout, os.path.join(work, "run2.log"))
+
+    phases1, computed, bottleneck_seconds = phases(lines1, wall1)
+    phases2, computed2, _ = phases(lines2, wall2)
+    acc1, acc2 = accuracy_of(out1), accuracy_of(out2)
+    raw_best = max(raw_before[0], raw_after[0])
+    raw_median = sorted(raw_before[2] + raw_after[2])[len(raw_before[2] + raw_after[2]) // 2]
+    bottleneck_rate = computed / bottleneck_seconds if bottleneck_seconds else None
+    ratio = bottleneck_rate / raw_best if bottleneck_rate else None
+    speedup = wall1 / wall2
+
+    short = lambda cmd: " ".join(os.path.relpath(c, C.ROOT) if os.path.isabs(str(c)) and c != sys.executable  # noqa
+                                 else ("python" if c == sys.executable else str(c)) for c in cmd)
+    out = [f"# retrain benchmark ({arch.name}, {len(paths)} images, weights {os.path.basename(flags.weights)})\n",
+           f"Run 1: `{short(cmd1)}`\n", f"Run 2: same, --output_dir elsewhere, same --bottleneck_dir\n"]
+    out.append(C.table(
+        ["measure", "value", "target", "met"],
+        [("test accuracy, run 1 (default flags)", f"{acc1['test']:.4f}", "", ""),
+         ("validation accuracy, run 1", f"{acc1['validation']:.4f}", "", ""),
+         ("wall time, run 1 (empty cache), s", wall1, "", ""),
+         (f"bottlenecks computed in run 1", str(computed), "", ""),
+         ("bottleneck phase of run 1, s", bottleneck_seconds, "", ""),
+         ("bottleneck throughput, img/s", bottleneck_rate, "", ""),
+         ("raw predict_on_batch(32) throughput, best, img/s", raw_best, "", ""),
+         ("raw predict_on_batch(32) throughput, median, img/s", raw_median, "", ""),
+         ("ratio bottleneck / raw best", f"{ratio:.3f}" if ratio else "-", ">= 0.9",
+          "yes" if ratio and ratio >= 0.9 else "no"),
+         ("ratio bottleneck / raw median", f"{bottleneck_rate / raw_median:.3f}" if ratio else "-", "", ""),
+         ("wall time, run 2 (cache reused), s", wall2, "", ""),
+         ("test accuracy, run 2", f"{acc2['test']:.4f}", "", ""),
+         ("speedup run 1 / run 2", f"{speedup:.2f}x", ">= 10x", "yes" if speedup >= 10 else "no")],
+        "Results"))
+    out.append(C.table(["raw forward measurement", "best img/s", "median img/s", "all img/s"],
+                       [("before run 1", raw_before[0], raw_before[1], " ".join(f"{r:.1f}" for r in raw_before[2])),
+                        ("after run 1", raw_after[0], raw_after[1], " ".join(f"{r:.1f}" for r in raw_after[2]))],
+                       "Raw forward throughput (same backbone, this process, random batches of 32)"))
+    rows = []
+    d2 = dict(phases2)
+    for name, seconds in phases1:
+        rows.append((name, seconds, d2.get(name)))
+    out.append(C.table(["phase", "run 1, s", "run 2, s"], rows,
+                       "Phases (from the times retrain printed its lines)"))
+
+    if flags.fine_tune:
+        cmd3 = retrain_cmd(flags, out3, cache, ["--fine_tune"])
+        wall3, lines3 = run_retrain("run 3 (--fine_tune)", cmd3, flags.timeout, os.path.join(work, "run3.log"))
+        acc3 = accuracy_of(out3)
+        phases3, _, _ = phases(lines3, wall3)
+        out.append(C.table(
+            ["measure", "value", "target", "met"],
+            [("test accuracy, --fine_tune", f"{acc3['test']:.4f}", ">= 0.93", "yes" if acc3["test"] >= 0.93 else "no"),
+             ("validation accuracy, --fine_tune", f"{acc3['validation']:.4f}", "", ""),
+             ("wall time, --fine_tune (cache reused), s", wall3, "", "")]
+            + [(f"  phase: {n}, s", s, "", "") for n, s in phases3],
+            f"Fine-tuning: `{short(cmd3)}`"))
+
+    if flags.diagnose or (ratio is not None and ratio < 0.9 and not flags.no_diagnose):
+        C.log("diagnosing the bottleneck throughput")
+        rows, fsync_ms, plain_ms, decode1, decode2 = diagnose(flags, backbone, arch, paths, work, raw_best)
+        out.append(C.table(["in-process variant", "img/s", "/ raw best", "note"],
+                           [(a, b, f"{c:.3f}" if c else "-", d) for a, b, c, d in rows],
+                           f"Diagnosis: get_bottlenecks on {min(len(paths), flags.diagnose_images)} images "
+                           "in this process (warm, same backbone), one change at a time"))
+        per_batch_ms = 32 * fsync_ms
+        out.append(f"Cache write: atomic.write_bytes {fsync_ms:.2f} ms per file (fsync), plain write "
+                   f"{plain_ms:.2f} ms; per batch of 32 that is {per_batch_ms:.0f} ms on the main thread, "
+                   f"serial with a {32 / raw_best * 1000:.0f} ms forward pass.\n"
+                   f"Decode: {decode1:.0f} img/s on 1 thread, {decode2:.0f} img/s on 2; i.e. "
+                   f"{1000 / decode1:.1f} ms per image, {raw_best / decode1 * 100:.0f}% of a core at the raw "
+                   "forward rate.\n")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,9 @@
 `create_app` is the application factory (as in Flask's tutorial): configuration
 from the environment (classify_server.settings), the model loaded once into a
 persistent TensorFlow session (classify_server.model), and one blueprint per
-concern: classification (api), health and metadata (health), the browser page (page).
+concern: classification (api), health (health), the browser page (page), and
+TensorFlow Serving's REST API (tfserving). Model versions and hot reload are in
+classify_server.versions.
 """
 import logging
 import uuid
@@ -33,18 +35,20 @@ def create_app(test_config=None, classifier=None):
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"]
     app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is in api.py
 
+    from classify_server.versions import ModelManager
     if classifier is None:
-        from classify_server.model import Classifier
-        classifier = Classifier(app.config["MODEL_DIR"], settings.graph_overrides(),
-                                app.config["TF_INTRA_OP_THREADS"], app.config["TF_INTER_OP_THREADS"],
-                                app.config["MAX_IMAGE_PIXELS"])
-        classifier.warm_up()
-    app.extensions["classifier"] = classifier
+        models = ModelManager(app.config["MODEL_DIR"], lambda folder: load_classifier(folder, app.config),
+                              app.config["MODEL_POLL_SECONDS"])
+        models.start_polling()
+    else:
+        models = ModelManager.static(classifier)
+    app.extensions["models"] = models
 
-    from classify_server import api, health, page
+    from classify_server import api, health, page, tfserving
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
+    app.register_blueprint(tfserving.bp)
 
     @app.before_request
     def assign_request_id():
@@ -76,6 +80,19 @@ def create_app(test_config=None, classifier=None):
                        request_id=g.get("request_id")), 500
 
     return app
+
+
+def load_classifier(folder, config):
+    """A warmed-up Classifier over one model folder, with this app's settings."""
+    from classify_server.model import Classifier
+    classifier = Classifier(folder, settings.graph_overrides(), config["TF_INTRA_OP_THREADS"],
+                            config["TF_INTER_OP_THREADS"], config["MAX_IMAGE_PIXELS"])
+    try:
+        classifier.warm_up()
+    except Exception:
+        classifier.close()
+        raise
+    return classifier
 
 
 def __getattr__(name):

@@ -39,23 +39,25 @@ def uploaded_images(max_parts):
     return images
 
 
-def classify(classifier, images, top_k):
-    """Decode each image with the shared preprocessing and run them as one batch."""
+def preprocess_all(classifier, images):
+    """Decode each image with the shared preprocessing; bad input is a 400 or 413."""
     inputs = []
     for i, data in enumerate(images):
         try:
             inputs.append(classifier.preprocess(data))
         except ImageTooLarge as exc:
-            abort(413, f"part {i + 1}: {exc} (MAX_IMAGE_PIXELS)")
+            abort(413, f"image {i + 1}: {exc} (MAX_IMAGE_PIXELS)")
         except InvalidImage as exc:
-            abort(400, f"part {i + 1} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}")
-    return [classifier.top_k(p, top_k) for p in classifier.predict(inputs)]
+            abort(400, f"image {i + 1} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}")
+    return inputs
 
 
 @bp.post("/")
 def classify_upload():
-    classifier = current_app.extensions["classifier"]
-    top_k = parse_top_k(current_app.config["TOP_K"], len(classifier.labels))
     images = uploaded_images(current_app.config["MAX_PARTS"])
-    answers = classify(classifier, images, top_k)
+    with current_app.extensions["models"].acquire() as servable:
+        classifier = servable.classifier
+        top_k = parse_top_k(current_app.config["TOP_K"], len(classifier.labels))
+        probabilities = classifier.predict(preprocess_all(classifier, images))
+        answers = [classifier.top_k(p, top_k) for p in probabilities]
     return jsonify(answers[0] if len(answers) == 1 else answers)

@@ -1,5 +1,5 @@
-"""Liveness, readiness and model metadata (TensorFlow Serving's metadata path)."""
-from flask import Blueprint, abort, current_app, jsonify
+"""Liveness and readiness probes."""
+from flask import Blueprint, current_app, jsonify
 
 bp = Blueprint("health", __name__)
 
@@ -11,13 +11,7 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    if not current_app.extensions["classifier"].ready:
+    models = current_app.extensions["models"]
+    if models.current is None or not models.current.classifier.ready:
         return jsonify(status="loading"), 503
-    return jsonify(status="ready")
-
-
-@bp.get("/v1/models/<name>/metadata")
-def metadata(name):
-    if name != current_app.config["MODEL_NAME"]:
-        abort(404, f"no model named {name!r}; this server serves {current_app.config['MODEL_NAME']!r} (MODEL_NAME)")
-    return jsonify(model_spec={"name": name}, metadata=current_app.extensions["classifier"].metadata())
+    return jsonify(status="ready", version=models.current.version)

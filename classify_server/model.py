@@ -134,7 +134,7 @@ class Classifier:
         return {"labels": self.labels, "input_height": self.height, "input_width": self.width,
                 "input_mean": self.mean, "input_std": self.std, "input_tensor": self.input.name,
                 "output_tensor": self.output.name, "input_dtype": self.input.dtype.name,
-                "model_dir": self.model_dir, "graph": self.graph_path,
+                "model_dir": self.model_dir, "graph": self.graph_path, "weights": self.sidecar.get("weights"),
                 "architecture": self.sidecar.get("architecture"), "accuracy": self.sidecar.get("accuracy"),
                 "created": self.sidecar.get("created")}
 

@@ -14,6 +14,8 @@ def from_env():
     return {
         "MODEL_DIR": os.environ.get("MODEL_DIR", "model"),
         "MODEL_NAME": os.environ.get("MODEL_NAME", "model"),
+        # Seconds between looks for a new numbered version (0: never).
+        "MODEL_POLL_SECONDS": _int("MODEL_POLL_SECONDS", 10),
         "MAX_UPLOAD_BYTES": _int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
         "MAX_IMAGE_PIXELS": _int("MAX_IMAGE_PIXELS", 40_000_000),
         "MAX_PARTS": _int("MAX_PARTS", 32),

@@ -9,6 +9,7 @@ def write_bytes(path, data):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; readers may be other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -20,6 +21,12 @@ def write_bytes(path, data):
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path, text):

@@ -50,6 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--output_graph", default=None, help="graph path (default: OUTPUT_DIR/graph.pb)")
     p.add_argument("--output_labels", default=None, help="labels path (default: OUTPUT_DIR/labels.txt)")
     p.add_argument("--saved_model_dir", default=None, help="also export a SavedModel here (TensorFlow Serving)")
+    p.add_argument("--model_base_path", default=None,
+                   help="write the next numbered version into this folder (TensorFlow Serving's layout: "
+                        "graph.pb, labels.txt, model.json and a SavedModel in DIR/N), instead of --output_dir")
+    p.add_argument("--max_accuracy_drop", type=float, default=0.02,
+                   help="with --model_base_path, refuse to publish a version whose test accuracy is lower "
+                        "than the newest version's by more than this")
     p.add_argument("--bottleneck_dir", default="/tmp/bottleneck", help="bottleneck cache")
     p.add_argument("--summaries_dir", default="/tmp/retrain_logs", help="TensorBoard summaries")
     p.add_argument("--how_many_training_steps", type=int, default=4000)
@@ -77,6 +83,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     flags = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines drown the progress
     # Heavy imports after parsing, so that --help and flag errors are instant.
     from retrain import backbones, bottlenecks, export, train
 
@@ -151,9 +158,35 @@ def main(argv=None):
     info = {"architecture": arch.name, "weights": flags.weights, "labels_count": len(labels),
             "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "image_dir": os.path.abspath(image_dir),
             "training_seconds": round(time.time() - start, 1)}
+    if flags.model_base_path:
+        return publish_version(flags, export, model, arch.size, labels, info)
     export.write_model(flags.output_graph, flags.output_labels, model, arch.size, labels, info)
     print(f"wrote {flags.output_graph} and {flags.output_labels}")
     if flags.saved_model_dir:
-        export.write_saved_model(flags.saved_model_dir, model, arch.size)
+        export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, model, arch.size))
         print(f"wrote SavedModel {flags.saved_model_dir}")
+    return 0
+
+
+def publish_version(flags, export, model, size, labels, info):
+    """Write MODEL_BASE_PATH/N+1 complete, or refuse if it is worse than version N."""
+    existing = export.versions(flags.model_base_path)
+    if existing:
+        previous = export.read_sidecar(os.path.join(flags.model_base_path, str(existing[-1])))
+        old, new = previous.get("accuracy", {}).get("test"), info["accuracy"].get("test")
+        if old is not None and new is not None and new < old - flags.max_accuracy_drop:
+            print(f"error: not publishing: test accuracy {new:.4f} is below version {existing[-1]}'s "
+                  f"{old:.4f} by more than --max_accuracy_drop {flags.max_accuracy_drop}", file=sys.stderr)
+            return 3
+    version = (existing[-1] if existing else 0) + 1
+    info = dict(info, version=version)
+
+    def write(folder):
+        export.write_model(os.path.join(folder, "graph.pb"), os.path.join(folder, "labels.txt"),
+                           model, size, labels, info)
+        export.write_saved_model(folder, model, size)  # saved_model.pb beside graph.pb, for TF Serving
+
+    target = os.path.join(flags.model_base_path, str(version))
+    export.publish(target, write)
+    print(f"wrote version {version}: {target}")
     return 0

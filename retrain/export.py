@@ -73,14 +73,36 @@ def write_saved_model(saved_model_dir, model, size):
 
     module = tf.Module()
     module.model = model
-    parent = os.path.dirname(os.path.abspath(saved_model_dir))
+    tf.saved_model.save(module, saved_model_dir, signatures={"serving_default": serve_bytes,
+                                                             "predict_images": pixels})
+
+
+def publish(target_dir, write):
+    """Call write(tmp_dir), then rename tmp_dir to target_dir: it appears complete or not at all."""
+    parent = os.path.dirname(os.path.abspath(target_dir))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".saved_model.")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target_dir)}.")
     try:
-        tf.saved_model.save(module, tmp, signatures={"serving_default": serve_bytes,
-                                                     "predict_images": pixels})
-        if os.path.isdir(saved_model_dir):
-            shutil.rmtree(saved_model_dir)
-        os.replace(tmp, saved_model_dir)
+        write(tmp)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(target_dir):
+            shutil.rmtree(target_dir)
+        os.rename(tmp, target_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def versions(base_path):
+    """The numbered versions under a TF Serving model base path, oldest first."""
+    if not os.path.isdir(base_path):
+        return []
+    return sorted(int(name) for name in os.listdir(base_path)
+                  if name.isdigit() and os.path.isfile(os.path.join(base_path, name, "graph.pb")))
+
+
+def read_sidecar(model_dir):
+    try:
+        with open(os.path.join(model_dir, SIDECAR), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}

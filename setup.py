@@ -15,6 +15,7 @@ setup(
         "numpy",
         "tqdm",
         "tensorboard",
+        "prometheus_client",
     ],
     extras_require={
         "test": ["pytest", "requests", "selenium"],

@@ -44,7 +44,8 @@ def create_app(test_config=None, classifier=None):
         models = ModelManager.static(classifier)
     app.extensions["models"] = models
 
-    from classify_server import api, health, page, tfserving
+    from classify_server import api, health, metrics, page, tfserving
+    metrics.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)

@@ -15,7 +15,7 @@ import binascii
 
 from flask import Blueprint, abort, current_app, jsonify, request
 
-from classify_server.api import preprocess_all
+from classify_server.api import run
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
 
@@ -109,7 +109,7 @@ def _run(name, version, images):
     _servable_or_404(models, name, version)
     with models.acquire() as servable:
         classifier = servable.classifier
-        return classifier, classifier.predict(preprocess_all(classifier, images))
+        return classifier, run(classifier, images)
 
 
 @bp.post("/<name>:predict")

@@ -146,3 +146,76 @@ def server(trained_model, tmp_path_factory):
                log_path=tmp_path_factory.mktemp("server") / "gunicorn.log")
     yield s.wait_ready()
     s.stop()
+
+
+# --- helpers for the server, label_image and page tests -------------------------------------------
+
+def encode(image, fmt, **params):
+    """Encoded bytes of a PIL image."""
+    out = io.BytesIO()
+    image.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def png_chunk(kind, data):
+    import zlib
+    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+
+def png_bytes(width, height, bit_depth=8, colour_type=2, raw=b""):
+    """A PNG written by hand: `raw` is the filtered scanlines (each starting with its filter byte).
+
+    Cheap to make for any declared size, e.g. a 50000x50000 header over a few bytes of data.
+    """
+    import zlib
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bit_depth, colour_type, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw))
+            + png_chunk(b"IEND", b""))
+
+
+def read_labels(model_dir):
+    with open(os.path.join(model_dir, "labels.txt"), encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def assert_same_answer(got, expected, tol=1e-5):
+    """Two [[label, score], ...] answers: the same labels in the same order, scores within `tol`."""
+    assert [label for label, _ in got] == [label for label, _ in expected], (got, expected)
+    for (_, a), (_, b) in zip(got, expected):
+        assert abs(a - b) <= tol, (got, expected)
+
+
+@pytest.fixture(scope="session")
+def imagenet_model(tmp_path_factory, image_dir):
+    """A model over the real ImageNet MobileNetV2 weights in ../shared: unlike `trained_model`, whose
+    random backbone answers the same scores for every image, its answers depend on the image (and
+    name the right shape), so tests can compare answers between requests."""
+    if not os.path.isfile(MOBILENET_WEIGHTS):
+        pytest.skip(f"needs the real MobileNetV2 weights at {MOBILENET_WEIGHTS} (absent)")
+    out = tmp_path_factory.mktemp("imagenet_model")
+    run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                "--how_many_training_steps", 100, "--output_dir", out,
+                "--bottleneck_dir", tmp_path_factory.mktemp("bottlenecks"), "--summaries_dir", "")
+    return str(out)
+
+
+def make_app(model_dir, **config):
+    """The Flask app of `classify_server.create_app`, in this process, over `model_dir`."""
+    from classify_server import create_app
+    return create_app(test_config=dict(config, MODEL_DIR=model_dir))
+
+
+@pytest.fixture(scope="session")
+def flask_app(trained_model):
+    return make_app(trained_model)
+
+
+@pytest.fixture(scope="session")
+def imagenet_app(imagenet_model):
+    return make_app(imagenet_model)
+
+
+def post_images(client, images, query=""):
+    """POST / through a Flask test client, one `data` part per encoded image."""
+    parts = [(io.BytesIO(data), f"image{i}") for i, data in enumerate(images)]
+    return client.post("/" + query, data={"data": parts}, content_type="multipart/form-data")

@@ -1,0 +1,34 @@
+"""An established serving framework over the same model: BentoML, for bench/serve_bench.py.
+
+Not part of the service and not one of its dependencies: serve_bench.py runs it from
+a separate virtualenv (e.g. /tmp/bentoml-venv with bentoml and tensorflow-cpu) as
+
+    MODEL_DIR=model PYTHONPATH=. bentoml serve bentoml_service:Classifier --working-dir bench
+
+It loads graph.pb with the service's own session code (classify_server.model.Classifier,
+same preprocessing, same thread settings as gunicorn.conf.py: one worker per core,
+cores / workers TensorFlow threads each), so only the HTTP framework differs.
+POST /classify with multipart field `data` answers [[label, score], ...].
+"""
+import os
+from pathlib import Path
+
+import bentoml
+
+CORES = os.cpu_count() or 1
+WORKERS = int(os.environ.get("BENTO_WORKERS", CORES))
+
+
+@bentoml.service(workers=WORKERS, traffic={"timeout": 120})
+class Classifier:
+    def __init__(self):
+        from classify_server.model import Classifier as Session
+        self.model = Session(os.environ.get("MODEL_DIR", "model"),
+                             intra_threads=int(os.environ.get("TF_INTRA_OP_THREADS", max(1, CORES // WORKERS))),
+                             inter_threads=int(os.environ.get("TF_INTER_OP_THREADS", 1)))
+        self.model.warm_up()
+
+    @bentoml.api
+    def classify(self, data: Path) -> list:
+        probabilities = self.model.predict([self.model.preprocess(data.read_bytes())])[0]
+        return self.model.top_k(probabilities, 5)

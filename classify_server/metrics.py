@@ -1,0 +1,50 @@
+"""Prometheus metrics at GET /metrics, summed over all gunicorn workers.
+
+With several workers each process counts for itself; prometheus_client's
+multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set up by gunicorn.conf.py) adds
+them up at scrape time, whichever worker answers the scrape.
+"""
+import os
+import time
+
+from flask import Blueprint, Response, current_app, g, request
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, multiprocess)
+
+bp = Blueprint("metrics", __name__)
+
+REQUESTS = Counter("classify_requests_total", "HTTP requests by route and status", ["route", "status"])
+LATENCY = Histogram("classify_request_latency_seconds", "HTTP request latency by route", ["route"],
+                    buckets=(.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5, 10))
+INFERENCE = Histogram("classify_inference_seconds", "session.run time per batch",
+                      buckets=(.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5))
+MODEL_VERSION = Gauge("classify_model_version", "model version served by each worker",
+                      multiprocess_mode="liveall")
+
+
+def init_app(app):
+    app.register_blueprint(bp)
+    MODEL_VERSION.set(app.extensions["models"].current.version)
+
+    @app.before_request
+    def start_timer():
+        g.start_time = time.perf_counter()
+
+    @app.after_request
+    def record(response):
+        MODEL_VERSION.set(current_app.extensions["models"].current.version)  # follows hot reloads
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        if route != "/metrics":
+            REQUESTS.labels(route, str(response.status_code)).inc()
+            LATENCY.labels(route).observe(time.perf_counter() - g.get("start_time", time.perf_counter()))
+        return response
+
+
+@bp.get("/metrics")
+def metrics():
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

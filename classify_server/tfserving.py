@@ -31,6 +31,7 @@ def _servable_or_404(models, name, version):
 
 
 def signature_def(classifier):
+    """The SignatureDefMap (its JSON form) of the served signature: encoded images in."""
     tensor = {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1", "name": ""}], "unknown_rank": False},
               "name": INPUT_KEY}
     scores = {"dtype": "DT_FLOAT", "name": "scores", "tensor_shape": {
@@ -62,7 +63,8 @@ def metadata(name, version=None):
     with models.acquire() as servable:
         classifier = servable.classifier
         return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
-                       metadata=dict(signature_def(classifier), version=servable.version,
+                       # TF Serving nests the SignatureDefMap: metadata.signature_def.signature_def
+                       metadata=dict(signature_def=signature_def(classifier), version=servable.version,
                                      **classifier.metadata()))
 
 

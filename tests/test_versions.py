@@ -1,0 +1,193 @@
+"""Model versions, hot reload, TF Serving's REST API, the SavedModel, and /metrics."""
+import base64
+import json
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from classify_server import create_app
+from conftest import shape_image
+
+IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
+
+
+def publish_copy(model_dir, base, version, label_suffix):
+    """Publish model_dir as base/version atomically, its labels renamed so answers tell versions apart."""
+    tmp = os.path.join(base, f".tmp-{version}")
+    shutil.copytree(model_dir, tmp)
+    with open(os.path.join(model_dir, "labels.txt")) as f:
+        labels = [line.strip() + label_suffix for line in f if line.strip()]
+    with open(os.path.join(tmp, "labels.txt"), "w") as f:
+        f.write("\n".join(labels) + "\n")
+    os.rename(tmp, os.path.join(base, str(version)))
+    return set(labels)
+
+
+@pytest.fixture
+def client(trained_model):
+    return create_app({"MODEL_DIR": trained_model}).test_client()
+
+
+def b64(data):
+    return {"b64": base64.b64encode(data).decode()}
+
+
+def test_hot_reload_under_load_fails_no_request(trained_model, tmp_path, start_server):
+    base = tmp_path / "models"
+    base.mkdir()
+    label_sets = {1: publish_copy(trained_model, base, 1, "_v1")}
+    server = start_server({"MODEL_DIR": str(base), "MODEL_POLL_SECONDS": "1"}, workers=2)
+    answers, failures, stop = [], [], threading.Event()
+
+    def client_loop():  # without pause, bounded in count and time
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline and len(answers) < 5000:
+            try:
+                r = requests.post(server.url + "/", files={"data": ("x.jpg", IMAGES[0])}, timeout=30)
+                (answers if r.status_code == 200 else failures).append(r.json())
+            except requests.RequestException as exc:
+                failures.append(str(exc))
+
+    thread = threading.Thread(target=client_loop)
+    thread.start()
+    try:
+        time.sleep(2)
+        label_sets[2] = publish_copy(trained_model, base, 2, "_v2")
+        time.sleep(4)
+        label_sets[3] = publish_copy(trained_model, base, 3, "_v3")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # both workers on version 3
+            status = requests.get(server.url + "/metrics").text
+            if 'classify_model_version' in status and all(
+                    line.endswith(" 3.0") for line in status.splitlines()
+                    if line.startswith("classify_model_version{")):
+                break
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not failures, failures[:3]
+    seen = set()
+    for answer in answers:  # every answer comes from one complete version
+        labels = {label for label, _ in answer}
+        versions = [v for v, s in label_sets.items() if labels <= s]
+        assert len(versions) == 1, answer
+        seen.add(versions[0])
+    assert seen >= {1, 3}, seen
+    assert answers[-1][0][0].endswith("_v3")
+    status = requests.get(server.url + "/v1/models/model").json()["model_version_status"]
+    assert {"version": "3", "state": "AVAILABLE"} == {k: status[0][k] for k in ("version", "state")}
+
+
+def test_broken_version_is_reported_and_old_keeps_serving(trained_model, tmp_path):
+    base = tmp_path / "models"
+    base.mkdir()
+    publish_copy(trained_model, base, 1, "")
+    app = create_app({"MODEL_DIR": str(base), "MODEL_POLL_SECONDS": 0})
+    broken = base / ".tmp"
+    shutil.copytree(trained_model, broken)
+    (broken / "graph.pb").write_bytes(b"not a graph")
+    broken.rename(base / "2")
+    app.extensions["models"].poll()
+    c = app.test_client()
+    status = {s["version"]: s for s in c.get("/v1/models/model").get_json()["model_version_status"]}
+    assert status["1"]["state"] == "AVAILABLE"
+    assert status["2"]["state"] == "END" and "graph.pb" in status["2"]["status"]["error_message"]
+    assert c.post("/", data={"data": (__import__("io").BytesIO(IMAGES[0]), "x.jpg")}).status_code == 200
+    assert c.get("/readyz").get_json()["version"] == 1
+
+
+def test_start_up_picks_the_newest_complete_version(trained_model, tmp_path):
+    base = tmp_path / "models"
+    base.mkdir()
+    publish_copy(trained_model, base, 1, "_v1")
+    publish_copy(trained_model, base, 7, "_v7")
+    (base / "9").mkdir()  # incomplete: no graph.pb
+    (base / ".tmp-8").mkdir()
+    c = create_app({"MODEL_DIR": str(base)}).test_client()
+    assert c.get("/readyz").get_json()["version"] == 7
+    assert c.get("/v1/models/model/versions/7").get_json()["model_version_status"][0]["state"] == "AVAILABLE"
+    assert c.get("/v1/models/model/versions/9").status_code == 404
+
+
+def test_rest_predict_matches_the_multipart_answer(client, trained_model):
+    labels = open(os.path.join(trained_model, "labels.txt")).read().split()
+    r = client.post("/v1/models/model:predict", json={"instances": [b64(IMAGES[0]), {"images": b64(IMAGES[1])}]})
+    assert r.status_code == 200
+    predictions = r.get_json()["predictions"]
+    assert np.array(predictions).shape == (2, len(labels))
+    for image, scores in zip(IMAGES, predictions):
+        answer = client.post("/?top_k=10", data={"data": (__import__("io").BytesIO(image), "x.jpg")}).get_json()
+        assert dict(answer) == pytest.approx(dict(zip(labels, scores)), abs=1e-6)
+    columnar = client.post("/v1/models/model/versions/1:predict", json={"inputs": {"images": [b64(IMAGES[0])]}})
+    assert columnar.get_json()["outputs"][0] == pytest.approx(predictions[0], abs=1e-6)
+    classify = client.post("/v1/models/model:classify", json={"examples": [{"images": b64(IMAGES[0])}]})
+    assert [label for label, _ in classify.get_json()["result"][0]] == labels
+    assert [s for _, s in classify.get_json()["result"][0]] == pytest.approx(predictions[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("path, body, status", [
+    ("/v1/models/model:predict", "not json", 400),
+    ("/v1/models/model:predict", {"nothing": []}, 400),
+    ("/v1/models/model:predict", {"instances": []}, 400),
+    ("/v1/models/model:predict", {"instances": [{"b64": "%%%"}]}, 400),
+    ("/v1/models/model:predict", {"instances": [{"b64": base64.b64encode(b"text").decode()}]}, 400),
+    ("/v1/models/model:predict", {"instances": [[1, 2, 3]]}, 400),
+    ("/v1/models/other:predict", {"instances": [b64(IMAGES[0])]}, 404),
+    ("/v1/models/model/versions/5:predict", {"instances": [b64(IMAGES[0])]}, 404),
+    ("/v1/models/model:classify", {"instances": [b64(IMAGES[0])]}, 400),
+])
+def test_rest_errors_are_tf_serving_shaped(client, path, body, status):
+    r = client.post(path, data=body if isinstance(body, str) else json.dumps(body),
+                    content_type="application/json")
+    assert r.status_code == status
+    assert set(r.get_json()) == {"error"} and r.get_json()["error"]
+
+
+def test_metadata_reports_the_signature_and_the_model(client, trained_model):
+    meta = client.get("/v1/models/model/metadata").get_json()
+    assert meta["model_spec"] == {"name": "model", "signature_name": "", "version": "1"}
+    signature = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["images"]["dtype"] == "DT_STRING"
+    assert meta["metadata"]["labels"] == open(os.path.join(trained_model, "labels.txt")).read().split()
+    assert client.get("/v1/models/nope/metadata").status_code == 404
+
+
+def test_saved_model_gives_the_graph_probabilities(tmp_path, image_dir):
+    import tensorflow as tf
+    from classify_server.model import Classifier
+    from conftest import run_retrain
+    base = tmp_path / "models"
+    run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", "none",
+                "--how_many_training_steps", 50, "--model_base_path", base,
+                "--bottleneck_dir", tmp_path / "bn", "--summaries_dir", "")
+    version = base / "1"
+    assert (version / "saved_model.pb").is_file() and (version / "graph.pb").is_file()
+    classifier = Classifier(str(version))
+    pixels = [classifier.preprocess(image) for image in IMAGES]
+    expected = classifier.predict(pixels)
+    loaded = tf.saved_model.load(str(version))
+    same_pixels = loaded.signatures["predict_images"](tf.constant(np.stack(pixels)))
+    np.testing.assert_allclose(list(same_pixels.values())[0].numpy(), expected, atol=1e-5)
+    # From encoded bytes TensorFlow's own decoder and resizer stand in for Pillow: close, not equal.
+    from_bytes = loaded.signatures["serving_default"](images=tf.constant(IMAGES))["scores"].numpy()
+    np.testing.assert_allclose(from_bytes, expected, atol=0.05)
+
+
+def test_metrics_count_requests_of_every_worker(server):
+    before = requests.get(server.url + "/metrics").text
+
+    def count(text):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith('classify_requests_total{route="/",status="200"}'))
+    for _ in range(8):
+        assert requests.post(server.url + "/", files={"data": ("x.jpg", IMAGES[1])}).status_code == 200
+    after = requests.get(server.url + "/metrics").text
+    assert count(after) - count(before) == 8
+    assert "classify_inference_seconds_bucket" in after and "classify_model_version" in after

@@ -9,6 +9,8 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16,<2.22",
+        "tensorflow-serving-api>=2.16,<2.22",  # each release requires the tensorflow of its own version
+        "grpcio>=1.60",
         "flask>=3.0",
         "gunicorn>=22",
         "pillow>=10.1",
@@ -23,5 +25,6 @@ setup(
     entry_points={"console_scripts": [
         "retrain=retrain.cli:main",
         "label_image=classify_server.label_image:main",
+        "classify_grpc=classify_server.grpc:main",
     ]},
 )

@@ -4,7 +4,7 @@
 from the environment (classify_server.settings), the model loaded once into a
 persistent TensorFlow session (classify_server.model), and one blueprint per
 concern: classification (api), health (health), the browser page (page), and
-TensorFlow Serving's REST API (tfserving). Model versions and hot reload are in
+TensorFlow Serving's REST API (tfserving), users' corrections (feedback). Model versions and hot reload are in
 classify_server.versions.
 """
 import logging
@@ -35,17 +35,17 @@ def create_app(test_config=None, classifier=None):
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"]
     app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is in api.py
 
-    from classify_server.versions import ModelManager
     if classifier is None:
-        models = ModelManager(app.config["MODEL_DIR"], lambda folder: load_classifier(folder, app.config),
-                              app.config["MODEL_POLL_SECONDS"])
-        models.start_polling()
+        models = build_models(app.config)
     else:
+        from classify_server.versions import ModelManager
         models = ModelManager.static(classifier)
     app.extensions["models"] = models
 
-    from classify_server import api, health, metrics, page, tfserving
+    from classify_server import api, feedback, health, metrics, page, tfserving
     metrics.init_app(app)
+    app.extensions["feedback_limiter"] = feedback.RateLimiter(app.config["FEEDBACK_PER_MINUTE"])
+    app.register_blueprint(feedback.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
@@ -81,6 +81,18 @@ def create_app(test_config=None, classifier=None):
                        request_id=g.get("request_id")), 500
 
     return app
+
+
+def build_models(config):
+    """The ModelManager over config["MODEL_DIR"], polling every MODEL_POLL_SECONDS for a new version.
+
+    Shared by create_app and the gRPC server (classify_server.grpc), so both load and version alike.
+    """
+    from classify_server.versions import ModelManager
+    models = ModelManager(config["MODEL_DIR"], lambda folder: load_classifier(folder, config),
+                          config["MODEL_POLL_SECONDS"])
+    models.start_polling()
+    return models
 
 
 def load_classifier(folder, config):

@@ -20,6 +20,9 @@ def from_env():
         "MAX_IMAGE_PIXELS": _int("MAX_IMAGE_PIXELS", 40_000_000),
         "MAX_PARTS": _int("MAX_PARTS", 32),
         "TOP_K": _int("TOP_K", 5),
+        # Corrections from users are stored here when set (POST /feedback).
+        "FEEDBACK_DIR": os.environ.get("FEEDBACK_DIR", ""),
+        "FEEDBACK_PER_MINUTE": _int("FEEDBACK_PER_MINUTE", 30),
         # TensorFlow threads of this worker's session; gunicorn.conf.py sets them so
         # that workers x threads matches the cores (0 lets TensorFlow decide).
         "TF_INTRA_OP_THREADS": _int("TF_INTRA_OP_THREADS", 0),

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--image_dir", default=None,
                    help="folder with one subfolder of images per class (default: ~/flower_photos, "
                         "downloaded when absent)")
+    p.add_argument("--extra_image_dir", action="append", default=[],
+                   help="more labelled images in the same layout, e.g. the server's FEEDBACK_DIR (repeatable)")
     p.add_argument("--architecture", default="inception_v3", help="inception_v3 (299x299) or mobilenet_v2 (224x224)")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet (downloaded by Keras), a local .weights.h5 file, or none (random: tests only)")
@@ -92,7 +94,11 @@ def main(argv=None):
                          f"choose one of {', '.join(backbones.ARCHITECTURES)}")
     arch = backbones.ARCHITECTURES[flags.architecture]
     image_dir = flags.image_dir or maybe_download_flowers(os.path.expanduser("~/flower_photos"))
-    lists = create_image_lists([image_dir], flags.validation_percentage, flags.testing_percentage)
+    for folder in flags.extra_image_dir:
+        if not os.path.isdir(folder):
+            print(f"note: --extra_image_dir {folder} does not exist (no feedback yet?); skipped", file=sys.stderr)
+    image_dirs = [image_dir] + [d for d in flags.extra_image_dir if os.path.isdir(d)]
+    lists = create_image_lists(image_dirs, flags.validation_percentage, flags.testing_percentage)
     labels = lists.labels
     if flags.weights == "none":
         print("\n" + "!" * 72 + "\n!! --weights none: RANDOM backbone weights. The model will be close to\n"

@@ -1,0 +1,105 @@
+"""Corrections from users become training data (opt-in with FEEDBACK_DIR).
+
+POST /feedback with multipart `data` (the image) and form field `label` (an
+existing label or a new class name) stores the image as
+FEEDBACK_DIR/<label>/<sha256>.<ext>, the layout `python -m retrain
+--extra_image_dir FEEDBACK_DIR` reads. Same bytes under the same label are stored
+once. GET /feedback tells the page whether feedback is on and which labels exist.
+"""
+import hashlib
+import os
+import re
+import threading
+import time
+
+from flask import Blueprint, abort, current_app, jsonify, request
+
+from classify_server.api import uploaded_images
+from retrain import atomic
+from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
+
+bp = Blueprint("feedback", __name__)
+
+NEW_LABEL = re.compile(r"[A-Za-z0-9_\- ]{1,64}")
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp"}
+
+
+class RateLimiter:
+    """At most `per_minute` corrections per client address (per worker), a sliding minute."""
+
+    def __init__(self, per_minute):
+        self.per_minute, self.lock, self.seen = per_minute, threading.Lock(), {}
+
+    def allow(self, client):
+        now = time.monotonic()
+        with self.lock:
+            if len(self.seen) > 10000:  # bound the memory: forget quiet clients
+                self.seen = {k: v for k, v in self.seen.items() if v and v[-1] > now - 60}
+            recent = [t for t in self.seen.get(client, []) if t > now - 60]
+            if len(recent) >= self.per_minute:
+                self.seen[client] = recent
+                return False
+            self.seen[client] = recent + [now]
+            return True
+
+
+def _feedback_dir():
+    folder = current_app.config.get("FEEDBACK_DIR")
+    if not folder:
+        abort(404, "feedback is off: set FEEDBACK_DIR to a folder to collect corrections")
+    return folder
+
+
+def _labels(folder):
+    with current_app.extensions["models"].acquire() as servable:
+        labels = list(servable.classifier.labels)
+    extra = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) \
+        if os.path.isdir(folder) else []
+    return labels + [n for n in extra if n not in labels]
+
+
+def validate_label(label, known):
+    label = (label or "").strip()
+    if label in known:
+        return label
+    if not NEW_LABEL.fullmatch(label) or label.strip(". ") != label:
+        abort(400, "label must be an existing label or a new name of letters, digits, spaces, '-' and '_', "
+                   "at most 64 characters")
+    return label
+
+
+def store(folder, label, data):
+    """Write the image atomically under its label; returns (path, whether it was new)."""
+    kind, _, _ = probe_image(data)
+    if kind not in EXTENSIONS:
+        raise InvalidImage(f"{kind} images are not kept for training; send JPEG, PNG, GIF, BMP or WebP")
+    path = os.path.join(folder, label, f"{hashlib.sha256(data).hexdigest()}.{EXTENSIONS[kind]}")
+    if os.path.exists(path):
+        return path, False
+    atomic.write_bytes(path, data)
+    return path, True
+
+
+@bp.get("/feedback")
+def feedback_info():
+    return jsonify(enabled=True, labels=_labels(_feedback_dir()))
+
+
+@bp.post("/feedback")
+def feedback():
+    folder = _feedback_dir()
+    limiter = current_app.extensions["feedback_limiter"]
+    if not limiter.allow(request.remote_addr):
+        abort(429, f"too many corrections: at most {limiter.per_minute} a minute (FEEDBACK_PER_MINUTE)")
+    label = validate_label(request.form.get("label"), _labels(folder))
+    images = uploaded_images(max_parts=1)
+    try:  # only real images become training data
+        decode_image(images[0], (8, 8), current_app.config["MAX_IMAGE_PIXELS"])
+        path, new = store(folder, label, images[0])
+    except ImageTooLarge as exc:
+        abort(413, str(exc))
+    except InvalidImage as exc:
+        abort(400, f"not a readable image: {exc}")
+    name = os.path.relpath(path, folder)
+    return jsonify(stored=name, label=label, new=new,
+                   message=f"stored as {name}" if new else f"already stored as {name}"), 201 if new else 200

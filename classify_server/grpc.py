@@ -1,0 +1,296 @@
+"""TensorFlow Serving's gRPC API, so its clients and stubs work here: `python -m classify_server.grpc`.
+
+    PredictionService.Predict           inputs {"images": DT_STRING [N] or scalar, encoded image bytes}
+                                        -> outputs {"scores": DT_FLOAT [N, classes],
+                                                    "classes": DT_STRING [N, classes] (the labels)}
+    PredictionService.GetModelMetadata  metadata_field ["signature_def"] -> a SignatureDefMap in an Any
+    ModelService.GetModelStatus         model_version_status: version, state, status
+
+The model is loaded, versioned and hot-reloaded exactly as for the HTTP server
+(classify_server.build_models: MODEL_DIR, MODEL_NAME, MODEL_POLL_SECONDS...), and the
+signature is the REST API's (classify_server.tfserving.signature_def). Settings, as
+environment variables or flags: GRPC_HOST / --host (0.0.0.0), GRPC_PORT / --port (8500),
+GRPC_THREADS (4, requests served at once; more wait), MAX_UPLOAD_BYTES (the largest
+request message), GRACEFUL_TIMEOUT (30 s for requests in flight after SIGTERM/SIGINT).
+
+Status codes, as TensorFlow Serving answers them (the REST API's HTTP codes alongside):
+NOT_FOUND (404) for another model name or a version that is not served; INVALID_ARGUMENT
+(400) for an unreadable or empty image, a missing `images` input or an unknown one, a
+wrong dtype or shape; RESOURCE_EXHAUSTED (413) for anything over a size limit: an image
+over MAX_IMAGE_PIXELS, more than MAX_PARTS images, and (answered by gRPC itself) a message
+over MAX_UPLOAD_BYTES; FAILED_PRECONDITION for an unknown signature_name; INTERNAL for a
+server fault (details in the log). The classic inception_client.py's signature name
+`predict_images` is accepted as another name of `serving_default`.
+"""
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import grpc  # noqa: E402  (absolute: the grpcio package, not this module)
+
+if not hasattr(grpc, "server"):  # `python classify_server/grpc.py`: this file shadows grpcio
+    raise SystemExit("classify_server.grpc: `import grpc` did not find grpcio; run `python -m classify_server.grpc` "
+                     "from the project root (or the classify_grpc command)")
+
+import numpy as np  # noqa: E402
+from google.protobuf import json_format  # noqa: E402
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,  # noqa: E402
+                                     predict_pb2, prediction_service_pb2_grpc, status_pb2)
+
+from classify_server import build_models, settings  # noqa: E402
+from classify_server.model import ModelLoadError  # noqa: E402
+from classify_server.tfserving import INPUT_KEY, signature_def  # noqa: E402
+from retrain.preprocessing import ImageTooLarge, InvalidImage  # noqa: E402
+
+log = logging.getLogger("classify_server")
+
+SIGNATURE = "serving_default"
+SIGNATURE_ALIASES = {"", SIGNATURE, "predict_images"}  # "": the default; predict_images: inception_client.py's
+OUTPUTS = ("scores", "classes")
+_STATES = get_model_status_pb2.ModelVersionStatus.State
+_ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type.values_by_name
+
+
+def _shape(*dims):
+    return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
+
+
+def signature_def_map(classifier):
+    """The REST API's signature_def (classify_server.tfserving), as the proto GetModelMetadata packs."""
+    return json_format.ParseDict(signature_def(classifier), get_model_metadata_pb2.SignatureDefMap())
+
+
+def images_from(tensor, max_images):
+    """The encoded images of an `images` TensorProto: a scalar or a vector of strings."""
+    if tensor.dtype != types_pb2.DT_STRING:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input '{INPUT_KEY}' must be DT_STRING (encoded image bytes), got "
+                     f"{types_pb2.DataType.Name(tensor.dtype)}")
+    dims = [d.size for d in tensor.tensor_shape.dim]
+    if tensor.tensor_shape.unknown_rank or len(dims) > 1 or any(d < 0 for d in dims):
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input '{INPUT_KEY}' must be a scalar or a vector [N] of encoded images, got shape {dims}")
+    count = dims[0] if dims else 1
+    values = list(tensor.string_val)
+    if count == 0:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{INPUT_KEY}' holds no image")
+    if count > max_images:
+        raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     f"too many images: {count}, the limit is {max_images} (MAX_PARTS)")
+    if len(values) == 1 and count > 1:  # a single value fills the shape, as tf.make_ndarray reads it
+        values = values * count
+    if len(values) != count:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"input '{INPUT_KEY}' has shape {dims} but {len(values)} values")
+    for i, data in enumerate(values):
+        if not data:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i + 1} is empty")
+    return values
+
+
+def preprocess_all(classifier, images):
+    """api.preprocess_all's decoding and messages, with gRPC status codes."""
+    inputs = []
+    for i, data in enumerate(images):
+        try:
+            inputs.append(classifier.preprocess(data))
+        except ImageTooLarge as exc:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"image {i + 1}: {exc} (MAX_IMAGE_PIXELS)") from None
+        except InvalidImage as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"image {i + 1} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}") from None
+    return inputs
+
+
+class _Abort(Exception):
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _rpc(method):
+    """Turn _Abort into its status, and any other exception into INTERNAL (logged)."""
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except _Abort as exc:
+            context.abort(exc.code, exc.message)
+        except Exception:
+            log.exception("gRPC %s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
+    """Both services over one ModelManager. Classify, Regress, MultiInference: UNIMPLEMENTED."""
+
+    def __init__(self, models, config):
+        self.models, self.config = models, config
+
+    def _check_name(self, spec):
+        if spec.name != self.config["MODEL_NAME"]:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
+        if spec.WhichOneof("version_choice") == "version_label":
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"Unrecognized servable version label: {spec.version_label}")
+
+    def _check_version(self, spec, servable):
+        """Called with the acquired servable, so that a swap in between cannot answer another version."""
+        if spec.HasField("version") and spec.version.value != servable.version:
+            raise _Abort(grpc.StatusCode.NOT_FOUND,
+                         f"Servable not found for request: Specific({spec.name}, {spec.version.value}); "
+                         f"version {servable.version} is served")
+
+    @_rpc
+    def Predict(self, request, context):
+        spec = request.model_spec
+        self._check_name(spec)
+        if spec.signature_name not in SIGNATURE_ALIASES:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"Serving signature key \"{spec.signature_name}\" not found.")
+        unknown = sorted(set(request.inputs) - {INPUT_KEY})
+        if unknown:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input tensor alias not found in signature: "
+                         f"{', '.join(unknown)}. Inputs expected to be in the set {{{INPUT_KEY}}}.")
+        if INPUT_KEY not in request.inputs:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"missing input '{INPUT_KEY}': a DT_STRING tensor of encoded images")
+        wanted = list(request.output_filter) or list(OUTPUTS)
+        bad = [name for name in wanted if name not in OUTPUTS]
+        if bad:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: "
+                         f"{', '.join(bad)}. Outputs expected to be in the set {{{', '.join(OUTPUTS)}}}.")
+        images = images_from(request.inputs[INPUT_KEY], self.config["MAX_PARTS"])
+        with self.models.acquire() as servable:
+            self._check_version(spec, servable)
+            classifier = servable.classifier
+            probabilities = classifier.predict(preprocess_all(classifier, images))
+            version, labels = servable.version, classifier.labels
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = spec.name
+        response.model_spec.version.value = version
+        response.model_spec.signature_name = spec.signature_name or SIGNATURE
+        rows, classes = len(images), len(labels)
+        if "scores" in wanted:
+            response.outputs["scores"].CopyFrom(tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_FLOAT, tensor_shape=_shape(rows, classes),
+                tensor_content=np.asarray(probabilities, dtype=np.float32).reshape(rows, classes).tobytes()))
+        if "classes" in wanted:
+            response.outputs["classes"].CopyFrom(tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_STRING, tensor_shape=_shape(rows, classes),
+                string_val=[label.encode("utf-8") for label in labels] * rows))
+        return response
+
+    @_rpc
+    def GetModelMetadata(self, request, context):
+        spec = request.model_spec
+        self._check_name(spec)
+        if not request.metadata_field:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         "GetModelMetadataRequest must specify at least one metadata_field")
+        for field in request.metadata_field:
+            if field != "signature_def":
+                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
+        with self.models.acquire() as servable:
+            self._check_version(spec, servable)
+            response = get_model_metadata_pb2.GetModelMetadataResponse()
+            response.model_spec.name = spec.name
+            response.model_spec.version.value = servable.version
+            response.metadata["signature_def"].Pack(signature_def_map(servable.classifier))
+        return response
+
+    @_rpc
+    def GetModelStatus(self, request, context):
+        spec = request.model_spec
+        if spec.name != self.config["MODEL_NAME"]:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}")
+        version = spec.version.value if spec.HasField("version") else None
+        entries = self.models.version_status(version)
+        if not entries:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {spec.name}")
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for entry in entries:
+            item = response.model_version_status.add(version=int(entry["version"]),
+                                                      state=_STATES.Value(entry["state"]))
+            item.status.error_code = _ERROR_CODES[entry["status"]["error_code"]].number
+            item.status.error_message = entry["status"]["error_message"]
+        return response
+
+
+def make_server(models, config, threads=4):
+    """A grpc.Server with both services, not yet bound or started."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"), options=[
+        ("grpc.max_receive_message_length", config["MAX_UPLOAD_BYTES"]),
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
+    ])
+    servicer = Servicer(models, config)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
+    return server
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m classify_server.grpc",
+                                     description="Serve MODEL_DIR over TensorFlow Serving's gRPC API.")
+    parser.add_argument("--host", default=os.environ.get("GRPC_HOST", "").strip() or "0.0.0.0",
+                        help="address to listen on (GRPC_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=settings._int("GRPC_PORT", 8500),
+                        help="port to listen on (GRPC_PORT, default 8500; 0: any free port)")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be between 0 and 65535, got {args.port}")
+    level = os.environ.get("LOG_LEVEL", "info").upper()
+    logging.basicConfig(level=level if isinstance(logging.getLevelName(level), int) else "INFO",
+                        format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
+    config = settings.from_env()
+    threads = max(1, settings._int("GRPC_THREADS", 4))
+    grace = max(0, settings._int("GRACEFUL_TIMEOUT", 30))
+
+    try:
+        models = build_models(config)
+    except ModelLoadError as exc:
+        raise SystemExit(f"classify_server.grpc: {exc}") from None
+    server = make_server(models, config, threads)
+    address = f"[{args.host}]:{args.port}" if ":" in args.host and not args.host.startswith("[") else \
+        f"{args.host}:{args.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        port, error = 0, exc
+    else:
+        error = "address in use or not available"
+    if not port:
+        raise SystemExit(f"classify_server.grpc: cannot listen on {address}: {error}")
+
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if stopping.is_set():  # a second signal: stop now
+            log.warning("%s again: stopping without waiting", signal.Signals(signum).name)
+            server.stop(0)
+            return
+        log.info("%s: finishing requests in flight (up to %ss), then stopping", signal.Signals(signum).name, grace)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    log.info("gRPC (TensorFlow Serving API) listening on %s:%s, model %r version %s from %s, %s threads",
+             args.host, port, config["MODEL_NAME"], models.current.version, config["MODEL_DIR"], threads)
+    while not stopping.wait(1):
+        pass
+    server.stop(grace).wait()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Corrections from users: POST /feedback, --extra_image_dir, and the whole loop to a new version."""
+import io
+import json
+import os
+import threading
+import time
+
+import pytest
+import requests
+
+from classify_server import create_app
+from conftest import make_image_dir, run_retrain, shape_image
+
+
+@pytest.fixture
+def client(trained_model, tmp_path):
+    app = create_app({"MODEL_DIR": trained_model, "FEEDBACK_DIR": str(tmp_path / "feedback"),
+                      "FEEDBACK_PER_MINUTE": 5})
+    return app.test_client()
+
+
+def send(client, data, label, name="x.jpg"):
+    return client.post("/feedback", data={"data": (io.BytesIO(data), name), "label": label})
+
+
+def test_feedback_is_off_without_feedback_dir(trained_model):
+    client = create_app({"MODEL_DIR": trained_model, "FEEDBACK_DIR": ""}).test_client()
+    assert send(client, shape_image("red_circle", 1), "red_circle").status_code == 404
+    assert client.get("/feedback").status_code == 404
+
+
+def test_feedback_stores_once_in_the_image_dir_layout(client, tmp_path):
+    image = shape_image("green_square", 5)
+    first = send(client, image, "red_circle")
+    assert first.status_code == 201, first.get_json()
+    stored = first.get_json()["stored"]
+    assert stored.startswith("red_circle/") and stored.endswith(".jpg")
+    assert (tmp_path / "feedback" / stored).read_bytes() == image
+    again = send(client, image, "red_circle")
+    assert again.status_code == 200 and again.get_json()["new"] is False
+    assert len(os.listdir(tmp_path / "feedback" / "red_circle")) == 1
+    assert not [n for n in os.listdir(tmp_path / "feedback" / "red_circle") if n.endswith(".tmp")]
+    new_class = send(client, image, "yellow star-2")
+    assert new_class.status_code == 201
+    assert "yellow star-2" in client.get("/feedback").get_json()["labels"]
+
+
+@pytest.mark.parametrize("label", ["../escape", "a/b", "", " ", "x" * 65, "..", "<b>", "tab\there", "naïve"])
+def test_feedback_rejects_labels_that_are_not_names(client, tmp_path, label):
+    r = send(client, shape_image("red_circle", 2), label)
+    assert r.status_code == 400 and "label" in r.get_json()["error"]
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "feedback").exists()
+
+
+def test_feedback_rejects_non_images_and_limits_the_rate(client):
+    assert send(client, b"%PDF-1.4 not an image", "red_circle").status_code == 400
+    assert client.post("/feedback", data={"label": "red_circle"}).status_code == 415  # not multipart
+    assert client.post("/feedback", data={"label": "red_circle"}, content_type="multipart/form-data").status_code == 400
+    codes = [send(client, shape_image("red_circle", 100 + i), "red_circle").status_code for i in range(6)]
+    assert codes.count(429) >= 1 and codes[0] == 201
+
+
+def test_retrain_refuses_a_version_worse_than_the_served_one(tmp_path, image_dir):
+    base = tmp_path / "models"
+    args = ["--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", "none",
+            "--how_many_training_steps", 50, "--model_base_path", base,
+            "--bottleneck_dir", tmp_path / "bn", "--summaries_dir", ""]
+    run_retrain(*args)
+    sidecar = base / "1" / "model.json"
+    meta = json.loads(sidecar.read_text())
+    meta["accuracy"]["test"] = 1.5  # unbeatable
+    sidecar.write_text(json.dumps(meta))
+    refused = run_retrain(*args, check=False)
+    assert refused.returncode == 3 and "--max_accuracy_drop" in refused.stderr
+    assert sorted(os.listdir(base)) == ["1"]
+
+
+def test_the_whole_loop_feedback_to_a_new_served_version(tmp_path, start_server):
+    data = make_image_dir(tmp_path / "data", classes=("red_circle", "green_square"), per_class=12)
+    base, feedback_dir = tmp_path / "models", tmp_path / "feedback"
+    common = ["--architecture", "mobilenet_v2", "--weights", "none", "--how_many_training_steps", 200,
+              "--model_base_path", base, "--bottleneck_dir", tmp_path / "bn", "--summaries_dir", "",
+              "--image_dir", data, "--extra_image_dir", feedback_dir]
+    run_retrain(*common)
+    server = start_server({"MODEL_DIR": str(base), "MODEL_POLL_SECONDS": "1", "FEEDBACK_DIR": str(feedback_dir)})
+    probe = shape_image("blue_triangle", 7)
+    labels = [label for label, _ in requests.post(server.url + "/", files={"data": ("p.jpg", probe)}).json()]
+    assert "blue_triangle" not in labels
+
+    failures, answers, stop = [], [], threading.Event()
+
+    def client_loop():  # traffic throughout the loop, bounded in count and time
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline and len(answers) < 20000:
+            try:
+                r = requests.post(server.url + "/", files={"data": ("p.jpg", probe)}, timeout=30)
+                (answers if r.status_code == 200 else failures).append(r.text)
+            except requests.RequestException as exc:
+                failures.append(str(exc))
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=client_loop)
+    thread.start()
+    try:
+        for i in range(14):  # corrections for a class the model has never seen
+            r = requests.post(server.url + "/feedback", data={"label": "blue_triangle"},
+                              files={"data": (f"{i}.jpg", shape_image("blue_triangle", 1000 + i))})
+            assert r.status_code == 201, r.text
+        run_retrain(*common, "--max_accuracy_drop", "1")
+        assert sorted(os.listdir(base)) == ["1", "2"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            answer = requests.post(server.url + "/", files={"data": ("p.jpg", probe)}).json()
+            if "blue_triangle" in [label for label, _ in answer]:
+                break
+            time.sleep(0.5)
+        assert "blue_triangle" in [label for label, _ in answer], "version 2 was not picked up"
+        assert answer[0][0] == "blue_triangle", answer
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not failures, failures[:3]
+    assert answers

@@ -49,15 +49,12 @@ def run(classifier, images):
 
 def preprocess_all(classifier, images):
     """Decode each image with the shared preprocessing; bad input is a 400 or 413."""
-    inputs = []
-    for i, data in enumerate(images):
-        try:
-            inputs.append(classifier.preprocess(data))
-        except ImageTooLarge as exc:
-            abort(413, f"image {i + 1}: {exc} (MAX_IMAGE_PIXELS)")
-        except InvalidImage as exc:
-            abort(400, f"image {i + 1} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}")
-    return inputs
+    try:
+        return classifier.preprocess_all(images)
+    except ImageTooLarge as exc:
+        abort(413, str(exc))
+    except InvalidImage as exc:
+        abort(400, str(exc))
 
 
 @bp.post("/")

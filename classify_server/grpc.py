@@ -97,16 +97,12 @@ def images_from(tensor, max_images):
 
 def preprocess_all(classifier, images):
     """api.preprocess_all's decoding and messages, with gRPC status codes."""
-    inputs = []
-    for i, data in enumerate(images):
-        try:
-            inputs.append(classifier.preprocess(data))
-        except ImageTooLarge as exc:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"image {i + 1}: {exc} (MAX_IMAGE_PIXELS)") from None
-        except InvalidImage as exc:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"image {i + 1} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}") from None
-    return inputs
+    try:
+        return classifier.preprocess_all(images)
+    except ImageTooLarge as exc:
+        raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+    except InvalidImage as exc:
+        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
 
 class _Abort(Exception):

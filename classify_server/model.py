@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from retrain.preprocessing import decode_image, probe_image
+from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 
 SIDECAR = "model.json"
 CLASSIC_INPUT = "DecodeJpeg/contents:0"
@@ -56,6 +56,12 @@ def read_spec(model_dir, overrides=None):
     if not labels:
         raise ModelLoadError(f"corrupt model: {labels_path} has no labels")
     return graph_path, labels, spec, sidecar
+
+
+def top_k(labels, probabilities, k):
+    """[[label, score], ...] best first, for one probability vector in label order."""
+    order = np.argsort(-probabilities)[:k]
+    return [[labels[i], float(probabilities[i])] for i in order]
 
 
 class Classifier:
@@ -108,6 +114,18 @@ class Classifier:
             pixels = (pixels - self.mean) / self.std
         return pixels
 
+    def preprocess_all(self, images):
+        """Preprocess each encoded image; an error says which image (1-based) and why."""
+        inputs = []
+        for i, data in enumerate(images, 1):
+            try:
+                inputs.append(self.preprocess(data))
+            except ImageTooLarge as exc:
+                raise ImageTooLarge(f"image {i}: {exc} (MAX_IMAGE_PIXELS)") from None
+            except InvalidImage as exc:
+                raise InvalidImage(f"image {i} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}") from None
+        return inputs
+
     def predict(self, inputs):
         """Preprocessed inputs (a list) -> probabilities, shape (len(inputs), classes)."""
         if self.takes_bytes:  # the classic graph takes one scalar string per run
@@ -116,8 +134,7 @@ class Classifier:
 
     def top_k(self, probabilities, k):
         """[[label, score], ...] best first, for one probability vector."""
-        order = np.argsort(-probabilities)[:k]
-        return [[self.labels[i], float(probabilities[i])] for i in order]
+        return top_k(self.labels, probabilities, k)
 
     def warm_up(self):
         """One run on a blank image: checks the graph end to end and pays the first-run cost."""

@@ -18,6 +18,11 @@ MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# Random MobileNetV2 weights give (almost) the same features for every image, so a
+# model trained on them answers the same for all: real weights, when ../shared has
+# them, make the tests' models tell images apart.
+TEST_WEIGHTS = MOBILENET_WEIGHTS if os.path.isfile(MOBILENET_WEIGHTS) else "none"
+
 # Each generated class is a shape of its own colour on a noisy background.
 CLASSES = {"red_circle": ((220, 30, 30), "ellipse"), "green_square": ((30, 200, 40), "rectangle"),
            "blue_triangle": ((30, 40, 220), "polygon")}
@@ -67,9 +72,9 @@ def image_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory, image_dir):
-    """A model folder (graph.pb, labels.txt, model.json): MobileNetV2, random weights, 3 shape classes."""
+    """A model folder (graph.pb, labels.txt, model.json): MobileNetV2 over 3 shape classes."""
     out = tmp_path_factory.mktemp("model")
-    run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", "none",
+    run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", TEST_WEIGHTS,
                 "--how_many_training_steps", 300, "--output_dir", out,
                 "--bottleneck_dir", tmp_path_factory.mktemp("bottlenecks"), "--summaries_dir", "")
     return str(out)
@@ -79,6 +84,17 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(process, timeout=30):
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 class Server:
@@ -115,13 +131,7 @@ class Server:
             return f.read().decode(errors="replace")
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from PIL import Image
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from conftest import ROOT, free_port, png_bytes, read_labels, shape_image
+from conftest import ROOT, free_port, png_bytes, read_labels, shape_image, stop_process
 
 NAME = "model"  # MODEL_NAME's default
 IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
@@ -69,13 +69,7 @@ class GrpcServer:
 
     def stop(self):
         self.channel.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
 

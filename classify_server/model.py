@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from classify_server.batching import Batcher
 from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 
 SIDECAR = "model.json"
@@ -65,7 +66,8 @@ def top_k(labels, probabilities, k):
 
 
 class Classifier:
-    def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, max_pixels=None):
+    def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, max_pixels=None,
+                 batch_max_size=0, batch_timeout_ms=5):
         self.model_dir = os.path.abspath(model_dir)
         graph_path, self.labels, spec, self.sidecar = read_spec(model_dir, overrides)
         self.max_pixels = max_pixels
@@ -97,6 +99,9 @@ class Classifier:
                                           inter_op_parallelism_threads=inter_threads)
         self.session = tf.compat.v1.Session(graph=graph, config=config)
         self.ready = False
+        self.batcher = None
+        if batch_max_size > 1 and not self.takes_bytes:
+            self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms)
 
     def preprocess(self, data):
         """Encoded image bytes -> what the graph's input takes (shared preprocessing)."""
@@ -128,6 +133,9 @@ class Classifier:
 
     def predict(self, inputs):
         """Preprocessed inputs (a list) -> probabilities, shape (len(inputs), classes)."""
+        return self.batcher.predict(inputs) if self.batcher else self._run(inputs)
+
+    def _run(self, inputs):
         if self.takes_bytes:  # the classic graph takes one scalar string per run
             return np.stack([np.reshape(self.session.run(self.output, {self.input: x}), -1) for x in inputs])
         return self.session.run(self.output, {self.input: np.stack(inputs)})
@@ -156,4 +164,6 @@ class Classifier:
                 "created": self.sidecar.get("created")}
 
     def close(self):
+        if self.batcher:
+            self.batcher.close()
         self.session.close()

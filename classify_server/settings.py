@@ -27,6 +27,9 @@ def from_env():
         # that workers x threads matches the cores (0 lets TensorFlow decide).
         "TF_INTRA_OP_THREADS": _int("TF_INTRA_OP_THREADS", 0),
         "TF_INTER_OP_THREADS": _int("TF_INTER_OP_THREADS", 0),
+        # Dynamic batching of concurrent requests in a worker (0: off).
+        "BATCH_MAX_SIZE": _int("BATCH_MAX_SIZE", 0),
+        "BATCH_TIMEOUT_MS": _int("BATCH_TIMEOUT_MS", 5),
     }
 
 

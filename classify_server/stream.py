@@ -154,6 +154,7 @@ class Remote:
 
     def _request(self, method, path, body=None):
         """(status, parsed JSON body) over one kept-alive connection; RemoteUnavailable if none."""
+        where = f"{method} {self.url}{path}"
         path = f"{self.prefix}/v1/models/{urllib.parse.quote(self.name, safe='')}{path}"
         headers = {"Content-Type": "application/json"} if body is not None else {}
         for attempt in (1, 2):  # a kept-alive connection the server closed: reconnect once
@@ -169,8 +170,7 @@ class Remote:
                 self.connection.close()
                 self.connection = None
                 if attempt == 2:
-                    raise RemoteUnavailable(f"{method} {self.url}{path[len(self.prefix) + 10 + len(self.name):]}: "
-                                            f"{type(exc).__name__}: {exc}") from None
+                    raise RemoteUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
         try:
             answer = json.loads(raw)
         except ValueError:
@@ -207,9 +207,10 @@ class Remote:
                 log.info("remote model version %s -> %s", old, self.version)
                 status, answer = self._predict(chunk)
             if status == 200:
-                rows = [answer.get("predictions")] if False else answer.get("predictions")
-                answers = self._rows(rows, len(chunk))
+                answers = self._rows(answer.get("predictions"), len(chunk))
             elif status in (400, 413) and len(chunk) > 1:  # which image? ask for each alone
+                if "too many" in str(answer.get("error")):
+                    log.warning("%s; lower --batch-size to the server's MAX_PARTS", answer.get("error"))
                 answers = [self.classify_one(data) for data in chunk]
             elif status in (400, 413):
                 answers = [self._rejection(status, answer)]
@@ -349,7 +350,7 @@ class StreamClassifier:
             if error is None:
                 batch.append(message)
             elif error.fatal():
-                raise RuntimeError(f"fatal Kafka error: {error}")
+                raise FatalKafkaError(f"fatal Kafka error: {error}")
             else:
                 log.warning("consumer: %s", error)
         return batch
@@ -459,6 +460,10 @@ class StreamClassifier:
 
 
 class DeliveryFailed(RuntimeError):
+    """The broker did not acknowledge an output: the batch is not committed."""
+
+
+class FatalKafkaError(RuntimeError):
     pass
 
 
@@ -552,8 +557,8 @@ def main(argv=None):
     signal.signal(signal.SIGINT, on_signal)
     try:
         return stream.run()
-    except DeliveryFailed as exc:
-        log.error("%s; exiting so that a restart reads the batch again", exc)
+    except (DeliveryFailed, FatalKafkaError) as exc:
+        log.error("%s; exiting so that a restart reads the uncommitted batch again", exc)
         return 1
 
 

@@ -1,0 +1,64 @@
+"""Optional dynamic batching: concurrent requests of one worker share one session.run.
+
+Off by default (BATCH_MAX_SIZE=0). When on, the first waiting request opens a
+batch; others join it until it holds BATCH_MAX_SIZE images or BATCH_TIMEOUT_MS
+has passed, then one run serves them all and each gets exactly its own rows.
+It pays off where one big run costs much less than many small ones (a GPU);
+BENCHMARKS.md has what it does on CPU.
+"""
+import queue
+import threading
+import time
+from concurrent.futures import Future
+
+
+class Batcher:
+    def __init__(self, run, max_size, timeout_ms):
+        self.run, self.max_size, self.timeout = run, max_size, timeout_ms / 1000.0
+        self.queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self.thread.start()
+
+    def predict(self, inputs):
+        """Probabilities for `inputs` (a list), run in a batch with other callers' inputs."""
+        future = Future()
+        self.queue.put((inputs, future))
+        return future.result()
+
+    def close(self):
+        self.queue.put(None)
+
+    def _collect(self, first):
+        batch, size = [first], len(first[0])
+        deadline = time.monotonic() + self.timeout
+        while size < self.max_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                item = self.queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if item is None:  # closing: finish this batch, then stop
+                self.queue.put(None)
+                break
+            batch.append(item)
+            size += len(item[0])
+        return batch
+
+    def _loop(self):
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = self._collect(first)
+            try:
+                outputs = self.run([x for inputs, _ in batch for x in inputs])
+            except Exception as exc:  # every caller of the batch gets the error
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            start = 0
+            for inputs, future in batch:
+                future.set_result(outputs[start:start + len(inputs)])
+                start += len(inputs)

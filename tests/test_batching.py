@@ -1,0 +1,46 @@
+"""Dynamic batching: concurrent requests share session runs, and each gets exactly its own answer."""
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from classify_server import create_app
+from conftest import CLASSES, shape_image
+
+IMAGES = [shape_image(label, seed) for seed in range(8) for label in CLASSES]
+
+
+def answers(app, images, workers):
+    def one(data):
+        response = app.test_client().post("/?top_k=3", data={"data": (io.BytesIO(data), "x.jpg")})
+        assert response.status_code == 200, response.get_json()
+        return response.get_json()
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(one, images))
+
+
+def test_batched_answers_equal_unbatched_ones(trained_model):
+    plain = create_app({"MODEL_DIR": trained_model, "BATCH_MAX_SIZE": 0})
+    batched = create_app({"MODEL_DIR": trained_model, "BATCH_MAX_SIZE": 8, "BATCH_TIMEOUT_MS": 50})
+    batcher = batched.extensions["models"].current.classifier.batcher
+    runs = []
+    run = batcher.run
+    batcher.run = lambda inputs: runs.append(len(inputs)) or run(inputs)  # count the session runs
+
+    expected = answers(plain, IMAGES, workers=1)
+    got = answers(batched, IMAGES, workers=16)
+    for e, g in zip(expected, got):
+        assert [label for label, _ in e] == [label for label, _ in g]
+        np.testing.assert_allclose([s for _, s in e], [s for _, s in g], atol=1e-5)
+    assert sum(runs) == len(IMAGES) and len(runs) < len(IMAGES) and max(runs) <= 8, runs
+    assert len({tuple(label for label, _ in a) for a in got}) > 1  # answers differ by image
+
+
+def test_a_bad_image_in_a_batch_harms_no_other_request(trained_model):
+    app = create_app({"MODEL_DIR": trained_model, "BATCH_MAX_SIZE": 8, "BATCH_TIMEOUT_MS": 50})
+    with ThreadPoolExecutor(8) as pool:
+        bad = [pool.submit(app.test_client().post, "/", data={"data": (io.BytesIO(b"junk"), "x.jpg")})
+               for _ in range(4)]
+        good = answers(app, IMAGES[:8], workers=8)
+    assert all(f.result().status_code == 400 for f in bad)
+    assert len(good) == 8

@@ -3,8 +3,12 @@ import os
 import tempfile
 
 
-def write_bytes(path, data):
-    """Write `data` to `path` through a temp file in the same directory and a rename."""
+def write_bytes(path, data, durable=True):
+    """Write `data` to `path` through a temp file in the same directory and a rename.
+
+    `durable` also flushes to disk before the rename (survives power loss); caches,
+    which are checked on read and recomputed when bad, can skip that cost.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
@@ -12,8 +16,9 @@ def write_bytes(path, data):
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; readers may be other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:

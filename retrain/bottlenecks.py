@@ -1,10 +1,12 @@
 """Bottlenecks: the backbone's pooled features of each image, computed once and cached.
 
-The cache lives in --bottleneck_dir/<architecture>-<weights>/<label>/<file>.npy, so
+The cache lives in --bottleneck_dir/<architecture>-<weights>-p<preprocessing
+version>/<label>/<folder hash>_<file>.npy, so
 a later run (more steps, another learning rate, new images) only computes what is
 new. A cache file older than its image is recomputed; files are written
 atomically, so a run killed midway never leaves a half-written one.
 """
+import hashlib
 import io
 import os
 import sys
@@ -21,8 +23,11 @@ BATCH_SIZE = 32
 
 
 def cache_path(cache_dir, image_path):
-    label = os.path.basename(os.path.dirname(image_path))
-    return os.path.join(cache_dir, label, os.path.basename(image_path) + ".npy")
+    # A hash of the image's folder keeps images of the same label and name in two
+    # --image_dir folders apart.
+    folder = os.path.dirname(os.path.abspath(image_path))
+    tag = hashlib.sha1(folder.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return os.path.join(cache_dir, os.path.basename(folder), f"{tag}_{os.path.basename(image_path)}.npy")
 
 
 def _load_cached(path, image_path):
@@ -30,7 +35,7 @@ def _load_cached(path, image_path):
         if os.path.getmtime(path) < os.path.getmtime(image_path):
             return None
         return np.load(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # missing, empty or half-written: recompute
         return None
 
 
@@ -86,7 +91,7 @@ def get_bottlenecks(image_paths, forward, size, cache_dir, batch_size=BATCH_SIZE
                 for (p, _), vector in zip(good, vectors):
                     buffer = io.BytesIO()
                     np.save(buffer, vector)
-                    atomic.write_bytes(cache_path(cache_dir, p), buffer.getvalue())
+                    atomic.write_bytes(cache_path(cache_dir, p), buffer.getvalue(), durable=False)
                     features[p] = vector
             bar.update(len(batch))
     return features, skipped

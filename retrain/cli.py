@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from retrain.images import create_image_lists, maybe_download_flowers
+from retrain.preprocessing import PREPROCESSING_VERSION
 
 
 def parse_args(argv=None):
@@ -80,6 +81,12 @@ def parse_args(argv=None):
     flags = p.parse_args(argv)
     flags.output_graph = flags.output_graph or os.path.join(flags.output_dir, "graph.pb")
     flags.output_labels = flags.output_labels or os.path.join(flags.output_dir, "labels.txt")
+    if flags.saved_model_dir:
+        saved = os.path.abspath(flags.saved_model_dir)
+        for output in (flags.output_graph, flags.output_labels):
+            if os.path.commonpath([saved, os.path.abspath(output)]) == saved:
+                p.error(f"--saved_model_dir {flags.saved_model_dir} would replace the folder of {output}; "
+                        "give it a folder of its own")
     return flags
 
 
@@ -106,7 +113,8 @@ def main(argv=None):
 
     start = time.time()
     backbone = backbones.build_backbone(arch, flags.weights)
-    cache_dir = os.path.join(flags.bottleneck_dir, f"{arch.name}-{backbones.weights_tag(flags.weights)}")
+    cache_dir = os.path.join(flags.bottleneck_dir, f"{arch.name}-{backbones.weights_tag(flags.weights)}"
+                                                   f"-p{PREPROCESSING_VERSION}")
     all_paths = [p for s in lists.sets().values() for paths in s.values() for p in paths]
     features, skipped = bottlenecks.get_bottlenecks(all_paths, backbone.predict_on_batch, arch.size, cache_dir)
     if skipped:

@@ -55,7 +55,8 @@ def write_saved_model(saved_model_dir, model, size):
     """A SavedModel for TensorFlow Serving; `serving_default` takes encoded image bytes.
 
     TF Serving has no Pillow, so this signature decodes with TensorFlow's own ops
-    (tf.io.decode_image, antialiased bilinear resize, centre crop); `predict_images`
+    (tf.io.decode_image, antialiased bilinear resize, centre crop; TensorFlow has no
+    op for EXIF orientation, so rotated-by-tag photos are not turned); `predict_images`
     takes already-decoded pixels like graph.pb does.
     """
     pixels = _serving_function(model, size)
@@ -64,7 +65,11 @@ def write_saved_model(saved_model_dir, model, size):
     def serve_bytes(images):
         def decode(data):
             # As decode_image does: scale the short side to `size`, crop the centre.
-            image = tf.cast(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
+            raw = tf.cast(tf.io.decode_image(data, expand_animations=False), tf.float32)
+            channels = tf.shape(raw)[-1]  # 1 gray, 2 gray+alpha, 3 RGB, 4 RGBA
+            rgb = tf.cond(channels < 3, lambda: tf.image.grayscale_to_rgb(raw[..., :1]), lambda: raw[..., :3])
+            alpha = tf.cond(channels % 2 == 0, lambda: raw[..., -1:] / 255.0, lambda: tf.ones_like(raw[..., :1]))
+            image = rgb * alpha + 255.0 * (1.0 - alpha)  # transparency over white, as decode_image does
             shape = tf.cast(tf.shape(image)[:2], tf.float32)
             scaled = tf.cast(tf.math.ceil(shape * size / tf.reduce_min(shape)), tf.int32)
             image = tf.image.resize(image, scaled, antialias=True)

@@ -17,6 +17,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 DEFAULT_MAX_PIXELS = 50_000_000
 
+# Part of the bottleneck cache key: bump it whenever decode_image's output changes,
+# or cached features of the old pixels would train a head for pixels never served.
+PREPROCESSING_VERSION = 2
+
 # We enforce our own pixel limit before decoding (ImageTooLarge), so Pillow's
 # own bomb check, which would raise on a size we already accepted, is off.
 Image.MAX_IMAGE_PIXELS = None
@@ -79,9 +83,9 @@ def _to_rgb(image):
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16/32-bit grayscale: Pillow's convert would clip at 255 instead of scaling.
         values = np.asarray(image, dtype=np.float32)
-        if values.max(initial=0) > 255:
-            values = values / 257.0
-        image = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), "L")
+        if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+            values = values / 257.0  # 16-bit, even if dark; "I"/"F" only when over 8-bit range
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

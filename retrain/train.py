@@ -48,8 +48,14 @@ def build_classifier(backbone, head, augmentation=None):
     return keras.Model(inputs, head(backbone(x)), name="classifier")
 
 
+def epoch_length(steps, eval_step_interval):
+    """Keras epochs all have one length: the largest up to the interval that divides `steps`."""
+    return max(i for i in range(1, min(eval_step_interval, steps) + 1) if steps % i == 0)
+
+
 def _fit(model, dataset, validation, steps, eval_step_interval, summaries_dir, desc):
-    epochs = max(1, steps // eval_step_interval)
+    eval_step_interval = epoch_length(steps, eval_step_interval)
+    epochs = steps // eval_step_interval
     callbacks = [ProgressBar(epochs * eval_step_interval, eval_step_interval, desc)]
     if summaries_dir:
         callbacks.append(keras.callbacks.TensorBoard(summaries_dir))
@@ -62,7 +68,7 @@ def train_head(train_x, train_y, val, class_count, flags):
     head = build_head(train_x.shape[1], class_count, flags.l2_regularization)
     head.compile(optimizer=keras.optimizers.Adam(flags.learning_rate),
                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                 steps_per_execution=flags.eval_step_interval)
+                 steps_per_execution=epoch_length(flags.how_many_training_steps, flags.eval_step_interval))
     dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
                .shuffle(len(train_x), seed=0).repeat().batch(flags.train_batch_size))
     _fit(head, dataset, val, flags.how_many_training_steps, flags.eval_step_interval,

@@ -49,6 +49,20 @@ def test_output_is_float32_rgb_0_255_of_the_requested_height_and_width():
     assert white.min() == 255.0
 
 
+def test_aspect_ratio_is_kept_and_the_centre_cropped():
+    # 300x100: red, green, blue thirds. Covering 50x50 scales it to 150x50, and the
+    # centre crop is exactly the green third; squashing would keep all three colours.
+    image = Image.new("RGB", (300, 100), (255, 0, 0))
+    image.paste((0, 255, 0), (100, 0, 200, 100))
+    image.paste((0, 0, 255), (200, 0, 300, 100))
+    array = decode_image(encode(image), (50, 50))
+    assert_rgb(array, (50, 50))
+    np.testing.assert_allclose(array[:, 2:-2], np.broadcast_to((0, 255, 0), (50, 46, 3)), atol=1)
+    # Portrait the same way: the crop takes the middle rows.
+    array = decode_image(encode(image.transpose(Image.Transpose.ROTATE_90)), (20, 20))
+    np.testing.assert_allclose(array[2:-2], np.broadcast_to((0, 255, 0), (16, 20, 3)), atol=1)
+
+
 def test_decodes_a_path_as_well_as_bytes(tmp_path):
     data = shape_image("green_square", 2)
     path = tmp_path / "x.jpg"
@@ -138,9 +152,6 @@ def test_16_bit_grayscale_png_is_scaled_not_clipped():
     assert np.mean(array == 255) < 0.01
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _to_rgb divides 16-bit values by 257 only when the max exceeds "
-                                       "255, so a dark 16-bit image (all values <= 255) is read as 8-bit and "
-                                       "comes out up to 257x too bright")
 def test_dark_16_bit_grayscale_png_is_scaled_by_bit_depth():
     data = encode(Image.fromarray(np.full((8, 8), 200, np.uint16)))  # 200/65535: almost black
     np.testing.assert_allclose(decode_image(data, (8, 8)), 200 / 257, atol=0.5)

@@ -1,0 +1,550 @@
+"""retrain: the split, the bottleneck cache, the CLI's errors and outputs, and training/serving skew.
+
+Fast checks call retrain's functions in-process; what users see (exit codes, messages,
+files) runs `python -m retrain` in a subprocess. Runs use mobilenet_v2 with random
+weights and few steps, except the real-data test, which needs ../shared.
+"""
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import (CLASSES, FLOWERS, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain,
+                      shape_image)
+from retrain import atomic
+from retrain.bottlenecks import cache_path, get_bottlenecks
+from retrain.images import create_image_lists, which_set
+from retrain.preprocessing import decode_image
+
+# The cheapest real configuration; --summaries_dir "" skips TensorBoard logs.
+FAST = ("--architecture", "mobilenet_v2", "--weights", "none", "--summaries_dir", "")
+MODEL_FILES = {"graph.pb", "labels.txt", "model.json"}
+# A proxy nobody listens on: downloads fail at once, online or not, so no test
+# ever fetches flower_photos (218 MB) or ImageNet weights.
+DEAD_PROXY = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
+
+
+def retrain_process(*args, env=None, timeout=300):
+    """`python -m retrain ARGS` with an optional environment; never raises on failure."""
+    return subprocess.run([sys.executable, "-m", "retrain", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def broken_jpeg():
+    data = shape_image("red_circle", 99, size=(320, 240))
+    return data[:len(data) // 2]
+
+
+def touch_files(folder, names):
+    """Empty files: the split looks only at names, so nothing needs decoding."""
+    for name in names:
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").close()
+
+
+def set_of_each(lists):
+    return {path: name for name, image_set in lists.sets().items() for paths in image_set.values()
+            for path in paths}
+
+
+def load_frozen_graph(path):
+    import tensorflow as tf
+    graph_def = tf.compat.v1.GraphDef()
+    with open(path, "rb") as f:
+        graph_def.ParseFromString(f.read())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(graph_def, name="")
+    return graph
+
+
+def run_frozen_graph(path, input_name, output_name, batch):
+    """The graph in a plain TF1 Session, as classify_server runs it."""
+    import tensorflow as tf
+    with tf.compat.v1.Session(graph=load_frozen_graph(path)) as session:
+        return session.run(output_name, {input_name: batch})
+
+
+# --- the split -------------------------------------------------------------------------------
+
+def test_split_is_stable_when_images_are_added(tmp_path):
+    names = [f"{label}/img_{i:03d}.jpg" for label in ("cats", "dogs") for i in range(60)]
+    touch_files(tmp_path, names)
+    before = set_of_each(create_image_lists([str(tmp_path)], 20, 20))
+    assert set(before.values()) == {"training", "validation", "testing"}   # a split worth checking
+
+    touch_files(tmp_path, [f"{label}/new_{i:03d}.jpg" for label in ("cats", "dogs", "birds") for i in range(60)])
+    after = set_of_each(create_image_lists([str(tmp_path)], 20, 20))
+    assert len(after) == len(before) + 180
+    assert {path: after[path] for path in before} == before
+
+
+def test_nohash_variants_share_a_set(tmp_path):
+    sets = {}
+    for i in range(100):
+        variants = {which_set(f"photo{i}_nohash_{k}.jpg", 20, 20) for k in range(5)}
+        assert len(variants) == 1, f"photo{i}: variants split over {variants}"
+        sets[i] = variants.pop()
+    assert len(set(sets.values())) == 3   # different photos do spread over the sets
+
+    # Through create_image_lists, with directories in the path.
+    touch_files(tmp_path, [f"a/photo{i}_nohash_{k}.jpg" for i in range(30) for k in range(3)]
+                + ["b/other.jpg"])   # a second class, as create_image_lists requires
+    by_path = set_of_each(create_image_lists([str(tmp_path)], 20, 20))
+    for i in range(30):
+        assert len({by_path[str(tmp_path / f"a/photo{i}_nohash_{k}.jpg")] for k in range(3)}) == 1
+
+
+@pytest.mark.parametrize("validation, testing", [(10, 20), (10, 10), (0, 30)])
+def test_split_percentages_are_roughly_respected(validation, testing):
+    names = [f"IMG_{i:04d}.jpg" for i in range(1000)]
+    counts = {name: 0 for name in ("training", "validation", "testing")}
+    for name in names:
+        counts[which_set(name, validation, testing)] += 1
+    # Deterministic (a hash), so no flakiness; +-5 points is 3.5 binomial sigmas.
+    assert abs(counts["validation"] - 10 * validation) <= 50, counts
+    assert abs(counts["testing"] - 10 * testing) <= 50, counts
+    assert counts["training"] == 1000 - counts["validation"] - counts["testing"]
+
+
+# --- the bottleneck cache ----------------------------------------------------------------------
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone():
+    """A real (small) Keras model standing in for the backbone: same contract, milliseconds."""
+    import keras
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Rescaling(1 / 255.0),
+                             keras.layers.Conv2D(8, 3, activation="relu"), keras.layers.GlobalAveragePooling2D()])
+
+
+class CountingForward:
+    """The real forward pass, counting the images it is asked to compute."""
+
+    def __init__(self, model, fail_on_call=None):
+        self.model, self.images, self.calls, self.fail_on_call = model, 0, 0, fail_on_call
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("killed midway")
+        self.images += len(batch)
+        return self.model.predict_on_batch(batch)
+
+
+@pytest.fixture
+def cache_case(tmp_path, tiny_backbone):
+    """12 images, an empty cache dir, and a fresh counter."""
+    images = make_image_dir(tmp_path / "images", per_class=4)
+    paths = sorted(os.path.join(images, label, name) for label in os.listdir(images)
+                   for name in os.listdir(os.path.join(images, label)))
+    return paths, str(tmp_path / "cache"), lambda **kw: CountingForward(tiny_backbone, **kw)
+
+
+def cache_files(cache_dir):
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(cache_dir) for f in files)
+
+
+def test_second_run_reuses_the_cache(cache_case):
+    paths, cache_dir, counter = cache_case
+    first = counter()
+    features, skipped = get_bottlenecks(paths, first, SIZE, cache_dir, batch_size=4)
+    assert first.images == len(paths) and not skipped and set(features) == set(paths)
+    assert len(cache_files(cache_dir)) == len(paths)
+
+    second = counter()
+    again, skipped = get_bottlenecks(paths, second, SIZE, cache_dir, batch_size=4)
+    assert second.images == 0 and second.calls == 0
+    for path in paths:
+        np.testing.assert_allclose(again[path], features[path], rtol=1e-6)
+
+
+def test_a_newer_image_is_recomputed(cache_case, tiny_backbone):
+    paths, cache_dir, counter = cache_case
+    features, _ = get_bottlenecks(paths, counter(), SIZE, cache_dir, batch_size=4)
+    # Replace one photo and make it clearly newer than its cache file.
+    changed = paths[0]
+    with open(changed, "wb") as f:
+        f.write(shape_image("green_square", 12345))
+    future = time.time() + 100
+    os.utime(changed, (future, future))
+
+    second = counter()
+    again, _ = get_bottlenecks(paths, second, SIZE, cache_dir, batch_size=4)
+    assert second.images == 1
+    expected = tiny_backbone.predict_on_batch(decode_image(changed, (SIZE, SIZE))[None])[0]
+    np.testing.assert_allclose(again[changed], expected, rtol=1e-5)
+    assert not np.allclose(again[changed], features[changed])
+    for path in paths[1:]:
+        np.testing.assert_array_equal(again[path], features[path])
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda data: os.urandom(len(data)),
+    lambda data: data[:-16],   # whole header, half the 8 floats
+    lambda data: data[:60],    # half the 128-byte header
+    lambda data: b"",
+], ids=["garbage", "data-cut", "header-cut", "empty"])
+def test_a_corrupt_cache_file_is_recomputed(cache_case, corrupt):
+    paths, cache_dir, counter = cache_case
+    features, _ = get_bottlenecks(paths, counter(), SIZE, cache_dir, batch_size=4)
+    victim = cache_path(cache_dir, paths[3])
+    with open(victim, "rb") as f:
+        data = f.read()
+    with open(victim, "wb") as f:
+        f.write(corrupt(data))
+    future = time.time() + 100   # newer than the image: only the content can tell it is bad
+    os.utime(victim, (future, future))
+
+    second = counter()
+    again, skipped = get_bottlenecks(paths, second, SIZE, cache_dir, batch_size=4)
+    assert second.images == 1 and not skipped
+    np.testing.assert_allclose(again[paths[3]], features[paths[3]], rtol=1e-5)
+    np.testing.assert_allclose(np.load(victim), features[paths[3]], rtol=1e-5)   # repaired
+
+
+def test_same_name_in_two_image_folders_keeps_two_bottlenecks(tmp_path, tiny_backbone):
+    paths = [str(tmp_path / root / "cats" / "IMG_0001.jpg") for root in ("photos", "feedback")]
+    for path, label in zip(paths, ("red_circle", "green_square")):
+        os.makedirs(os.path.dirname(path))
+        with open(path, "wb") as f:
+            f.write(shape_image(label, 1))
+    cache_dir = str(tmp_path / "cache")
+    first, _ = get_bottlenecks(paths, CountingForward(tiny_backbone), SIZE, cache_dir)
+    assert not np.allclose(first[paths[0]], first[paths[1]])
+    second, _ = get_bottlenecks(paths, CountingForward(tiny_backbone), SIZE, cache_dir)
+    for path in paths:
+        np.testing.assert_allclose(second[path], first[path], rtol=1e-5)
+
+
+def test_cache_files_are_written_atomically(cache_case):
+    paths, cache_dir, counter = cache_case
+    # A run that dies in its second batch keeps the first batch, whole, and no temp files.
+    with pytest.raises(RuntimeError, match="killed midway"):
+        get_bottlenecks(paths, counter(fail_on_call=2), SIZE, cache_dir, batch_size=4)
+    written = cache_files(cache_dir)
+    assert len(written) == 4
+    for path in written:
+        assert path.endswith(".npy") and not os.path.basename(path).startswith(".")
+        assert np.load(path).shape == (8,)
+
+    resumed = counter()
+    get_bottlenecks(paths, resumed, SIZE, cache_dir, batch_size=4)
+    assert resumed.images == len(paths) - 4
+    assert len(cache_files(cache_dir)) == len(paths)
+    assert not [f for f in cache_files(cache_dir) if f.endswith(".tmp") or "/." in f]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "graph.pb"
+    atomic.write_bytes(str(path), b"old model")
+    with pytest.raises(TypeError):
+        atomic.write_bytes(str(path), "not bytes")   # fails inside the write
+    assert path.read_bytes() == b"old model"
+    assert os.listdir(tmp_path) == ["graph.pb"]
+
+
+def test_unreadable_images_are_skipped_with_a_reason(cache_case):
+    paths, cache_dir, counter = cache_case
+    broken = os.path.join(os.path.dirname(paths[0]), "broken.jpg")
+    with open(broken, "wb") as f:
+        f.write(broken_jpeg())
+    features, skipped = get_bottlenecks(paths + [broken], counter(), SIZE, cache_dir, batch_size=4)
+    assert set(features) == set(paths)
+    assert list(skipped) == [broken] and "truncated" in skipped[broken]
+    assert not os.path.exists(cache_path(cache_dir, broken))
+
+
+# --- CLI errors --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def error_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    dirs = {"root": root,
+            "good": make_image_dir(root / "good", classes=("red_circle", "green_square"), per_class=3),
+            "one": make_image_dir(root / "one", classes=("red_circle",), per_class=3),
+            "corrupt": make_image_dir(root / "corrupt", classes=("red_circle", "green_square"), per_class=3)}
+    os.makedirs(root / "corrupt" / "blue_triangle")
+    for name in ("bad_0.jpg", "bad_1.jpg"):
+        (root / "corrupt" / "blue_triangle" / name).write_bytes(broken_jpeg())
+    return dirs
+
+
+# In-process: main() ends with SystemExit("error: ..."), which Python prints to stderr
+# before exiting with status 1; the subprocess tests below check that for real.
+@pytest.mark.parametrize("case, expected", [
+    ("one_class", ["found 1 class(es)", "need at least 2", "one subfolder per class"]),
+    ("corrupt_class", ["class 'blue_triangle' has no usable image", "add images or remove its folder"]),
+    ("missing_image_dir", ["no_such_dir", "does not exist"]),
+    ("unknown_architecture", ["unknown --architecture 'resnet9000'", "inception_v3, mobilenet_v2"]),
+    ("missing_weights", ["--weights", "missing.weights.h5: no such file", "imagenet, none, or a path"]),
+])
+def test_cli_errors_are_clear(error_dirs, tmp_path, capsys, case, expected):
+    from retrain import cli
+    root = error_dirs["root"]
+    args = {"one_class": ["--image_dir", error_dirs["one"], *FAST],
+            "corrupt_class": ["--image_dir", error_dirs["corrupt"], *FAST],
+            "missing_image_dir": ["--image_dir", root / "no_such_dir", *FAST],
+            "unknown_architecture": ["--image_dir", error_dirs["good"], "--architecture", "resnet9000",
+                                     "--weights", "none"],
+            "missing_weights": ["--image_dir", error_dirs["good"], "--architecture", "mobilenet_v2",
+                                "--weights", root / "missing.weights.h5"]}[case]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*map(str, args), "--output_dir", str(tmp_path / "model"),
+                  "--bottleneck_dir", str(tmp_path / "bottlenecks"), "--summaries_dir", ""])
+    message = exit_.value.code
+    assert isinstance(message, str) and message.startswith("error: "), message   # exit status 1
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not os.path.exists(tmp_path / "model")
+    if case == "corrupt_class":   # the warning names the unreadable files
+        stderr = capsys.readouterr().err
+        assert "bad_0.jpg" in stderr and "bad_1.jpg" in stderr
+
+
+@pytest.fixture(scope="module")
+def offline_runs(error_dirs):
+    """The two download paths, run as users run them, two at a time, with a timeout."""
+    root = error_dirs["root"]
+    homes = {}
+    for name in ("no_image_dir", "imagenet"):
+        homes[name] = root / f"home_{name}"
+        homes[name].mkdir()
+    cases = {"no_image_dir": [*FAST],
+             "imagenet": ["--image_dir", error_dirs["good"], "--architecture", "mobilenet_v2",
+                          "--weights", "imagenet", "--summaries_dir", ""]}
+
+    def run(name):
+        # An empty HOME: no ~/flower_photos, no Keras weights cache to fall back on.
+        env = dict(os.environ, HOME=str(homes[name]), **DEAD_PROXY)
+        for key in ("KERAS_HOME", "no_proxy", "NO_PROXY"):
+            env.pop(key, None)
+        out = root / name / "model"
+        return name, (homes[name], out, retrain_process(*cases[name], "--output_dir", out, "--bottleneck_dir",
+                                                        root / name / "bottlenecks", env=env, timeout=180))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(run, cases))
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no_image_dir", ["could not download", "flower_photos.tgz", "Pass --image_dir DIR"]),
+    ("imagenet", ["could not get the ImageNet weights of mobilenet_v2", "Pass --weights PATH"]),
+])
+def test_offline_download_errors_name_the_flag_to_use(offline_runs, case, expected):
+    home, out, result = offline_runs[case]
+    if case == "imagenet" and result.returncode == 0:
+        pytest.skip("the ImageNet weights downloaded: this machine is online")
+    assert result.returncode == 1, result.stderr[-2000:]
+    # A message, not a crash: no traceback, every expected fragment on stderr.
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(r"^error: ", result.stderr, re.M), result.stderr[-2000:]
+    for fragment in expected:
+        assert fragment in result.stderr, f"{fragment!r} not in:\n{result.stderr[-2000:]}"
+    assert not os.path.exists(out)
+    # No flower_photos and no half-unpacked temp folder left in HOME (only Keras' config dir).
+    assert not [n for n in os.listdir(home) if "flower" in n]
+
+
+# --- outputs -----------------------------------------------------------------------------------
+
+def test_outputs_are_complete_and_consistent(trained_model, image_dir):
+    assert set(os.listdir(trained_model)) == MODEL_FILES   # and no temp files left behind
+    with open(os.path.join(trained_model, "labels.txt")) as f:
+        labels = f.read().splitlines()
+    assert labels == sorted(os.listdir(image_dir)) == sorted(CLASSES)
+    with open(os.path.join(trained_model, "model.json")) as f:
+        info = json.load(f)
+    assert info["input"] == "input:0" and info["output"] == "final_result:0"
+    assert info["input_height"] == info["input_width"] == 224
+    assert info["architecture"] == "mobilenet_v2" and info["weights"] == TEST_WEIGHTS
+    assert info["labels_count"] == 3 and info["graph"] == "graph.pb" and info["labels"] == "labels.txt"
+    assert set(info["accuracy"]) == {"validation", "test"}
+    assert all(0 <= v <= 1 for v in info["accuracy"].values())
+
+    # The graph answers one probability per label at the tensors the sidecar names.
+    path = os.path.join(image_dir, "red_circle", "red_circle_000.jpg")
+    batch = decode_image(path, (224, 224))[None]
+    probabilities = run_frozen_graph(os.path.join(trained_model, "graph.pb"), info["input"], info["output"], batch)
+    assert probabilities.shape == (1, 3)
+    np.testing.assert_allclose(probabilities.sum(), 1, atol=1e-5)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.skipif(_umask() & 0o044 != 0, reason="the umask itself hides files from group/others")
+def test_model_files_are_readable_by_others(trained_model):
+    # tempfile.mkstemp makes 0600 files: a server running as another user could not read them.
+    for name in MODEL_FILES:
+        mode = os.stat(os.path.join(trained_model, name)).st_mode & 0o777
+        assert mode == 0o666 & ~_umask(), f"{name} is {oct(mode)}"
+
+
+@pytest.fixture(scope="module")
+def messy_run(tmp_path_factory):
+    """One run over a folder with junk in it, using the old output flags and --saved_model_dir."""
+    root = tmp_path_factory.mktemp("messy")
+    images = make_image_dir(root / "images", per_class=6)
+    (root / "images" / "red_circle" / "broken.jpg").write_bytes(broken_jpeg())
+    (root / "images" / "red_circle" / "notes.txt").write_text("not an image\n")
+    (root / "images" / "README.txt").write_text("a file beside the class folders\n")
+    make_image_dir(root / "images" / ".thumbnails", classes=("red_circle",), per_class=2)  # hidden: no class
+    out = root / "old_style"
+    result = run_retrain("--image_dir", images, *FAST, "--how_many_training_steps", 20,
+                         "--eval_step_interval", 10, "--output_graph", out / "retrained_graph.pb",
+                         "--output_labels", out / "retrained_labels.txt", "--saved_model_dir",
+                         root / "saved_model", "--bottleneck_dir", root / "bottlenecks", check=False)
+    return root, out, result
+
+
+def test_corrupt_and_non_image_files_are_skipped(messy_run):
+    root, out, result = messy_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    broken = str(root / "images" / "red_circle" / "broken.jpg")
+    assert "warning: skipped 1 unreadable image(s):" in result.stderr
+    assert broken in result.stderr
+    assert "notes.txt" not in result.stderr + result.stdout
+    counts = re.search(r"(\d+) training, (\d+) validation, (\d+) testing images in (\d+) classes", result.stderr)
+    assert counts and sum(map(int, counts.groups()[:3])) == 18 and counts.group(4) == "3"
+
+
+def test_old_output_flags_still_work(messy_run):
+    root, out, result = messy_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert set(os.listdir(out)) == {"retrained_graph.pb", "retrained_labels.txt", "model.json"}
+    assert (out / "retrained_labels.txt").read_text().splitlines() == sorted(CLASSES)
+    info = json.loads((out / "model.json").read_text())
+    assert info["graph"] == "retrained_graph.pb" and info["labels"] == "retrained_labels.txt"
+
+
+def test_saved_model_takes_encoded_images(messy_run):
+    import tensorflow as tf
+    root, out, result = messy_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [n for n in os.listdir(root) if n.startswith(".")] == []   # the temp dir was renamed away
+    assert os.stat(root / "saved_model").st_mode & 0o755 == 0o755    # mkdtemp's 0700 is widened
+    serve = tf.saved_model.load(str(root / "saved_model")).signatures["serving_default"]
+    encoded = [shape_image("red_circle", 1), shape_image("blue_triangle", 2, fmt="PNG"),
+               shape_image("green_square", 3, size=(500, 300))]
+    scores = serve(images=tf.constant(encoded))["scores"].numpy()
+    assert scores.shape == (3, 3)
+    np.testing.assert_allclose(scores.sum(axis=1), 1, atol=1e-5)
+
+
+# --- training/serving skew ---------------------------------------------------------------------
+
+def skew_images(folder, image_dir):
+    """Files of many kinds, decoded by the one decode_image on both sides."""
+    paths = [os.path.join(image_dir, label, f"{label}_{i:03d}.jpg") for label in sorted(CLASSES) for i in (0, 1)]
+    extra = {
+        "rgba.png": (Image.new("RGBA", (90, 70), (200, 10, 10, 120)), "PNG", {}),
+        "gray.jpg": (Image.new("L", (50, 80), 90), "JPEG", {}),
+        "big.jpg": (Image.open(io.BytesIO(shape_image("blue_triangle", 7, size=(900, 600)))), "JPEG", {}),
+        "anim.gif": (Image.new("RGB", (40, 40), (0, 200, 0)), "GIF",
+                     {"save_all": True, "append_images": [Image.new("RGB", (40, 40), (0, 0, 200))]}),
+    }
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    extra["rotated.jpg"] = (Image.open(io.BytesIO(shape_image("red_circle", 8, size=(300, 200)))), "JPEG",
+                            {"exif": exif.tobytes()})
+    for name, (image, fmt, params) in extra.items():
+        path = os.path.join(folder, name)
+        image.save(path, fmt, **params)
+        paths.append(path)
+    return paths
+
+
+def test_frozen_graph_gives_the_keras_models_probabilities(tmp_path, image_dir):
+    from retrain import backbones, export, train
+    # Random backbone weights give features of ~1e-12 that barely depend on the image,
+    # so use the real ones when available; the head is scaled to the features anyway.
+    weights = MOBILENET_WEIGHTS if os.path.isfile(MOBILENET_WEIGHTS) else "none"
+    arch = backbones.ARCHITECTURES["mobilenet_v2"]
+    backbone = backbones.build_backbone(arch, weights)
+    paths = skew_images(str(tmp_path), image_dir)
+    batch = np.stack([decode_image(p, (arch.size, arch.size)) for p in paths])
+
+    # Head weights that make the probabilities swing with the features, so a small
+    # difference in pixels or numerics would show in the comparison.
+    features = backbone.predict(batch, verbose=0)
+    head = train.build_head(features.shape[1], 3)
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(features.shape[1], 3)) / (features.std(axis=0)[:, None] + 1e-30)
+    kernel *= 3 / np.sqrt(features.shape[1])
+    bias = -features.mean(axis=0) @ kernel
+    head.get_layer("final_result").set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    model = train.build_classifier(backbone, head)
+
+    export.write_model(str(tmp_path / "out" / "graph.pb"), str(tmp_path / "out" / "labels.txt"), model,
+                       arch.size, sorted(CLASSES), {"architecture": arch.name, "weights": weights})
+    info = json.loads((tmp_path / "out" / "model.json").read_text())
+    in_memory = model.predict(batch, verbose=0)
+    frozen = run_frozen_graph(str(tmp_path / "out" / "graph.pb"), info["input"], info["output"], batch)
+
+    assert frozen.shape == in_memory.shape == (len(paths), 3)
+    assert np.ptp(in_memory, axis=0).max() > 0.3, in_memory   # the probabilities do depend on the image
+    assert np.abs(frozen - in_memory).max() <= 1e-4
+
+
+# --- training paths ----------------------------------------------------------------------------
+
+def test_augmentation_and_fine_tuning_run_end_to_end(tmp_path):
+    images = make_image_dir(tmp_path / "images", classes=("red_circle", "green_square"), per_class=8)
+    out = tmp_path / "model"
+    run_retrain("--image_dir", images, *FAST, "--how_many_training_steps", 10, "--eval_step_interval", 10,
+                "--flip_left_right", "--random_brightness", 10, "--fine_tune", "--fine_tune_epochs", 1,
+                # A few top layers and no validation set: the same code path, less to compile.
+                "--fine_tune_fraction", 0.05, "--validation_percentage", 0, "--testing_percentage", 20,
+                "--fine_tune_batch_size", 8, "--output_dir", out, "--bottleneck_dir", tmp_path / "bottlenecks")
+    assert set(os.listdir(out)) == MODEL_FILES
+    info = json.loads((out / "model.json").read_text())
+    assert info["fine_tuned"] is True
+    # The exported graph has no augmentation in it: the same image gives the same answer.
+    batch = np.stack([decode_image(os.path.join(images, "red_circle", "red_circle_000.jpg"), (224, 224))] * 2)
+    probabilities = run_frozen_graph(str(out / "graph.pb"), info["input"], info["output"], batch)
+    assert probabilities.shape == (2, 2)
+    np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-6)
+
+
+@pytest.mark.skipif(not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)),
+                    reason=f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
+def test_real_flowers_reach_a_sane_accuracy(tmp_path):
+    # 60 photos a class, linked in place (../shared is never copied); 30% for testing
+    # gives ~90 test images. Measured: 0.78-0.86 test accuracy over 11 runs; chance is 0.2.
+    images = tmp_path / "flowers"
+    for label in sorted(os.listdir(FLOWERS)):
+        folder = os.path.join(FLOWERS, label)
+        if not os.path.isdir(folder):
+            continue
+        os.makedirs(images / label)
+        for name in sorted(os.listdir(folder))[:60]:
+            os.symlink(os.path.join(folder, name), images / label / name)
+    out = tmp_path / "model"
+    result = run_retrain("--image_dir", images, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                         "--how_many_training_steps", 300, "--testing_percentage", 30,
+                         "--validation_percentage", 10, "--output_dir", out,
+                         "--bottleneck_dir", tmp_path / "bottlenecks", "--summaries_dir", "")
+    tested = re.search(r"^test accuracy = ([\d.]+) \(N=(\d+)\)", result.stdout, re.M)
+    assert tested, result.stdout
+    accuracy, count = float(tested.group(1)), int(tested.group(2))
+    assert count >= 60
+    assert accuracy >= 0.65, result.stdout
+    info = json.loads((out / "model.json").read_text())
+    assert info["accuracy"]["test"] == pytest.approx(accuracy, abs=1e-4)
+    assert info["labels_count"] == 5

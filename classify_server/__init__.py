@@ -33,6 +33,9 @@ def create_app(test_config=None, classifier=None):
     if test_config:
         app.config.update(test_config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"]
+    if app.config["TRUSTED_PROXIES"]:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
     app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is in api.py
 
     if classifier is None:

@@ -23,6 +23,9 @@ def from_env():
         # Corrections from users are stored here when set (POST /feedback).
         "FEEDBACK_DIR": os.environ.get("FEEDBACK_DIR", ""),
         "FEEDBACK_PER_MINUTE": _int("FEEDBACK_PER_MINUTE", 30),
+        # Proxies (nginx, an ingress) in front whose X-Forwarded-For is trusted for
+        # the client's address (rate limits, logs); 0 trusts none.
+        "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
         # TensorFlow threads of this worker's session; gunicorn.conf.py sets them so
         # that workers x threads matches the cores (0 lets TensorFlow decide).
         "TF_INTRA_OP_THREADS": _int("TF_INTRA_OP_THREADS", 0),

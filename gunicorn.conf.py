@@ -5,6 +5,7 @@ reads it), and each worker's TensorFlow session gets cores / workers threads,
 so that all workers together use every core once and no more.
 """
 import os
+import sys
 import tempfile
 
 cores = os.cpu_count() or 1
@@ -26,7 +27,21 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classify-metrics-")
 
 
+# gunicorn's control socket is shared by every instance of a user by default; not used here.
+control_socket_disable = True
+
+
 def on_starting(server):
+    # Fail at once, before the workers spend seconds importing TensorFlow, when there is no model at all.
+    model_dir = os.environ.get("MODEL_DIR", "model")
+    has_files = all(os.path.isfile(os.path.join(model_dir, f)) for f in ("graph.pb", "labels.txt"))
+    has_versions = os.path.isdir(model_dir) and any(
+        n.isdigit() and os.path.isfile(os.path.join(model_dir, n, "graph.pb")) for n in os.listdir(model_dir))
+    if not (has_files or has_versions):
+        missing = [os.path.join(model_dir, f) for f in ("graph.pb", "labels.txt")
+                   if not os.path.isfile(os.path.join(model_dir, f))]
+        sys.exit(f"classify_server: model not found: {' and '.join(missing)} missing, and no numbered version "
+                 f"folders (set MODEL_DIR, or run: python -m retrain --output_dir {model_dir})")
     for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):  # stale counts of an earlier run
         os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))
 
@@ -39,3 +54,55 @@ def child_exit(server, worker):
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, cores // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# A client trickling its request body would otherwise hold one of a worker's THREADS
+# for as long as it likes: gunicorn's gthread worker reads the body with a blocking,
+# timeout-less socket, and its TIMEOUT only watches the worker's main loop. So the
+# body must arrive within BODY_TIMEOUT seconds (default TIMEOUT; 0: no limit), else
+# the read fails, the client gets a 400 and the thread is free. (Headers are not
+# covered: for slow clients at scale put nginx, which buffers requests, in front;
+# RELIABILITY.md has the figures.)
+body_timeout = float(os.environ.get("BODY_TIMEOUT", "").strip() or timeout)
+
+
+def pre_request(worker, req):
+    worker.log.debug("%s %s", req.method, req.path)
+    unreader = getattr(req, "unreader", None)
+    sock = getattr(unreader, "sock", None)
+    if body_timeout <= 0 or sock is None:
+        return
+    import socket
+    import time
+    unreader.body_deadline = time.monotonic() + body_timeout
+    if "chunk" not in vars(unreader):  # once per connection: bound each read by what is left
+        read = unreader.chunk
+
+        def chunk(*args, **kwargs):
+            deadline = getattr(unreader, "body_deadline", None)
+            if deadline is None:
+                return read(*args, **kwargs)
+            try:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"request body not received within {body_timeout:g}s (BODY_TIMEOUT)")
+                sock.settimeout(left)
+                return read(*args, **kwargs)
+            except TimeoutError:
+                # Stop reading from this client for good: gunicorn's graceful close would otherwise
+                # wait up to 2 s on the worker's main loop for it to stop sending.
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+                raise
+
+        unreader.chunk = chunk
+
+
+def post_request(worker, req, environ, resp):
+    if getattr(getattr(req, "unreader", None), "body_deadline", None) is not None:
+        req.unreader.body_deadline = None  # the next request on a kept-alive connection starts afresh
+        try:
+            req.unreader.sock.settimeout(None)
+        except OSError:
+            pass

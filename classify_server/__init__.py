@@ -70,6 +70,9 @@ def create_app(test_config=None, classifier=None):
                     405: f"method {request.method} is not allowed here",
                     413: f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes "
                          "(MAX_UPLOAD_BYTES)"}
+        if exc.code == 413 and (request.content_length or 0) <= app.config["MAX_UPLOAD_BYTES"]:
+            # Werkzeug stopped at its form-parts limit, not the size limit.
+            messages[413] = f"too many parts in the form: send at most {app.config['MAX_PARTS']} 'data' parts (MAX_PARTS)"
         message = messages.get(exc.code) if exc.description == type(exc).description else exc.description
         response = jsonify(error=message or exc.description)
         response.status_code = exc.code

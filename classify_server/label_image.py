@@ -41,10 +41,15 @@ def load(flags):
                  if k.startswith(("input_", "output_")) and v is not None}
     if os.path.basename(flags.graph) == "graph.pb" and os.path.abspath(labels) == os.path.join(model_dir, "labels.txt"):
         return Classifier(model_dir, overrides)
-    with tempfile.TemporaryDirectory() as tmp:  # a model folder view of the two files
+    with tempfile.TemporaryDirectory() as tmp:  # a model folder view of the files
         os.symlink(os.path.abspath(flags.graph), os.path.join(tmp, "graph.pb"))
         shutil.copy(labels, os.path.join(tmp, "labels.txt"))
-        return Classifier(tmp, overrides)
+        sidecar = os.path.join(model_dir, "model.json")
+        if os.path.isfile(sidecar):  # its input size, mean and std still apply
+            shutil.copy(sidecar, os.path.join(tmp, "model.json"))
+        classifier = Classifier(tmp, overrides)
+        classifier.model_dir = model_dir
+        return classifier
 
 
 def classify_file(classifier, path, top_k):
@@ -61,7 +66,12 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if flags.image:
-        for label, score in classify_file(classifier, flags.image, flags.top_k):
+        try:
+            answer = classify_file(classifier, flags.image, flags.top_k)
+        except (OSError, InvalidImage, ImageTooLarge) as exc:
+            print(f"error: {flags.image}: {exc}", file=sys.stderr)
+            return 1
+        for label, score in answer:
             print(f"{label} {score:.5f}")
         return 0
     status = 0

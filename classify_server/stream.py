@@ -129,7 +129,7 @@ class Embedded:
 
 
 class Remote:
-    """A running server's TensorFlow Serving REST API (this project's, or TF Serving's own).
+    """A running classify_server's TensorFlow Serving REST API (metadata.labels names the scores).
 
     Labels and version come from GET .../metadata; :predict is asked of that version explicitly,
     so a hot reload on the server (404 for the old version) makes us re-read the metadata and
@@ -174,6 +174,8 @@ class Remote:
         try:
             answer = json.loads(raw)
         except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
             answer = {"error": raw[:200].decode(errors="replace")}
         return response.status, answer
 
@@ -356,7 +358,9 @@ class StreamClassifier:
         return batch
 
     def handle(self, batch):
+        started = time.perf_counter()
         results = self.classify(batch)
+        classified = time.perf_counter()
         if results is None:  # stopping while the model server was down: not committed, read again later
             return
         version, answers = results
@@ -380,9 +384,13 @@ class StreamClassifier:
         if failures:
             raise DeliveryFailed(f"{len(failures)} outputs not acknowledged, offsets not committed: "
                                  f"{'; '.join(failures[:3])}")
+        acknowledged = time.perf_counter()
         self.commit(batch)
         self.counts["messages"] += len(batch)
         self.counts["batches"] += 1
+        log.debug("batch of %d: classified in %.1f ms, outputs acknowledged in %.1f ms, committed in %.1f ms",
+                  len(batch), 1000 * (classified - started), 1000 * (acknowledged - classified),
+                  1000 * (time.perf_counter() - acknowledged))
 
     def classify(self, batch):
         """The engine's answers for the batch; the checks that need no model first."""

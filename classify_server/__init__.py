@@ -8,6 +8,9 @@ TensorFlow Serving's REST API (tfserving), users' corrections (feedback). Model 
 classify_server.versions.
 """
 import logging
+import os
+import sys
+import time
 import uuid
 
 from flask import Flask, Request, g, jsonify, request
@@ -30,6 +33,7 @@ def create_app(test_config=None, classifier=None):
     app = Flask(__name__)
     app.request_class = InMemoryRequest
     app.config.from_mapping(settings.from_env())
+    app.config["DEBUG"] = False  # never from FLASK_DEBUG: a debugger on an open port runs code
     if test_config:
         app.config.update(test_config)
     app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"]
@@ -123,6 +127,13 @@ def __getattr__(name):
     try:
         return create_app()
     except ModelLoadError as exc:
+        flag = os.environ.get("CLASSIFY_MODEL_LOADED_FLAG")
+        if flag and os.path.exists(flag):
+            # Other workers serve the model they loaded before its files broke: only this
+            # replacement gives up, and gunicorn retries it (slowly: TensorFlow imports are heavy).
+            print(f"classify_server: {exc}; this worker exits, the others keep serving", file=sys.stderr, flush=True)
+            time.sleep(10)
+            raise SystemExit(1)
         # gunicorn prints this one line and stops, instead of restarting workers forever.
         from gunicorn.errors import AppImportError
         raise AppImportError(f"classify_server: {exc}") from None

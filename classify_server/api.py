@@ -4,6 +4,7 @@ One `data` part answers [[label, score], ...], best first; several parts answer
 one such list per part, in order: [[[label, score], ...], ...].
 """
 from flask import Blueprint, abort, current_app, jsonify, request
+from werkzeug.exceptions import ClientDisconnected
 
 from classify_server import metrics
 from retrain.preprocessing import ImageTooLarge, InvalidImage
@@ -28,9 +29,13 @@ def uploaded_images(max_parts):
     """The bytes of every `data` part, or a 4xx saying what to send."""
     if not request.mimetype == "multipart/form-data":
         abort(415, "send the image as multipart/form-data in field 'data' (curl -F data=@image.jpg URL)")
-    files = request.files.getlist("data")
+    try:
+        files = request.files.getlist("data")
+    except ClientDisconnected:
+        abort(408, "the request body did not arrive in time (BODY_TIMEOUT seconds)")
     if not files:
-        abort(400, "no 'data' file field in the form: send the image as curl -F data=@image.jpg URL")
+        abort(400, "no 'data' file field in the form: send the image as curl -F data=@image.jpg URL "
+                   "(part headers, such as the file name, must be UTF-8)")
     if len(files) > max_parts:
         abort(413, f"too many 'data' parts: {len(files)}, the limit is {max_parts} (MAX_PARTS)")
     images = [f.read() for f in files]

@@ -16,6 +16,7 @@ import tensorflow as tf
 from PIL import Image
 
 from classify_server.batching import Batcher
+from classify_server.ranking import top_k
 from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 
 SIDECAR = "model.json"
@@ -57,12 +58,6 @@ def read_spec(model_dir, overrides=None):
     if not labels:
         raise ModelLoadError(f"corrupt model: {labels_path} has no labels")
     return graph_path, labels, spec, sidecar
-
-
-def top_k(labels, probabilities, k):
-    """[[label, score], ...] best first, for one probability vector in label order."""
-    order = np.argsort(-probabilities)[:k]
-    return [[labels[i], float(probabilities[i])] for i in order]
 
 
 class Classifier:

@@ -196,7 +196,7 @@ class Remote:
 
     def classify(self, images):
         import numpy as np
-        from classify_server.model import top_k
+        from classify_server.ranking import top_k  # not classify_server.model: no TensorFlow here
         if self.version is None:
             self.refresh()
         results = []
@@ -207,6 +207,8 @@ class Remote:
                 old = self.version
                 self.refresh()
                 log.info("remote model version %s -> %s", old, self.version)
+                if start and self.version != old:  # one version answers a whole batch: start it again
+                    return self.classify(images)
                 status, answer = self._predict(chunk)
             if status == 200:
                 answers = self._rows(answer.get("predictions"), len(chunk))
@@ -538,7 +540,6 @@ def main(argv=None):
     except ImportError:
         raise SystemExit("classify_server.stream needs confluent-kafka: pip install 'classify-service[stream]'") from None
     from classify_server import settings
-    from classify_server.model import ModelLoadError
     config = settings.from_env()
 
     if args.remote:
@@ -548,6 +549,7 @@ def main(argv=None):
         except RemoteUnavailable as exc:  # not fatal: the batches wait for it
             log.warning("%s; will retry", exc)
     else:
+        from classify_server.model import ModelLoadError
         try:
             engine = Embedded(config)
         except ModelLoadError as exc:

@@ -258,6 +258,7 @@ $servers
 
         # Which instance answered (the last address, when nginx had to try several).
         add_header X-Upstream \$upstream_addr always;
+        add_header X-Content-Type-Options nosniff always;  # also on nginx's and gunicorn's own error pages
 
         location / {
             proxy_pass http://classify;

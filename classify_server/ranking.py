@@ -1,0 +1,11 @@
+"""Probabilities -> the best labels: shared by Classifier.top_k and the stream's remote mode.
+
+Kept apart from classify_server.model so that ranking does not import TensorFlow.
+"""
+import numpy as np
+
+
+def top_k(labels, probabilities, k):
+    """[[label, score], ...] best first, for one probability vector in label order."""
+    order = np.argsort(-probabilities)[:k]
+    return [[labels[i], float(probabilities[i])] for i in order]

@@ -132,11 +132,12 @@ signal.signal(signal.SIGTERM, _on_signal)
 signal.signal(signal.SIGHUP, _on_signal)
 
 
-def run_timed(cmd, timeout, env=None, cwd=ROOT, echo=False):
+def run_timed(cmd, timeout, env=None, cwd=ROOT, echo=False, cpu_log=None):
     """Run `cmd`, timestamping every line (\\r or \\n ended) of stdout and stderr.
 
     Returns (returncode, wall seconds, [(seconds since start, stream, line)]).
-    Kills the process group at `timeout`.
+    With a list as `cpu_log`, appends (seconds since start, CPU seconds the child has
+    used so far) at every line. Kills the process group at `timeout`.
     """
     env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
     t0 = time.monotonic()
@@ -156,8 +157,14 @@ def run_timed(cmd, timeout, env=None, cwd=ROOT, echo=False):
                     break
                 line, buffer = buffer[:cut].decode(errors="replace"), buffer[cut + 1:]
                 if line.strip():
+                    now = time.monotonic() - t0
+                    if cpu_log is not None:
+                        cpu = cpu_seconds(process.pid)
+                        if cpu is not None:
+                            with lock:
+                                cpu_log.append((now, cpu))
                     with lock:
-                        lines.append((time.monotonic() - t0, name, line))
+                        lines.append((now, name, line))
                     if echo:
                         print(f"    {name}| {line}", file=sys.stderr, flush=True)
         if buffer.strip():
@@ -264,3 +271,26 @@ def other_busy_processes(exclude=()):
                 continue
             busy.append((round(c1 - c0, 2), cmd[:100]))
     return sorted(busy, reverse=True)
+
+
+def revision():
+    """The code measured: HEAD, and whether product files differ from it (others may edit them)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("status", "--porcelain", "--", "retrain", "classify_server", "gunicorn.conf.py", "setup.py")
+    files = [line[3:] for line in dirty.splitlines() if line.strip()]
+    return f"commit {head}" + (f", with uncommitted changes in {', '.join(files)}" if files else ", product code clean")
+
+
+def machine_cpu_seconds():
+    """(busy, steal): CPU seconds all cores of this machine have spent busy (user, nice, system,
+    irq, softirq) and stolen by the hypervisor, since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]] + [0] * 8
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
+    return busy / tick, fields[7] / tick

@@ -1,7 +1,13 @@
 """An established serving framework over the same model: BentoML, for bench/serve_bench.py.
 
 Not part of the service and not one of its dependencies: serve_bench.py runs it from
-a separate virtualenv (e.g. /tmp/bentoml-venv with bentoml and tensorflow-cpu) as
+a separate virtualenv, made with
+
+    python3.11 -m venv /tmp/bentoml-venv
+    /tmp/bentoml-venv/bin/pip install bentoml tensorflow-cpu==2.21.0 pillow flask prometheus_client
+
+(flask and prometheus_client because importing classify_server.model imports the
+classify_server package), as
 
     MODEL_DIR=model PYTHONPATH=. bentoml serve bentoml_service:Classifier --working-dir bench
 

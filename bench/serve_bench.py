@@ -1,0 +1,848 @@
+"""Benchmark the classification server against its ceiling and against the alternatives.
+
+    .venv/bin/python bench/serve_bench.py [--quick] [--variant K=V,K=V ...]
+
+One run, one model: graph.pb of the default architecture (inception_v3) with
+--weights none (random weights cost the same per image as real ones), retrained
+here on a few flower photos unless --model_dir is given. Prints tables of:
+
+  a. the ceiling: float32 matmul GFLOP/s (numpy and TensorFlow, square matmul),
+     the model's FLOPs per image (conv + matmul, summed from the frozen graph, and
+     tf.compat.v1.profiler's count) and the images/s they allow; the raw in-process
+     session.run throughput of graph.pb for each batch size and thread setting (each
+     setting in a fresh process), batch-1 latency (median); and the default server's
+     compute layout alone: one process per core, each with its own session of
+     cores/workers threads, batch 1, run side by side.
+  b. the server: `gunicorn classify_server:app` (gunicorn.conf.py defaults; -b
+     127.0.0.1:<free port>) under wrk (another process; a Lua script POSTs a multipart
+     body with a 500x375 flower JPEG): throughput at each concurrency, p50/p90/p99,
+     errors (non-2xx, socket errors), RSS of each worker (from /proc, peak). With
+     --variant, the same for other settings (environment variables read by
+     gunicorn.conf.py / classify_server.settings), in the same run.
+  c. the simple-ml-serving baseline: `python -m classify_server.label_image --graph
+     ... --image ...` once per image (the graph reloaded for every image).
+  d. a typical Flask app calling keras.Model.predict per request
+     (bench/alt_flask_predict.py), under gunicorn with the same worker count, same load.
+  e. BentoML (bench/bentoml_service.py) over the same graph.pb, from a separate
+     virtualenv (--bentoml_venv); skipped, with the reason, when it is not there.
+Then ratios against the targets.
+
+Traffic goes to 127.0.0.1 only; every run is bounded (wrk -d, timeouts on every
+child); every process started here is ended at exit (see bench/_common.py).
+"""
+import argparse
+import http.client
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+BOUNDARY = "----servebench7MA4YWxkTrZu0gW"
+CORES = os.cpu_count() or 1
+
+
+def _server_settings():
+    """Environment variables read by gunicorn.conf.py and classify_server: never inherited from the
+    caller's environment, so that "default" means the defaults written in those files."""
+    import re
+    names = {"WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR", "HOST", "PORT", "INPUT_LAYER", "OUTPUT_LAYER",
+             "INPUT_HEIGHT", "INPUT_WIDTH", "INPUT_MEAN", "INPUT_STD"}
+    files = [os.path.join(C.ROOT, "gunicorn.conf.py")]
+    folder = os.path.join(C.ROOT, "classify_server")
+    files += [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")]
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        names.update(re.findall(r'(?:environ(?:\.get)?\(|environ\[|_int\(|_float\(|getenv\()\s*["\']([A-Z][A-Z0-9_]+)["\']', text))
+    return names - {"TF_CPP_MIN_LOG_LEVEL", "PATH", "HOME"}
+
+
+SERVER_SETTINGS = _server_settings()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="short run: 3 s per load level, concurrency 1,4,16, fewer raw settings")
+    p.add_argument("--model_dir", help="an existing model folder (default: retrain one, inception_v3, weights none)")
+    p.add_argument("--architecture", default="inception_v3")
+    p.add_argument("--image", help="the JPEG to send (default: the first 500x375 flower photo)")
+    p.add_argument("--duration", type=int, help="seconds per wrk run (default 10, --quick 3)")
+    p.add_argument("--concurrency", help="comma-separated wrk connection counts (default 1,2,4,8,16)")
+    p.add_argument("--variant", action="append", default=[], metavar="K=V[,K=V...]",
+                   help="also run the server with these environment overrides, e.g. "
+                        "WEB_CONCURRENCY=1,TF_INTRA_OP_THREADS=2 or WORKER_CLASS=sync (repeatable)")
+    p.add_argument("--variants", help="several variants separated by ';' (same as repeating --variant)")
+    p.add_argument("--reload_runs", type=int, help="label_image runs for the baseline (default 3, --quick 2)")
+    p.add_argument("--bentoml_venv", default="/tmp/bentoml-venv",
+                   help="virtualenv with bentoml and tensorflow(-cpu) (not the project's)")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: raw, reload, flask, bentoml, server (the default server; "
+                        "--variant runs still happen)")
+    p.add_argument("--keep", action="store_true", help="keep the temp folder (model, logs)")
+    flags = p.parse_args(argv)
+    flags.duration = flags.duration or (3 if flags.quick else 10)
+    flags.concurrency = [int(c) for c in (flags.concurrency or ("1,4,16" if flags.quick else "1,2,4,8,16")).split(",")]
+    flags.reload_runs = flags.reload_runs or (2 if flags.quick else 3)
+    if flags.variants:
+        flags.variant += [v for v in flags.variants.split(";") if v.strip()]
+    flags.skip = {s.strip() for s in flags.skip.split(",") if s.strip()}
+    return flags
+
+
+def parse_variant(text):
+    env = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"error: --variant {text!r}: expected K=V[,K=V...]")
+        env[key.strip()] = value.strip()
+    return env
+
+
+# ====================================================================== child modes (fresh processes)
+
+def child_main(kind, opts):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, C.ROOT)
+    if kind == "ceiling":
+        print("BENCH_JSON " + json.dumps(ceiling(opts)), flush=True)
+    elif kind == "sweep":
+        print("BENCH_JSON " + json.dumps(sweep(opts)), flush=True)
+    elif kind == "loop":
+        loop(opts)
+    elif kind == "app":
+        print("BENCH_JSON " + json.dumps(app_overhead(opts)), flush=True)
+
+
+def ceiling(opts):
+    import numpy as np
+    import tensorflow as tf
+    n, repeats = opts["n"], opts["repeats"]
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
+    flop = 2.0 * n ** 3
+
+    def best_rate(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return flop / min(times) / 1e9, flop / statistics.median(times) / 1e9
+
+    np_best, np_median = best_rate(lambda: a @ b)
+    ta, tb = tf.constant(a), tf.constant(b)
+    tf_best, tf_median = best_rate(lambda: tf.linalg.matmul(ta, tb).numpy())
+
+    # FLOPs per image, from the frozen graph with the input fixed at batch 1.
+    graph_def = tf.compat.v1.GraphDef()
+    with open(os.path.join(opts["model_dir"], "graph.pb"), "rb") as f:
+        graph_def.ParseFromString(f.read())
+    with open(os.path.join(opts["model_dir"], "model.json")) as f:
+        size = json.load(f)["input_height"]
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (1, size, size, 3), name="fixed_input")
+        tf.import_graph_def(graph_def, input_map={"input:0": x}, name="")
+    conv = depthwise = matmul = 0
+    counts = {}
+    for op in graph.get_operations():
+        counts[op.type] = counts.get(op.type, 0) + 1
+        if op.type == "Conv2D":
+            out, k = op.outputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+            conv += 2 * out[0] * out[1] * out[2] * out[3] * k[0] * k[1] * k[2]
+        elif op.type == "DepthwiseConv2dNative":
+            out, k = op.outputs[0].shape.as_list(), op.inputs[1].shape.as_list()
+            depthwise += 2 * out[0] * out[1] * out[2] * out[3] * k[0] * k[1]
+        elif op.type == "MatMul":
+            a_shape, out = op.inputs[0].shape.as_list(), op.outputs[0].shape.as_list()
+            k_dim = a_shape[0] if op.get_attr("transpose_a") else a_shape[1]
+            matmul += 2 * out[0] * out[1] * k_dim
+    try:
+        prof = tf.compat.v1.profiler.profile(
+            graph, options=tf.compat.v1.profiler.ProfileOptionBuilder(
+                tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()).with_empty_output().build())
+        profiler_flops = prof.total_float_ops
+    except Exception as exc:  # the profiler is best effort
+        profiler_flops = None
+        print(f"profiler failed: {exc}", file=sys.stderr)
+    return {"numpy_gflops": np_best, "numpy_gflops_median": np_median, "tf_gflops": tf_best,
+            "tf_gflops_median": tf_median, "n": n, "conv_flops": conv + depthwise + matmul,
+            "conv_only": conv, "depthwise": depthwise, "matmul": matmul, "profiler_flops": profiler_flops,
+            "op_counts": {k: v for k, v in counts.items() if k in ("Conv2D", "DepthwiseConv2dNative", "MatMul",
+                                                                      "FusedBatchNormV3", "Relu", "AvgPool",
+                                                                      "MaxPool")}}
+
+
+def load_session(opts):
+    import numpy as np
+    from classify_server.model import Classifier
+    clf = Classifier(opts["model_dir"], None, opts["intra"], opts["inter"])
+    clf.warm_up()
+    with open(opts["image"], "rb") as f:
+        pixels = clf.preprocess(f.read())
+    return clf, pixels, np
+
+
+def sweep(opts):
+    """session.run throughput per batch size, and batch-1 latency, in this process's one session."""
+    clf, pixels, np = load_session(opts)
+    results = {}
+    for b in opts["batches"]:
+        batch = np.stack([pixels] * b)
+        clf.session.run(clf.output, {clf.input: batch})  # this shape's first run
+        times = []
+        deadline = time.perf_counter() + opts["min_time"]
+        cpu0 = time.process_time()
+        while len(times) < opts["min_runs"] or (time.perf_counter() < deadline and len(times) < 200):
+            t = time.perf_counter()
+            clf.session.run(clf.output, {clf.input: batch})
+            times.append(time.perf_counter() - t)
+        cpu = time.process_time() - cpu0
+        results[b] = {"best": b / min(times), "median": b / statistics.median(times), "runs": len(times),
+                      "per_cpu_second": b * len(times) / cpu, "cores": cpu / sum(times)}
+        print(f"  intra {opts['intra']} inter {opts['inter']} batch {b}: best {results[b]['best']:.2f} img/s",
+              file=sys.stderr, flush=True)
+    one = np.stack([pixels])
+    latencies = []
+    for _ in range(opts["latency_runs"]):
+        t = time.perf_counter()
+        clf.session.run(clf.output, {clf.input: one})
+        latencies.append(time.perf_counter() - t)
+    # The server's own per-image path: decode + session.run of one image.
+    with open(opts["image"], "rb") as f:
+        data = f.read()
+    decode = []
+    for _ in range(opts["latency_runs"]):
+        t = time.perf_counter()
+        clf.preprocess(data)
+        decode.append(time.perf_counter() - t)
+    return {"batches": results, "latency_ms": statistics.median(latencies) * 1000,
+            "latency_min_ms": min(latencies) * 1000, "decode_ms": statistics.median(decode) * 1000}
+
+
+def loop(opts):
+    """Batch-1 session.run for opts['seconds'] once told to go (on stdin): the server's compute alone."""
+    clf, pixels, np = load_session(opts)
+    one = np.stack([pixels])
+    clf.session.run(clf.output, {clf.input: one})
+    print("READY", flush=True)
+    sys.stdin.readline()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < opts["seconds"]:
+        clf.session.run(clf.output, {clf.input: one})
+        count += 1
+    print("BENCH_JSON " + json.dumps({"count": count, "seconds": time.perf_counter() - t0}), flush=True)
+
+
+def app_overhead(opts):
+    """The WSGI app alone, in this process (Flask test client, no HTTP, no gunicorn), interleaved
+    with the same process's bare session.run and decode: medians in ms."""
+    os.environ.update(MODEL_DIR=opts["model_dir"], TF_INTRA_OP_THREADS=str(opts["intra"]),
+                      TF_INTER_OP_THREADS="1", PROMETHEUS_MULTIPROC_DIR=opts["metrics_dir"])
+    from classify_server import create_app
+    app = create_app()
+    client = app.test_client()
+    with open(opts["body"], "rb") as f:
+        body = f.read()
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    answer = client.post("/", data=body, headers=headers)
+    if answer.status_code != 200:
+        raise RuntimeError(f"test client POST / answered {answer.status_code}: {answer.data[:200]!r}")
+    clf, pixels, np = load_session(opts)
+    with open(opts["image"], "rb") as f:
+        jpeg = f.read()
+    one = np.stack([pixels])
+    clf.session.run(clf.output, {clf.input: one})
+    run, post, decode = [], [], []
+    for _ in range(opts["runs"]):
+        t0 = time.perf_counter()
+        clf.session.run(clf.output, {clf.input: one})
+        t1 = time.perf_counter()
+        client.post("/", data=body, headers=headers)
+        t2 = time.perf_counter()
+        clf.preprocess(jpeg)
+        t3 = time.perf_counter()
+        run.append(t1 - t0)
+        post.append(t2 - t1)
+        decode.append(t3 - t2)
+    med = lambda xs: statistics.median(xs) * 1000  # noqa: E731
+    return {"run_ms": med(run), "post_ms": med(post), "decode_ms": med(decode), "runs": opts["runs"]}
+
+
+def run_child(kind, opts, timeout):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, json.dumps(opts)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    code, wall, lines = C.run_timed(cmd, timeout, env=env)
+    for _, stream, line in lines:
+        if stream == "out" and line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON "):])
+    raise RuntimeError(f"child {kind} failed ({code}):\n" + "\n".join(l for _, _, l in lines[-20:]))
+
+
+def parallel_loops(opts, processes, seconds, timeout=600):
+    """`processes` fresh processes, each loading the graph, then running batch 1 together."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    procs = [C.start([sys.executable, os.path.abspath(__file__), "--_child", "loop",
+                      json.dumps(dict(opts, seconds=seconds))], env=env, cwd=C.ROOT, stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(processes)]
+    try:
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            while True:
+                line = p.stdout.readline()
+                if line.strip() == "READY":
+                    break
+                if not line or time.monotonic() > deadline:
+                    raise RuntimeError("a loop child did not get ready")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = []
+        for p in procs:
+            for line in p.stdout:
+                if line.startswith("BENCH_JSON "):
+                    results.append(json.loads(line[len("BENCH_JSON "):]))
+                    break
+        return sum(r["count"] for r in results) / max(r["seconds"] for r in results)
+    finally:
+        for p in procs:
+            C.stop(p)
+
+
+# ====================================================================== load generation
+
+LUA = r"""
+-- POST one multipart body (field `data`, a JPEG) on every request; count non-200 answers.
+local f = assert(io.open(%(body)s, "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=%(boundary)s"
+
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+non200 = 0
+function response(status, headers, body)
+  if status ~= 200 then
+    non200 = non200 + 1
+  end
+end
+
+function done(summary, latency, requests)
+  local bad = 0
+  for _, t in ipairs(threads) do
+    bad = bad + (t:get("non200") or 0)
+  end
+  local e = summary.errors
+  io.write(string.format('BENCH_JSON {"requests": %%d, "duration_us": %%d, "non200": %%d, "status_errors": %%d, ' ..
+    '"connect": %%d, "read": %%d, "write": %%d, "timeout": %%d, "p50_us": %%d, "p90_us": %%d, "p99_us": %%d, ' ..
+    '"max_us": %%d, "mean_us": %%f}\n',
+    summary.requests, summary.duration, bad, e.status, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max, latency.mean))
+end
+"""
+
+
+def write_body(image, work):
+    with open(image, "rb") as f:
+        jpeg = f.read()
+    body = (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"data\"; filename=\"{os.path.basename(image)}\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg + f"\r\n--{BOUNDARY}--\r\n".encode()
+    body_path = os.path.join(work, "body.bin")
+    with open(body_path, "wb") as f:
+        f.write(body)
+    lua_path = os.path.join(work, "post.lua")
+    with open(lua_path, "w") as f:
+        f.write(LUA % {"body": json.dumps(body_path), "boundary": BOUNDARY})
+    return body, lua_path
+
+
+def wrk(url, lua, connections, duration):
+    threads = min(connections, 2)
+    cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "60s",
+           "-s", lua, url]
+    code, wall, lines = C.run_timed(cmd, duration + 120, cwd=BENCH)
+    for _, stream, line in lines:
+        if line.startswith("BENCH_JSON "):
+            r = json.loads(line[len("BENCH_JSON "):])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+            r["socket_errors"] = r["connect"] + r["read"] + r["write"] + r["timeout"]
+            return r
+    raise RuntimeError(f"wrk failed ({code}):\n" + "\n".join(l for _, _, l in lines[-20:]))
+
+
+def post(port, path, body, timeout=120):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def get_status(port, path):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except OSError:
+        return None
+    finally:
+        conn.close()
+
+
+class RssSampler(threading.Thread):
+    """Peak RSS of every descendant of `root`, sampled every 0.5 s."""
+
+    def __init__(self, root):
+        super().__init__(daemon=True)
+        self.root, self.peak, self.names = root, {}, {}
+        self.stopped = threading.Event()
+
+    def run(self):
+        while not self.stopped.is_set():
+            self.sample()
+            self.stopped.wait(0.5)
+
+    def sample(self):
+        for pid in [self.root] + C.descendants_of(self.root):
+            rss = C.rss_mib(pid)
+            if rss is not None:
+                self.peak[pid] = max(rss, self.peak.get(pid, 0))
+                if pid not in self.names:
+                    try:
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            self.names[pid] = f.read().replace(b"\0", b" ").decode(errors="replace")[:80]
+                    except OSError:
+                        self.names[pid] = "?"
+
+    def stop(self):
+        self.stopped.set()
+        self.join(5)
+
+
+def wait_settled(process, port, ready_path, min_children, timeout=240):
+    """Until `ready_path` answers 200 and every process of the server has stopped using CPU."""
+    t0 = time.monotonic()
+    while get_status(port, ready_path) != 200:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"server not ready after {timeout}s")
+        time.sleep(0.5)
+    quiet = 0
+    while quiet < 2 and time.monotonic() - t0 < timeout:
+        pids = [process.pid] + C.descendants_of(process.pid)
+        before = sum(C.cpu_seconds(p) or 0 for p in pids)
+        time.sleep(1.0)
+        after = sum(C.cpu_seconds(p) or 0 for p in pids)
+        enough = len(C.children_of(process.pid)) >= min_children
+        quiet = quiet + 1 if (after - before < 0.15 and enough) else 0
+    return time.monotonic() - t0
+
+
+def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, flags, body, lua, work):
+    """Start a server, check one answer, warm it up, run wrk at each concurrency, stop it."""
+    slug = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
+    log_path = os.path.join(work, f"server-{slug}.log")
+    env = dict(env, PROMETHEUS_MULTIPROC_DIR=os.path.join(work, f"metrics-{slug}"))  # removed with `work`
+    os.makedirs(env["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    C.log(f"{name}: {' '.join(cmd)}")
+    log = open(log_path, "wb")
+    process = C.start(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+    result = {"name": name, "rows": {}, "log": log_path}
+    try:
+        result["startup_s"] = wait_settled(process, port, ready_path, min_children)
+        result["rss_idle"] = {pid: C.rss_mib(pid) for pid in [process.pid] + C.descendants_of(process.pid)}
+        status, answer = post(port, path, body)
+        if status != 200:
+            raise RuntimeError(f"{name}: POST {path} answered {status}: {answer[:300]!r}")
+        parsed = json.loads(answer)
+        assert isinstance(parsed, list) and len(parsed[0]) == 2, f"unexpected answer {answer[:200]!r}"
+        result["answer"] = parsed[:2]
+        sampler = RssSampler(process.pid)
+        sampler.start()
+        warm = max(2 * min_children, 2)
+        C.log(f"{name}: warm-up, {warm} connections, {min(5, flags.duration)} s")
+        wrk(f"http://127.0.0.1:{port}{path}", lua, warm, min(5, flags.duration))
+        for c in flags.concurrency:
+            pids = [process.pid] + C.descendants_of(process.pid)
+            cpu0 = {pid: C.cpu_seconds(pid) for pid in pids}
+            children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            busy0, steal0 = C.machine_cpu_seconds()
+            t0 = time.monotonic()
+            r = wrk(f"http://127.0.0.1:{port}{path}", lua, c, flags.duration)
+            seconds = time.monotonic() - t0
+            busy1, steal1 = C.machine_cpu_seconds()
+            children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # CPU cores each server process used during the run (worker balance), and wrk's own.
+            r["cpu"] = {pid: ((C.cpu_seconds(pid) or cpu0[pid]) - cpu0[pid]) / seconds
+                        for pid in pids if cpu0[pid] is not None}
+            r["wrk_cpu"] = ((children1.ru_utime + children1.ru_stime)
+                            - (children0.ru_utime + children0.ru_stime)) / seconds
+            # Everything else on the machine (other people's tests...), and the hypervisor's steal.
+            r["server_cpu"] = sum(r["cpu"].values())
+            r["others_cpu"] = max(0.0, (busy1 - busy0) / seconds - r["server_cpu"] - r["wrk_cpu"])
+            r["steal"] = (steal1 - steal0) / seconds
+            result["rows"][c] = r
+            C.log(f"{name}: c={c}: {r['rps']:.2f} req/s, p50 {r['p50_us'] / 1000:.0f} ms, "
+                  f"non-200 {r['non200']}, socket errors {r['socket_errors']}")
+        sampler.stop()
+        master_children = C.children_of(process.pid)
+        result["rss"] = {pid: (sampler.peak[pid], sampler.names.get(pid, "?")) for pid in sampler.peak}
+        result["master"] = process.pid
+        result["workers"] = master_children
+    finally:
+        C.stop(process)
+        log.close()
+    return result
+
+
+# ====================================================================== the benchmark
+
+def main(argv=None):
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--_child":
+        return child_main(sys.argv[2], json.loads(sys.argv[3]))
+    flags = parse_args(argv)
+    work = tempfile.mkdtemp(prefix="serve_bench.")
+    C.log(f"work folder {work}; load average {' '.join(C.load_average())}")
+    busy_before = C.other_busy_processes()
+    revision = C.revision()
+    sections = []
+    try:
+        bench(flags, work, sections)
+    except BaseException:
+        if sections:
+            print("\n".join(sections))
+        raise
+    finally:
+        C.stop_all()
+        if flags.keep:
+            C.log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    busy_after = C.other_busy_processes()
+    print("\n".join(sections))
+    print("### Machine\n")
+    print(f"{CORES} cores; load average at the end {' '.join(C.load_average())}.")
+    after = C.revision()
+    print(f"Code: {revision}" + ("" if after == revision else f"; at the end: {after} (changed during the run)"))
+    busy = busy_before + busy_after
+    if busy:
+        print("Other processes using CPU, sampled 1 s before and after the benchmark (figures are noisy):")
+        for cpu, cmd in busy[:10]:
+            print(f"  {cpu:4.2f} CPU-s/s  {cmd}")
+    else:
+        print("No other busy process was seen before or after the benchmark.")
+
+
+def default_image():
+    from PIL import Image
+    for label in sorted(os.listdir(C.FLOWERS)):
+        folder = os.path.join(C.FLOWERS, label)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            with Image.open(path) as im:
+                if im.size == (500, 375) and im.format == "JPEG":
+                    return path
+    raise SystemExit("no 500x375 JPEG in " + C.FLOWERS + "; pass --image")
+
+
+def make_model(flags, work):
+    """inception_v3 with random weights (cost per image as real), head trained on a few flower photos."""
+    images = os.path.join(work, "images")
+    for label in sorted(os.listdir(C.FLOWERS)):
+        folder = os.path.join(C.FLOWERS, label)
+        if os.path.isdir(folder):
+            os.makedirs(os.path.join(images, label))
+            for name in sorted(os.listdir(folder))[:8]:
+                os.symlink(os.path.join(folder, name), os.path.join(images, label, name))
+    out = os.path.join(work, "model")
+    cmd = [sys.executable, "-m", "retrain", "--image_dir", images, "--architecture", flags.architecture,
+           "--weights", "none", "--how_many_training_steps", "100", "--output_dir", out,
+           "--bottleneck_dir", os.path.join(work, "bottlenecks"), "--summaries_dir", ""]
+    C.log("making the model: " + " ".join(cmd))
+    code, wall, lines = C.run_timed(cmd, 1800)
+    if code != 0:
+        raise SystemExit("retrain failed:\n" + "\n".join(l for _, _, l in lines[-30:]))
+    return out
+
+
+def bench(flags, work, sections):
+    model_dir = os.path.abspath(flags.model_dir) if flags.model_dir else make_model(flags, work)
+    image = os.path.abspath(flags.image or default_image())
+    body, lua = write_body(image, work)
+    with open(os.path.join(model_dir, "model.json")) as f:
+        sidecar = json.load(f)
+    default_workers = CORES  # gunicorn.conf.py: WEB_CONCURRENCY or the CPU count
+    default_intra = max(1, CORES // default_workers)
+    sections.append(f"# serve benchmark: {sidecar['architecture']} (weights {sidecar['weights']}), "
+                    f"{sidecar['input_height']}x{sidecar['input_width']} input, "
+                    f"image {os.path.relpath(image, C.ROOT)} ({len(body)} bytes of multipart body), "
+                    f"wrk {flags.duration} s per level, {CORES} cores\n")
+
+    results = {}
+    # ---------------------------------------------------------------- a. the ceiling
+    if "raw" not in flags.skip:
+        C.log("a. ceiling: matmul rate and FLOPs per image")
+        ceil = run_child("ceiling", {"model_dir": model_dir, "n": 2048 if flags.quick else 4096,
+                                     "repeats": 3 if flags.quick else 5}, 900)
+        gflops = max(ceil["numpy_gflops"], ceil["tf_gflops"])
+        flops_img = ceil["conv_flops"]
+        results["ceil"] = ceil
+        rows = [(f"numpy float32 matmul {ceil['n']}x{ceil['n']}, GFLOP/s (best; median)",
+                 f"{ceil['numpy_gflops']:.1f}; {ceil['numpy_gflops_median']:.1f}"),
+                (f"TensorFlow float32 matmul {ceil['n']}x{ceil['n']}, GFLOP/s (best; median)",
+                 f"{ceil['tf_gflops']:.1f}; {ceil['tf_gflops_median']:.1f}"),
+                ("model FLOPs per image, conv + depthwise + matmul (GFLOP)", f"{flops_img / 1e9:.3f}"),
+                ("model FLOPs per image, tf.compat.v1.profiler (GFLOP)",
+                 f"{ceil['profiler_flops'] / 1e9:.3f}" if ceil["profiler_flops"] else "-"),
+                ("images/s the matmul rate allows (best GFLOP/s / GFLOP per image)", f"{gflops * 1e9 / flops_img:.2f}")]
+
+        configs = [(1, 1), (2, 1)] if flags.quick else [(1, 1), (2, 1), (0, 0)]
+        batches = [1, 4, 16] if flags.quick else [1, 2, 4, 8, 16, 32]
+        sweeps = {}
+        for intra, inter in configs:
+            C.log(f"a. session.run sweep, intra {intra} inter {inter}")
+            sweeps[(intra, inter)] = run_child("sweep", {
+                "model_dir": model_dir, "image": image, "intra": intra, "inter": inter, "batches": batches,
+                "min_time": 1.0 if flags.quick else 3.0, "min_runs": 2 if flags.quick else 3,
+                "latency_runs": 7 if flags.quick else 15}, 1800)
+        C.log(f"a. the default server's compute alone: {default_workers} processes x intra {default_intra}, batch 1")
+        layout = parallel_loops({"model_dir": model_dir, "image": image, "intra": default_intra, "inter": 1},
+                                default_workers, 4 if flags.quick else 10)
+        C.log(f"a. the app alone (Flask test client) against session.run, intra {default_intra}")
+        metrics_dir = os.path.join(work, "metrics-app")
+        os.makedirs(metrics_dir, exist_ok=True)
+        app = run_child("app", {"model_dir": model_dir, "image": image, "intra": default_intra, "inter": 1,
+                                "body": os.path.join(work, "body.bin"), "metrics_dir": metrics_dir,
+                                "runs": 7 if flags.quick else 21}, 900)
+        results["app"] = app
+        best = max(((v["best"], b, cfg) for cfg, s in sweeps.items() for b, v in s["batches"].items()))
+        single = min((s["latency_ms"], cfg) for cfg, s in sweeps.items())
+        results.update(raw_best=best[0], raw_best_at=best[1:], raw_single_ms=single[0], raw_single_at=single[1],
+                       layout=layout, sweeps=sweeps)
+        default_cfg = (default_intra, 1)
+        results["raw_single_default_ms"] = sweeps.get(default_cfg, sweeps[configs[0]])["latency_ms"]
+        results["raw_per_cpu"] = sweeps.get(default_cfg, sweeps[configs[0]])["batches"]["1"]["per_cpu_second"]
+        results["decode_ms"] = sweeps[configs[0]]["decode_ms"]
+        rows += [("raw session.run, best img/s (batch, intra, inter)",
+                  f"{best[0]:.2f} (batch {best[1]}, intra {best[2][0]}, inter {best[2][1]})"),
+                 ("  of the matmul-rate ceiling", f"{best[0] / (gflops * 1e9 / flops_img):.2f}"),
+                 ("raw batch-1 latency, median ms (best setting)",
+                  f"{single[0]:.1f} (intra {single[1][0]}, inter {single[1][1]})"),
+                 (f"raw batch-1 latency, median ms (intra {default_intra}, inter 1: the server's setting)",
+                  f"{results['raw_single_default_ms']:.1f}"),
+                 (f"default server layout alone: {default_workers} processes x intra {default_intra}, batch 1, img/s",
+                  f"{layout:.2f}"),
+                 ("decode_image of the test JPEG (median ms, in the server's preprocess)",
+                  f"{results['decode_ms']:.1f}"),
+                 (f"in one process, interleaved (intra {default_intra}): session.run b=1 / decode / "
+                  "Flask test-client POST / (decode + app + session.run), median ms",
+                  f"{app['run_ms']:.1f} / {app['decode_ms']:.1f} / {app['post_ms']:.1f}"),
+                 ("  the app's own cost beyond decode + session.run, ms",
+                  f"{app['post_ms'] - app['run_ms'] - app['decode_ms']:.1f}")]
+        sections.append(C.table(["ceiling", "value"], rows, "a. Ceiling"))
+        heads = (["intra, inter"] + [f"b={b}" for b in batches] + ["b=1 latency ms", "b=1 img per CPU-s",
+                                                                   "b=1 cores busy"])
+        srows = [(f"{i}, {j}" + (" (TF default)" if i == 0 else ""),
+                  *[s["batches"][str(b)]["best"] for b in batches], s["latency_ms"],
+                  s["batches"]["1"]["per_cpu_second"], s["batches"]["1"]["cores"])
+                 for (i, j), s in sweeps.items()]
+        sections.append(C.table(heads, srows, "a. Raw session.run throughput of graph.pb, img/s (best of runs; "
+                                              "each setting in a fresh process)"))
+        print(sections[-2] + "\n" + sections[-1], file=sys.stderr)
+
+    # ---------------------------------------------------------------- b. the server (and variants)
+    servers = []
+    if True:
+        for variant in ([] if "server" in flags.skip else [""]) + flags.variant:
+            env_over = parse_variant(variant) if variant else {}
+            port = C.free_port()
+            env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
+            env.update(MODEL_DIR=model_dir, **env_over)
+            workers = int(env_over.get("WEB_CONCURRENCY", CORES))
+            name = "gunicorn " + (variant or "default")
+            servers.append(serve_and_load(
+                name, [sys.executable, "-m", "gunicorn", "classify_server:app", "-b", f"127.0.0.1:{port}"],
+                env, C.ROOT, port, "/", "/readyz", workers, flags, body, lua, work))
+            servers[-1]["intra"] = int(env_over.get("TF_INTRA_OP_THREADS", max(1, CORES // workers)))
+
+    # ---------------------------------------------------------------- c. reload baseline
+    if "reload" not in flags.skip:
+        C.log(f"c. reload baseline: label_image x {flags.reload_runs}")
+        times = []
+        cmd = [sys.executable, "-m", "classify_server.label_image", "--graph", os.path.join(model_dir, "graph.pb"),
+               "--image", image]
+        for _ in range(flags.reload_runs):
+            code, wall, lines = C.run_timed(cmd, 600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+            if code != 0:
+                raise RuntimeError("label_image failed:\n" + "\n".join(l for _, _, l in lines[-20:]))
+            times.append(wall)
+        results["reload"] = times
+        sections.append(C.table(
+            ["baseline", "value"],
+            [("command", "`python -m classify_server.label_image --graph MODEL/graph.pb --image IMAGE`"),
+             ("runs", str(len(times))),
+             ("seconds per image, each run", " ".join(f"{t:.2f}" for t in times)),
+             ("seconds per image, median", f"{statistics.median(times):.2f}"),
+             ("images/s (one at a time)", f"{1 / statistics.median(times):.3f}")],
+            "c. Reload-per-image baseline (simple-ml-serving)"))
+
+    # ---------------------------------------------------------------- d. flask + keras predict
+    if "flask" not in flags.skip:
+        port = C.free_port()
+        env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
+        env.update(MODEL_DIR=model_dir, TF_CPP_MIN_LOG_LEVEL="2")
+        servers.append(serve_and_load(
+            f"flask+keras predict (gunicorn -w {default_workers}, sync)",
+            [sys.executable, "-m", "gunicorn", "-w", str(default_workers), "-b", f"127.0.0.1:{port}",
+             "--timeout", "120", "--chdir", BENCH, "alt_flask_predict:app"],
+            env, BENCH, port, "/", "/readyz", default_workers, flags, body, lua, work))
+
+    # ---------------------------------------------------------------- e. bentoml
+    if "bentoml" not in flags.skip:
+        bentoml = os.path.join(flags.bentoml_venv, "bin", "bentoml")
+        if not os.path.exists(bentoml):
+            sections.append(f"### e. BentoML\n\nskipped: no {bentoml} (make it with `python -m venv "
+                            f"{flags.bentoml_venv} && {flags.bentoml_venv}/bin/pip install bentoml "
+                            "tensorflow-cpu==2.21.0 pillow flask prometheus_client`)\n")
+        else:
+            port = C.free_port()
+            env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS and k != "VIRTUAL_ENV"}
+            env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
+            env["PATH"] = os.path.join(flags.bentoml_venv, "bin") + os.pathsep + env.get("PATH", "")
+            try:
+                servers.append(serve_and_load(
+                    f"bentoml ({default_workers} workers)",
+                    [bentoml, "serve", "bentoml_service:Classifier", "--host", "127.0.0.1", "--port", str(port),
+                     "--working-dir", BENCH, "--do-not-track"],
+                    env, BENCH, port, "/classify", "/readyz", default_workers, flags, body, lua, work))
+            except Exception as exc:
+                sections.append(f"### e. BentoML\n\nfailed: {exc}\n")
+
+    # ---------------------------------------------------------------- tables
+    if servers:
+        rows = []
+        for s in servers:
+            for c, r in s["rows"].items():
+                workers_cpu = " / ".join(f"{r['cpu'].get(pid, 0):.2f}" for pid in s["workers"])
+                other_cpu = sum(v for pid, v in r["cpu"].items() if pid not in s["workers"])
+                rows.append((s["name"], str(c), r["rps"], r["p50_us"] / 1000, r["p90_us"] / 1000,
+                             r["p99_us"] / 1000, str(r["requests"]), str(r["non200"]), str(r["socket_errors"]),
+                             workers_cpu, f"{other_cpu:.2f}", f"{r['wrk_cpu']:.2f}",
+                             f"{r['rps'] / r['server_cpu']:.1f}" if r["server_cpu"] > 0.05 else "-",
+                             f"{r['others_cpu']:.2f}", f"{r['steal']:.2f}"))
+        sections.append(C.table(["server", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "requests", "non-2xx",
+                                 "socket err", "CPU per worker", "CPU master", "CPU wrk", "req per server CPU-s",
+                                 "CPU others", "steal"], rows,
+                                "b/d/e. Under wrk (POST a multipart JPEG; keep-alive connections). CPU columns: cores used "
+                                "during the run by each worker, by the master (and any other server process), by wrk, "
+                                "by every other process on the machine (not ours: noise), and stolen by the hypervisor"))
+        rows = []
+        for s in servers:
+            master = s["master"]
+            for pid, (rss, cmdline) in sorted(s["rss"].items()):
+                role = "master" if pid == master else ("worker" if pid in s["workers"] else "child")
+                rows.append((s["name"], role, str(pid), s["rss_idle"].get(pid), rss, cmdline[:60]))
+            rows.append((s["name"], f"(start-up until settled: {s['startup_s']:.0f} s)", "", None, None, ""))
+        sections.append(C.table(["server", "process", "pid", "RSS MiB idle", "peak RSS MiB", "command"], rows,
+                                "Memory (VmRSS from /proc: once started and idle; peak during the load runs)"))
+
+    # ---------------------------------------------------------------- ratios
+    sections.append(ratios(flags, results, servers, default_workers, default_intra))
+
+
+def ratios(flags, results, servers, workers, intra):
+    rows = []
+
+    def best_rps(s, at_least=4):
+        levels = [(r["rps"], c) for c, r in s["rows"].items() if c >= at_least]
+        return max(levels) if levels else (None, None)
+
+    by_name = {s["name"]: s for s in servers}
+    default = by_name.get("gunicorn default")
+    raw = results.get("raw_best")
+    reload_ips = 1 / statistics.median(results["reload"]) if results.get("reload") else None
+    flask = next((s for s in servers if s["name"].startswith("flask")), None)
+    bento = next((s for s in servers if s["name"].startswith("bentoml")), None)
+    for s in servers:
+        rps, c = best_rps(s)
+        if rps is None:
+            continue
+        name = s["name"]
+        if raw:
+            met = "yes" if rps / raw >= 0.95 else "no"
+            rows.append((f"{name}: throughput (best at c>={4}: c={c}) / raw ceiling",
+                         f"{rps:.2f} / {raw:.2f} = {rps / raw:.3f}", ">= 0.95" if s is default else "",
+                         met if s is default else ""))
+            rows.append((f"{name}: throughput / default layout alone ({workers} proc x intra {intra}, b=1)",
+                         f"{rps / results['layout']:.3f}", "", ""))
+            r = s["rows"][c]
+            if r["server_cpu"] > 0.05:
+                rows.append((f"{name}: req per server CPU-s (c={c}) / raw img per CPU-s (intra {intra}, b=1)",
+                             f"{r['rps'] / r['server_cpu']:.2f} / {results['raw_per_cpu']:.2f} = "
+                             f"{r['rps'] / r['server_cpu'] / results['raw_per_cpu']:.3f}", "", ""))
+                rows.append((f"{name}: cores used by the server / by other processes (c={c})",
+                             f"{r['server_cpu']:.2f} / {r['others_cpu']:.2f}", "", ""))
+        if 1 in s["rows"] and raw:
+            p50 = s["rows"][1]["p50_us"] / 1000
+            over = p50 - results["raw_single_ms"]
+            rows.append((f"{name}: p50 at c=1 - raw batch-1 latency (best setting)",
+                         f"{p50:.1f} - {results['raw_single_ms']:.1f} = {over:.1f} ms",
+                         "<= 5 ms" if s is default else "", ("yes" if over <= 5 else "no") if s is default else ""))
+            s_intra = s.get("intra", intra)
+            same = results["sweeps"].get((s_intra, 1))
+            if same:
+                rows.append((f"{name}: p50 at c=1 - raw batch-1 latency (intra {s_intra}, inter 1: "
+                             "this server's setting)", f"{p50 - same['latency_ms']:.1f} ms", "", ""))
+            if "app" in results and s is default:
+                app = results["app"]
+                rows.append((f"{name}: of which decode / app / HTTP+gunicorn+queueing, ms (in-process split)",
+                             f"{app['decode_ms']:.1f} / {app['post_ms'] - app['run_ms'] - app['decode_ms']:.1f} / "
+                             f"{p50 - app['post_ms']:.1f}", "", ""))
+        if s is default:
+            if reload_ips:
+                rows.append(("default: speedup over the reload baseline (throughput c>=4 / 1 per reload)",
+                             f"{rps / reload_ips:.1f}x", ">= 30x", "yes" if rps / reload_ips >= 30 else "no"))
+            if flask:
+                f_rps, f_c = best_rps(flask)
+                rows.append((f"default: speedup over flask+keras predict (best c>=4 each)", f"{rps / f_rps:.2f}x",
+                             ">= 1.3x", "yes" if rps / f_rps >= 1.3 else "no"))
+                if 1 in default["rows"] and 1 in flask["rows"]:
+                    rows.append(("default: p50 at c=1, flask+predict / default",
+                                 f"{flask['rows'][1]['p50_us'] / default['rows'][1]['p50_us']:.2f}x", "", ""))
+            if bento:
+                b_rps, b_c = best_rps(bento)
+                rows.append(("default: speedup over BentoML (best c>=4 each)", f"{rps / b_rps:.2f}x", "", ""))
+                if 1 in default["rows"] and 1 in bento["rows"]:
+                    rows.append(("default: p50 at c=1, BentoML / default",
+                                 f"{bento['rows'][1]['p50_us'] / default['rows'][1]['p50_us']:.2f}x", "", ""))
+            errors = sum(r["non200"] + r["socket_errors"] for r in default["rows"].values())
+            rows.append(("default: errors (non-2xx + socket) over all levels", str(errors), "0",
+                         "yes" if errors == 0 else "no"))
+    return C.table(["ratio", "value", "target", "met"], rows, "Ratios")
+
+
+if __name__ == "__main__":
+    main()

@@ -103,18 +103,7 @@ def _signal_group(pgid, sig):
 
 
 def group_members(pgid):
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(")") + 2:].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(name))
-    return out
+    return [pid for pid, fields in _proc_stats() if int(fields[2]) == pgid and fields[0] != "Z"]
 
 
 def stop_all():
@@ -195,9 +184,19 @@ def free_port():
 
 # ---------------------------------------------------------------- /proc
 
-def children_of(pid):
-    """PIDs whose parent is `pid`."""
-    out = []
+def flower_subset(images, per_class):
+    """A folder of symlinks to the first `per_class` flower photos of each class (read in place)."""
+    for label in sorted(os.listdir(FLOWERS)):
+        folder = os.path.join(FLOWERS, label)
+        if os.path.isdir(folder):
+            os.makedirs(os.path.join(images, label))
+            for name in sorted(os.listdir(folder))[:per_class]:
+                os.symlink(os.path.join(folder, name), os.path.join(images, label, name))
+    return images
+
+
+def _proc_stats():
+    """(pid, fields after the command name) of every process in /proc."""
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -206,10 +205,12 @@ def children_of(pid):
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if int(fields[1]) == pid:
-            out.append(int(name))
-    return sorted(out)
+        yield int(name), stat[stat.rfind(")") + 2:].split()
+
+
+def children_of(pid):
+    """PIDs whose parent is `pid`."""
+    return sorted(p for p, fields in _proc_stats() if int(fields[1]) == pid)
 
 
 def descendants_of(pid):

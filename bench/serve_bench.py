@@ -570,13 +570,7 @@ def default_image():
 
 def make_model(flags, work):
     """inception_v3 with random weights (cost per image as real), head trained on a few flower photos."""
-    images = os.path.join(work, "images")
-    for label in sorted(os.listdir(C.FLOWERS)):
-        folder = os.path.join(C.FLOWERS, label)
-        if os.path.isdir(folder):
-            os.makedirs(os.path.join(images, label))
-            for name in sorted(os.listdir(folder))[:8]:
-                os.symlink(os.path.join(folder, name), os.path.join(images, label, name))
+    images = C.flower_subset(os.path.join(work, "images"), per_class=8)
     out = os.path.join(work, "model")
     cmd = [sys.executable, "-m", "retrain", "--image_dir", images, "--architecture", flags.architecture,
            "--weights", "none", "--how_many_training_steps", "100", "--output_dir", out,

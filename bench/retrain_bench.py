@@ -328,13 +328,13 @@ def bench(flags, work):
 
     short = lambda cmd: " ".join(shown(c) for c in cmd)  # noqa: E731
     out = [f"# retrain benchmark ({arch.name}, {len(paths)} images, weights {os.path.basename(flags.weights)})\n",
-           f"Run 1: `{short(cmd1)}`\n", f"Run 2: same, --output_dir elsewhere, same --bottleneck_dir\n"]
+           f"Run 1: `{short(cmd1)}`\n", "Run 2: same, --output_dir elsewhere, same --bottleneck_dir\n"]
     out.append(C.table(
         ["measure", "value", "target", "met"],
         [("test accuracy, run 1 (default flags)", f"{acc1['test']:.4f}", "", ""),
          ("validation accuracy, run 1", f"{acc1['validation']:.4f}", "", ""),
          ("wall time, run 1 (empty cache), s", wall1, "", ""),
-         (f"bottlenecks computed in run 1", str(computed), "", ""),
+         ("bottlenecks computed in run 1", str(computed), "", ""),
          ("bottleneck phase of run 1, s", bottleneck_seconds, "", ""),
          ("bottleneck throughput, img/s", bottleneck_rate, "", ""),
          ("raw predict_on_batch(32) throughput, best, img/s", raw_best, "", ""),

@@ -821,7 +821,7 @@ def ratios(flags, results, servers, workers, intra):
                              f"{rps / reload_ips:.1f}x", ">= 30x", "yes" if rps / reload_ips >= 30 else "no"))
             if flask:
                 f_rps, f_c = best_rps(flask)
-                rows.append((f"default: speedup over flask+keras predict (best c>=4 each)", f"{rps / f_rps:.2f}x",
+                rows.append(("default: speedup over flask+keras predict (best c>=4 each)", f"{rps / f_rps:.2f}x",
                              ">= 1.3x", "yes" if rps / f_rps >= 1.3 else "no"))
                 if 1 in default["rows"] and 1 in flask["rows"]:
                     rows.append(("default: p50 at c=1, flask+predict / default",

@@ -71,11 +71,12 @@ def create_image_lists(image_dirs, validation_percentage, testing_percentage):
             f"error: found {len(labels)} class(es) with images in {', '.join(image_dirs)}; need at least 2. "
             "--image_dir must hold one subfolder per class, each with JPEG, PNG, BMP, GIF or WebP files.")
     lists = ImageLists(labels)
+    sets = lists.sets()
     for label in labels:
-        for name in (lists.training, lists.validation, lists.testing):
-            name[label] = []
+        for image_set in sets.values():
+            image_set[label] = []
         for path in files[label]:
-            lists.sets()[which_set(path, validation_percentage, testing_percentage)][label].append(path)
+            sets[which_set(path, validation_percentage, testing_percentage)][label].append(path)
     return lists
 
 

@@ -9,7 +9,6 @@ Tansu needs two client settings (see README, "Stream processing"): a short sessi
 because it completes a group join only after half the session timeout, and a short
 fetch.wait.max.ms, because it answers a fetch when that wait is over, not when data arrives.
 """
-import io
 import json
 import os
 import re

@@ -445,19 +445,19 @@ local = threading.local()
 
 
 def classify(url, image):
-    """(status or None when the connection failed, the instance that answered, when it started)."""
+    """(status or None when the connection failed, the instance that answered, when it started, when it ended)."""
     if not hasattr(local, "session"):
         local.session = requests.Session()
     started = time.monotonic()
     try:
         r = local.session.post(url + "/", files={"data": ("image.jpg", image, "image/jpeg")}, timeout=30)
     except requests.RequestException:
-        return None, None, started
+        return None, None, started, time.monotonic()
     if r.status_code == 200:
         answer = r.json()
         assert isinstance(answer, list) and answer and all(len(pair) == 2 for pair in answer), answer
     upstream = r.headers.get("X-Upstream", "").split(",")[-1].strip()  # the last one tried answered
-    return r.status_code, upstream, started
+    return r.status_code, upstream, started, time.monotonic()
 
 
 IMAGES = [shape_image(label, seed) for label in ("red_circle", "green_square", "blue_triangle")
@@ -519,8 +519,9 @@ def test_cluster_routes_around_a_killed_instance(cluster):
         for t in threads:
             t.join(timeout=90)
 
-    before = [r for r in results if r[2] < killed_at[0]]
-    window = [r for r in results if killed_at[0] <= r[2] < killed_at[0] + FAILOVER_WINDOW]
+    # Requests still in flight at the kill belong to the failover window, as the issue allows.
+    before = [r for r in results if r[3] < killed_at[0]]
+    window = [r for r in results if r[3] >= killed_at[0] and r[2] < killed_at[0] + FAILOVER_WINDOW]
     after = [r for r in results if r[2] >= killed_at[0] + FAILOVER_WINDOW]
     summary = (f"{len(before)} before the kill, {len(window)} in the {FAILOVER_WINDOW} s window "
                f"({sum(r[0] != 200 for r in window)} failed), {len(after)} after")

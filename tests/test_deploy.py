@@ -478,9 +478,9 @@ def test_cluster_balances_over_both_instances(cluster):
         results = list(pool.map(lambda i: classify(cluster.url, IMAGES[i % len(IMAGES)]), range(200)))
     failed = [r for r in results if r[0] != 200]
     assert not failed, f"{len(failed)} of 200 failed: {failed[:5]}\n{cluster.output()}"
-    answered_by = {upstream for _, upstream, _ in results}
+    answered_by = {upstream for _, upstream, _, _ in results}
     assert answered_by == {f"127.0.0.1:{port}" for port, _ in cluster.instances}, answered_by
-    counts = [sum(u == f"127.0.0.1:{port}" for _, u, _ in results) for port, _ in cluster.instances]
+    counts = [sum(u == f"127.0.0.1:{port}" for _, u, _, _ in results) for port, _ in cluster.instances]
     assert min(counts) >= 20, counts  # both take a real share, not one request
     errors = read(os.path.join(cluster.run_dir, "nginx-error.log"))
     assert "[emerg]" not in errors and "[crit]" not in errors, errors

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -52,7 +53,8 @@ def make_image_dir(root, classes=tuple(CLASSES), per_class=12, start=0):
         os.makedirs(os.path.join(root, label), exist_ok=True)
         for i in range(start, start + per_class):
             with open(os.path.join(root, label, f"{label}_{i:03d}.jpg"), "wb") as f:
-                f.write(shape_image(label, seed=hash((label, i)) % 2**32))
+                # A stable seed per file (not hash(), which changes per process): the same data every run.
+                f.write(shape_image(label, seed=zlib.crc32(f"{label}-{i}".encode())))
     return str(root)
 
 
@@ -75,7 +77,7 @@ def trained_model(tmp_path_factory, image_dir):
     """A model folder (graph.pb, labels.txt, model.json): MobileNetV2 over 3 shape classes."""
     out = tmp_path_factory.mktemp("model")
     run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", TEST_WEIGHTS,
-                "--how_many_training_steps", 300, "--output_dir", out,
+                "--how_many_training_steps", 1000, "--output_dir", out,
                 "--bottleneck_dir", tmp_path_factory.mktemp("bottlenecks"), "--summaries_dir", "")
     return str(out)
 

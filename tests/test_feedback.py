@@ -78,7 +78,7 @@ def test_retrain_refuses_a_version_worse_than_the_served_one(tmp_path, image_dir
 def test_the_whole_loop_feedback_to_a_new_served_version(tmp_path, start_server):
     data = make_image_dir(tmp_path / "data", classes=("red_circle", "green_square"), per_class=12)
     base, feedback_dir = tmp_path / "models", tmp_path / "feedback"
-    common = ["--architecture", "mobilenet_v2", "--weights", TEST_WEIGHTS, "--how_many_training_steps", 200,
+    common = ["--architecture", "mobilenet_v2", "--weights", TEST_WEIGHTS, "--how_many_training_steps", 1000,
               "--model_base_path", base, "--bottleneck_dir", tmp_path / "bn", "--summaries_dir", "",
               "--image_dir", data, "--extra_image_dir", feedback_dir]
     run_retrain(*common)

@@ -34,10 +34,17 @@ def weights_tag(weights):
     if weights in ("imagenet", "none"):
         return weights
     digest = hashlib.sha256()
-    with open(weights, "rb") as f:
+    with open(check_weights_file(weights), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return "file-" + digest.hexdigest()[:12]
+
+
+def check_weights_file(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --weights {path}: no such file "
+                         "(use imagenet, none, or a path to a .weights.h5 file)")
+    return path
 
 
 def build_backbone(arch, weights):
@@ -57,10 +64,7 @@ def build_backbone(arch, weights):
                          "Offline? Pass --weights PATH to a local .weights.h5 file "
                          "(or --weights none for random weights, tests only).") from None
     if weights not in ("imagenet", "none"):
-        if not os.path.isfile(weights):
-            raise SystemExit(f"error: --weights {weights}: no such file "
-                             "(use imagenet, none, or a path to a .weights.h5 file)")
-        base.load_weights(weights)
+        base.load_weights(check_weights_file(weights))
     inputs = keras.Input((arch.size, arch.size, 3), name="input")
     features = keras.layers.Rescaling(arch.scale, arch.offset, name="scale")(inputs)
     return keras.Model(inputs, base(features), name=f"{arch.name}_backbone")

@@ -28,12 +28,14 @@ data set is downloaded to ~/flower_photos. For the last points of accuracy, and
 time to spare, --fine_tune also trains the top of the backbone.
 """
 import argparse
+import functools
 import os
 import sys
 import time
 
 import numpy as np
 
+from retrain import atomic
 from retrain.images import create_image_lists, maybe_download_flowers
 from retrain.preprocessing import PREPROCESSING_VERSION
 
@@ -112,11 +114,13 @@ def main(argv=None):
               "!! useless; this is for tests and speed benchmarks only.\n" + "!" * 72 + "\n", file=sys.stderr)
 
     start = time.time()
-    backbone = backbones.build_backbone(arch, flags.weights)
+    # Built on first use: a run whose bottlenecks are all cached never needs the Keras backbone.
+    backbone = functools.cache(lambda: backbones.build_backbone(arch, flags.weights))
     cache_dir = os.path.join(flags.bottleneck_dir, f"{arch.name}-{backbones.weights_tag(flags.weights)}"
                                                    f"-p{PREPROCESSING_VERSION}")
     all_paths = [p for s in lists.sets().values() for paths in s.values() for p in paths]
-    features, skipped = bottlenecks.get_bottlenecks(all_paths, backbone.predict_on_batch, arch.size, cache_dir)
+    features, skipped = bottlenecks.get_bottlenecks(all_paths, lambda batch: backbone().predict_on_batch(batch),
+                                                    arch.size, cache_dir)
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
         for path, reason in sorted(skipped.items()):
@@ -141,15 +145,23 @@ def main(argv=None):
     head = train.train_head(train_x, train_y, (val_x, val_y) if len(val_y) else None, len(labels), flags)
 
     if flags.fine_tune or train.augmentation_layers(flags) is not None:
-        model = train.train_on_images(backbone, head, train_paths, train_y, (val_paths, val_y), arch.size, flags)
+        trained = train.train_on_images(backbone(), head, train_paths, train_y, (val_paths, val_y), arch.size, flags)
+        model = lambda: trained  # noqa: E731
 
         def predict(paths, x):
-            return model.predict(train.load_images(paths, arch.size).astype(np.float32), verbose=0)
+            return trained.predict(train.load_images(paths, arch.size).astype(np.float32), verbose=0)
+
+        def graph_def():
+            return export.frozen_graph_def(trained, [None, arch.size, arch.size, 3])
     else:
-        model = train.build_classifier(backbone, head)
+        model = functools.cache(lambda: train.build_classifier(backbone(), head))
 
         def predict(paths, x):
             return head.predict(x, verbose=0)
+
+        def graph_def():
+            return export.stitched_graph_def(backbone_graph_def(cache_dir, backbone, arch.size),
+                                             export.frozen_graph_def(head, [None, train_x.shape[1]]))
 
     accuracy = {}
     for name, paths, x, y in (("validation", val_paths, val_x, val_y), ("test", test_paths, test_x, test_y)):
@@ -173,16 +185,16 @@ def main(argv=None):
             "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "image_dir": os.path.abspath(image_dir),
             "training_seconds": round(time.time() - start, 1)}
     if flags.model_base_path:
-        return publish_version(flags, export, model, arch.size, labels, info)
-    export.write_model(flags.output_graph, flags.output_labels, model, arch.size, labels, info)
+        return publish_version(flags, export, graph_def(), model, arch.size, labels, info)
+    export.write_model(flags.output_graph, flags.output_labels, graph_def(), arch.size, labels, info)
     print(f"wrote {flags.output_graph} and {flags.output_labels}")
     if flags.saved_model_dir:
-        export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, model, arch.size))
+        export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, model(), arch.size))
         print(f"wrote SavedModel {flags.saved_model_dir}")
     return 0
 
 
-def publish_version(flags, export, model, size, labels, info):
+def publish_version(flags, export, graph_def, model, size, labels, info):
     """Write MODEL_BASE_PATH/N+1 complete, or refuse if it is worse than version N."""
     existing = export.versions(flags.model_base_path)
     if existing:
@@ -197,10 +209,28 @@ def publish_version(flags, export, model, size, labels, info):
 
     def write(folder):
         export.write_model(os.path.join(folder, "graph.pb"), os.path.join(folder, "labels.txt"),
-                           model, size, labels, info)
-        export.write_saved_model(folder, model, size)  # saved_model.pb beside graph.pb, for TF Serving
+                           graph_def, size, labels, info)
+        export.write_saved_model(folder, model(), size)  # saved_model.pb beside graph.pb, for TF Serving
 
     target = os.path.join(flags.model_base_path, str(version))
     export.publish(target, write)
     print(f"wrote version {version}: {target}")
     return 0
+
+
+def backbone_graph_def(cache_dir, backbone, size):
+    """The frozen backbone (`input:0` -> `bottleneck:0`), cached beside its bottlenecks."""
+    import tensorflow as tf
+    from google.protobuf.message import DecodeError
+    from retrain import export
+    path = os.path.join(cache_dir, f"backbone-tf{tf.__version__}.pb")
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        with open(path, "rb") as f:
+            graph_def.ParseFromString(f.read())
+        return graph_def
+    except (OSError, DecodeError):  # absent, or damaged: rebuild it
+        pass
+    graph_def = export.frozen_graph_def(backbone(), [None, size, size, 3], export.BOTTLENECK_NAME)
+    atomic.write_bytes(path, graph_def.SerializeToString(), durable=False)
+    return graph_def

@@ -18,30 +18,50 @@ from retrain import atomic
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "final_result"
+BOTTLENECK_NAME = "bottleneck"
 SIDECAR = "model.json"
 
 
-def _serving_function(model, size):
-    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name=INPUT_NAME)])
-    def serve(images):
-        return model(images, training=False)
+def _serving_function(model, shape):
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name=INPUT_NAME)])
+    def serve(inputs):
+        return model(inputs, training=False)
     return serve
 
 
-def frozen_graph_def(model, size):
-    """The model as one GraphDef with its weights folded in as constants."""
-    frozen = convert_variables_to_constants_v2(_serving_function(model, size).get_concrete_function())
+def frozen_graph_def(model, shape, output_name=OUTPUT_NAME):
+    """A Keras model as one GraphDef, weights folded in as constants: `input:0` -> `output_name:0`."""
+    frozen = convert_variables_to_constants_v2(_serving_function(model, shape).get_concrete_function())
     graph_def = frozen.graph.as_graph_def()
     output = frozen.outputs[0].name.split(":")[0]
     for node in graph_def.node:  # give the output the name retrain.py's graphs use
         if node.name == output:
-            node.name = OUTPUT_NAME
+            node.name = output_name
     return graph_def
 
 
-def write_model(output_graph, output_labels, model, size, labels, info):
+def stitched_graph_def(backbone_def, head_def):
+    """One graph from a frozen backbone (output `bottleneck`) and a frozen head on its features.
+
+    This is how retrain.py built its graph: the new layer appended to a frozen
+    network. A run that trains the head alone never builds the Keras backbone.
+    """
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(backbone_def, name="")
+        features = graph.get_tensor_by_name(BOTTLENECK_NAME + ":0")
+        tf.import_graph_def(head_def, input_map={INPUT_NAME + ":0": features}, name="head")
+    graph_def = graph.as_graph_def()
+    for node in graph_def.node:
+        if node.name == "head/" + OUTPUT_NAME:
+            node.name = OUTPUT_NAME
+    # Drop the head's own (now unfed) input placeholder.
+    return tf.compat.v1.graph_util.extract_sub_graph(graph_def, [OUTPUT_NAME])
+
+
+def write_model(output_graph, output_labels, graph_def, size, labels, info):
     """Write graph.pb, labels.txt and the sidecar beside graph.pb, each atomically."""
-    atomic.write_bytes(output_graph, frozen_graph_def(model, size).SerializeToString())
+    atomic.write_bytes(output_graph, graph_def.SerializeToString())
     atomic.write_text(output_labels, "".join(label + "\n" for label in labels))
     sidecar = dict(info, input=INPUT_NAME + ":0", output=OUTPUT_NAME + ":0", input_height=size,
                    input_width=size, input_mean=0.0, input_std=1.0,
@@ -59,7 +79,7 @@ def write_saved_model(saved_model_dir, model, size):
     op for EXIF orientation, so rotated-by-tag photos are not turned); `predict_images`
     takes already-decoded pixels like graph.pb does.
     """
-    pixels = _serving_function(model, size)
+    pixels = _serving_function(model, [None, size, size, 3])
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve_bytes(images):

@@ -491,15 +491,22 @@ def test_frozen_graph_gives_the_keras_models_probabilities(tmp_path, image_dir):
     head.get_layer("final_result").set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     model = train.build_classifier(backbone, head)
 
-    export.write_model(str(tmp_path / "out" / "graph.pb"), str(tmp_path / "out" / "labels.txt"), model,
-                       arch.size, sorted(CLASSES), {"architecture": arch.name, "weights": weights})
-    info = json.loads((tmp_path / "out" / "model.json").read_text())
     in_memory = model.predict(batch, verbose=0)
-    frozen = run_frozen_graph(str(tmp_path / "out" / "graph.pb"), info["input"], info["output"], batch)
-
-    assert frozen.shape == in_memory.shape == (len(paths), 3)
     assert np.ptp(in_memory, axis=0).max() > 0.3, in_memory   # the probabilities do depend on the image
-    assert np.abs(frozen - in_memory).max() <= 1e-4
+    # Both ways retrain writes graph.pb: the whole model frozen (after fine-tuning), and
+    # the frozen backbone with the frozen head appended (after training the head alone).
+    graphs = {"whole": export.frozen_graph_def(model, [None, arch.size, arch.size, 3]),
+              "stitched": export.stitched_graph_def(
+                  export.frozen_graph_def(backbone, [None, arch.size, arch.size, 3], export.BOTTLENECK_NAME),
+                  export.frozen_graph_def(head, [None, features.shape[1]]))}
+    for name, graph_def in graphs.items():
+        out = tmp_path / name
+        export.write_model(str(out / "graph.pb"), str(out / "labels.txt"), graph_def, arch.size, sorted(CLASSES),
+                           {"architecture": arch.name, "weights": weights})
+        info = json.loads((out / "model.json").read_text())
+        frozen = run_frozen_graph(str(out / "graph.pb"), info["input"], info["output"], batch)
+        assert frozen.shape == in_memory.shape == (len(paths), 3)
+        assert np.abs(frozen - in_memory).max() <= 1e-4, name
 
 
 # --- training paths ----------------------------------------------------------------------------

@@ -295,3 +295,32 @@ def machine_cpu_seconds():
     tick = os.sysconf("SC_CLK_TCK")
     busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6]
     return busy / tick, fields[7] / tick
+
+
+def print_machine(cores, code_revision, busy):
+    """The "Machine" section every benchmark ends with: cores, load, code, other busy processes."""
+    print("### Machine\n")
+    print(f"{cores} cores; load average at the end {' '.join(load_average())}.")
+    after = revision()
+    print(f"Code: {code_revision}" + ("" if after == code_revision else f"; at the end: {after} (changed during the run)"))
+    if busy:
+        print("Other processes using CPU, sampled 1 s before and after the benchmark (figures are noisy):")
+        for cpu, cmd in busy[:10]:
+            print(f"  {cpu:4.2f} CPU-s/s  {cmd}")
+    else:
+        print("No other busy process was seen before or after the benchmark.")
+
+
+def make_model(work, architecture, steps, env=None):
+    """A model for speed runs: `architecture` with random weights (each image costs what a real
+    one does), its head trained for `steps` on a few flower photos. Returns its folder."""
+    images = flower_subset(os.path.join(work, "images"), per_class=8)
+    out = os.path.join(work, "model")
+    cmd = [sys.executable, "-m", "retrain", "--image_dir", images, "--architecture", architecture,
+           "--weights", "none", "--how_many_training_steps", str(steps), "--output_dir", out,
+           "--bottleneck_dir", os.path.join(work, "bottlenecks"), "--summaries_dir", ""]
+    log("making the model: " + " ".join(cmd))
+    code, _, lines = run_timed(cmd, 1800, env=env)
+    if code != 0:
+        raise SystemExit("retrain failed:\n" + "\n".join(line for _, _, line in lines[-30:]))
+    return out

@@ -261,17 +261,7 @@ def main():
         C.stop_all()
     busy_after = C.other_busy_processes()
     print(report)
-    print("### Machine\n")
-    print(f"{os.cpu_count()} cores; load average at the end {' '.join(C.load_average())}.")
-    after = C.revision()
-    print(f"Code: {revision}" + ("" if after == revision else f"; at the end: {after} (changed during the run)"))
-    busy = busy_before + busy_after
-    if busy:
-        print("Other processes using CPU (sampled 1 s before and after the benchmark; figures are noisy):")
-        for cpu, cmd in busy[:8]:
-            print(f"  {cpu:4.2f} CPU-s/s  {cmd}")
-    else:
-        print("No other busy process was seen before or after the benchmark.")
+    C.print_machine(os.cpu_count(), revision, busy_before + busy_after)
 
 
 def bench(flags, work):

@@ -541,17 +541,7 @@ def main(argv=None):
             shutil.rmtree(work, ignore_errors=True)
     busy_after = C.other_busy_processes()
     print("\n".join(sections))
-    print("### Machine\n")
-    print(f"{CORES} cores; load average at the end {' '.join(C.load_average())}.")
-    after = C.revision()
-    print(f"Code: {revision}" + ("" if after == revision else f"; at the end: {after} (changed during the run)"))
-    busy = busy_before + busy_after
-    if busy:
-        print("Other processes using CPU, sampled 1 s before and after the benchmark (figures are noisy):")
-        for cpu, cmd in busy[:10]:
-            print(f"  {cpu:4.2f} CPU-s/s  {cmd}")
-    else:
-        print("No other busy process was seen before or after the benchmark.")
+    C.print_machine(CORES, revision, busy_before + busy_after)
 
 
 def default_image():
@@ -568,22 +558,8 @@ def default_image():
     raise SystemExit("no 500x375 JPEG in " + C.FLOWERS + "; pass --image")
 
 
-def make_model(flags, work):
-    """inception_v3 with random weights (cost per image as real), head trained on a few flower photos."""
-    images = C.flower_subset(os.path.join(work, "images"), per_class=8)
-    out = os.path.join(work, "model")
-    cmd = [sys.executable, "-m", "retrain", "--image_dir", images, "--architecture", flags.architecture,
-           "--weights", "none", "--how_many_training_steps", "100", "--output_dir", out,
-           "--bottleneck_dir", os.path.join(work, "bottlenecks"), "--summaries_dir", ""]
-    C.log("making the model: " + " ".join(cmd))
-    code, wall, lines = C.run_timed(cmd, 1800)
-    if code != 0:
-        raise SystemExit("retrain failed:\n" + "\n".join(l for _, _, l in lines[-30:]))
-    return out
-
-
 def bench(flags, work, sections):
-    model_dir = os.path.abspath(flags.model_dir) if flags.model_dir else make_model(flags, work)
+    model_dir = os.path.abspath(flags.model_dir) if flags.model_dir else C.make_model(work, flags.architecture, 100)
     image = os.path.abspath(flags.image or default_image())
     body, lua = write_body(image, work)
     with open(os.path.join(model_dir, "model.json")) as f:

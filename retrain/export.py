@@ -52,11 +52,14 @@ def stitched_graph_def(backbone_def, head_def):
         features = graph.get_tensor_by_name(BOTTLENECK_NAME + ":0")
         tf.import_graph_def(head_def, input_map={INPUT_NAME + ":0": features}, name="head")
     graph_def = graph.as_graph_def()
+    # The head's own input placeholder is unfed now (the backbone feeds its consumers): drop it.
+    nodes = [node for node in graph_def.node if node.name != "head/" + INPUT_NAME]
+    del graph_def.node[:]
+    graph_def.node.extend(nodes)
     for node in graph_def.node:
         if node.name == "head/" + OUTPUT_NAME:
             node.name = OUTPUT_NAME
-    # Drop the head's own (now unfed) input placeholder.
-    return tf.compat.v1.graph_util.extract_sub_graph(graph_def, [OUTPUT_NAME])
+    return graph_def
 
 
 def write_model(output_graph, output_labels, graph_def, size, labels, info):

@@ -500,6 +500,7 @@ def test_frozen_graph_gives_the_keras_models_probabilities(tmp_path, image_dir):
                   export.frozen_graph_def(backbone, [None, arch.size, arch.size, 3], export.BOTTLENECK_NAME),
                   export.frozen_graph_def(head, [None, features.shape[1]]))}
     for name, graph_def in graphs.items():
+        assert [n.name for n in graph_def.node if n.op == "Placeholder"] == ["input"], name
         out = tmp_path / name
         export.write_model(str(out / "graph.pb"), str(out / "labels.txt"), graph_def, arch.size, sorted(CLASSES),
                            {"architecture": arch.name, "weights": weights})

@@ -48,18 +48,11 @@ def build_classifier(backbone, head, augmentation=None):
     return keras.Model(inputs, head(backbone(x)), name="classifier")
 
 
-def epoch_length(steps, eval_step_interval):
-    """Keras epochs all have one length: the largest up to the interval that divides `steps`."""
-    return max(i for i in range(1, min(eval_step_interval, steps) + 1) if steps % i == 0)
-
-
-def _fit(model, dataset, validation, steps, eval_step_interval, summaries_dir, desc):
-    eval_step_interval = epoch_length(steps, eval_step_interval)
-    epochs = steps // eval_step_interval
-    callbacks = [ProgressBar(epochs * eval_step_interval, eval_step_interval, desc)]
+def _fit(model, dataset, validation, epochs, steps_per_epoch, summaries_dir, desc):
+    callbacks = [ProgressBar(epochs * steps_per_epoch, steps_per_epoch, desc)]
     if summaries_dir:
         callbacks.append(keras.callbacks.TensorBoard(summaries_dir))
-    return model.fit(dataset, epochs=epochs, steps_per_epoch=eval_step_interval,
+    return model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
                      validation_data=validation, callbacks=callbacks, verbose=0)
 
 
@@ -166,7 +159,7 @@ def train_on_images(backbone, head, train_paths, train_y, val, size, flags):
     steps_per_epoch = max(1, len(train_x) // flags.fine_tune_batch_size)
     val_x, val_y = val
     val_images = (load_images(val_x, size).astype(np.float32), val_y) if len(val_x) else None
-    _fit(model, dataset, val_images, steps_per_epoch * flags.fine_tune_epochs, steps_per_epoch,
+    _fit(model, dataset, val_images, flags.fine_tune_epochs, steps_per_epoch,
          flags.summaries_dir and flags.summaries_dir + "/fine_tune", "fine-tuning")
     return build_classifier(backbone, head)
 

@@ -6,10 +6,12 @@ Prints, as tables:
   * run 1 (fresh temp --bottleneck_dir, default flags): test accuracy, wall time and
     its phases (timed from the lines retrain prints, not from its progress bars);
   * bottleneck throughput of run 1 (images computed / time between retrain's
-    "computing N bottlenecks" and "N training, ... images" lines) against the raw
-    forward throughput of the same Keras backbone measured in this process
-    (predict_on_batch on random float32 batches of 32, best of several, measured
-    right before and right after run 1), and their ratio (target >= 0.9);
+    "computed N bottlenecks in S s" line; the phase between its "computing N
+    bottlenecks" and "N training, ... images" lines, which also builds the backbone,
+    is shown too) against the raw forward throughput of the same frozen backbone
+    graph, run the way retrain runs it (bottlenecks.frozen_forward, batches of 32,
+    with 1 and with 2 calls at once) on random float32 batches in this process, right
+    before and right after run 1, and their ratio (target >= 0.9);
   * run 2, reusing the cache: wall time and speedup over run 1 (target >= 10x);
   * with --fine_tune, a third run with --fine_tune (cache reused): test accuracy
     (target >= 0.93);
@@ -47,7 +49,7 @@ def parse_args():
     p.add_argument("--no_diagnose", action="store_true", help="never run the diagnosis")
     p.add_argument("--diagnose_images", type=int, default=640, help="images used by each diagnosis step")
     p.add_argument("--diagnose_rounds", type=int, default=2, help="rounds of the diagnosis (best is kept)")
-    p.add_argument("--repeats", type=int, default=7, help="timed predict_on_batch calls per raw measurement")
+    p.add_argument("--repeats", type=int, default=7, help="timed measurements per raw forward setting")
     p.add_argument("--timeout", type=int, default=3600, help="seconds allowed to each retrain run")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (models, cache, logs)")
     return p.parse_args()
@@ -55,27 +57,38 @@ def parse_args():
 
 # ---------------------------------------------------------------- raw forward throughput
 
-def raw_forward(backbone, size, repeats, batch=32, seed=0, first_call=None):
-    """Images/s of backbone.predict_on_batch on random batches: (best, median, all).
+def raw_forward(forward, size, repeats, streams, batch=32, calls=3, seed=0):
+    """Images/s of `forward` on random batches, `streams` calls at once: (best, median, all, per CPU-s).
 
-    `first_call`, a list, receives the seconds of the first (tracing) call.
+    Each of `repeats` measurements times `streams` threads making `calls` calls each.
     """
     import numpy as np
     x = np.random.default_rng(seed).uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-    for i in range(2):  # tracing and first-run allocations
-        t = time.perf_counter()
-        backbone.predict_on_batch(x)
-        if i == 0 and first_call is not None:
-            first_call.append(time.perf_counter() - t)
-    times = []
+    for _ in range(2):  # first-run optimisation and allocations
+        forward(x)
+
+    def loop():
+        for _ in range(calls):
+            forward(x)
+
+    rates = []
     cpu0 = time.process_time()
     for _ in range(repeats):
+        threads = [threading.Thread(target=loop) for _ in range(streams)]
         t = time.perf_counter()
-        backbone.predict_on_batch(x)
-        times.append(time.perf_counter() - t)
-    per_cpu_second = batch * repeats / (time.process_time() - cpu0)
-    rates = sorted(batch / t for t in times)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rates.append(batch * calls * streams / (time.perf_counter() - t))
+    per_cpu_second = batch * calls * streams * repeats / (time.process_time() - cpu0)
+    rates.sort()
     return rates[-1], rates[len(rates) // 2], rates, per_cpu_second
+
+
+def raw_forwards(forward, size, repeats):
+    """raw_forward with 1 and with 2 calls at once (get_bottlenecks makes 2)."""
+    return {streams: raw_forward(forward, size, repeats, streams) for streams in (1, 2)}
 
 
 # ---------------------------------------------------------------- retrain runs
@@ -115,18 +128,22 @@ def cpu_at(cpu_log, t):
 def phases(lines, wall):
     """Seconds spent in each phase of one retrain run, from the lines it prints."""
     t_compute, compute_line = first(lines, "bottlenecks (")
+    t_computed, computed_line = first(lines, "computed ")
     t_sets, _ = first(lines, " training, ")
     t_loading, _ = first(lines, "loading images")
     t_val, _ = first(lines, "validation accuracy =")
     t_wrote, _ = first(lines, "wrote ")
     computed = int(compute_line.split("computing ")[1].split()[0]) if compute_line else 0
-    marks = [("start-up: imports, backbone, image list, cache check", 0.0, t_compute or t_sets),
-             ("bottlenecks computed", t_compute, t_sets if t_compute else None),
+    compute_seconds = float(computed_line.split(" in ")[1].split()[0]) if computed_line else None
+    marks = [("start-up: imports, image list, cache check", 0.0, t_compute or t_sets),
+             ("backbone built, frozen, loaded", t_compute, t_computed - compute_seconds if t_computed else None),
+             ("bottlenecks computed", t_computed - compute_seconds if t_computed else None, t_computed),
+             ("(bottleneck phase: the two above and the cache read)", t_compute, t_sets if t_compute else None),
              ("head training" + (" + fine-tuning" if t_loading else ""), t_sets, t_val),
              ("evaluation, export of graph.pb", t_val, t_wrote),
              ("exit", t_wrote, wall)]
     rows = [(name, b - a) for name, a, b in marks if a is not None and b is not None]
-    return rows, computed, (t_sets - t_compute) if t_compute and t_sets else None
+    return rows, computed, compute_seconds, t_computed
 
 
 def accuracy_of(out):
@@ -136,7 +153,7 @@ def accuracy_of(out):
 
 # ---------------------------------------------------------------- diagnosis
 
-def diagnose(flags, backbone, arch, paths, work, raw_best):
+def diagnose(flags, forward, feature_dim, arch, paths, work, raw_best):
     """Where does get_bottlenecks lose against the raw forward rate? One change at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -165,7 +182,7 @@ def diagnose(flags, backbone, arch, paths, work, raw_best):
     rows.append(("decode_image alone, 2 threads", decode2, None, ""))
 
     # The cache write: atomic.write_bytes (fsync per file) against a plain write.
-    vector = np.zeros(backbone.output_shape[-1], np.float32)
+    vector = np.zeros(feature_dim, np.float32)
     blob = io.BytesIO()
     np.save(blob, vector)
     scratch = os.path.join(work, "diag-writes")
@@ -191,39 +208,40 @@ def diagnose(flags, backbone, arch, paths, work, raw_best):
     decoders = [threading.Thread(target=decode_forever, daemon=True) for _ in range(2)]
     for d in decoders:
         d.start()
-    contended = raw_forward(backbone, size, max(3, flags.repeats // 2))[0]
+    contended = raw_forward(forward, size, max(3, flags.repeats // 2), 1)[0]
     stop.set()
     for d in decoders:
         d.join()
-    rows.append(("predict_on_batch(32) while 2 threads decode", contended, contended / raw_best,
+    rows.append(("forward(32), 1 call at a time, while 2 threads decode", contended, contended / raw_best,
                  "TF threads and decode threads share 2 cores"))
 
     # The product's get_bottlenecks on a subset, as is and with one change at a time.
     step = max(1, len(paths) // flags.diagnose_images)
     subset = paths[::step][:flags.diagnose_images]  # spread over every class and set
     real_write = atomic.write_bytes
-    real_pool = bottlenecks.ThreadPoolExecutor
 
     def no_write(path, data, durable=True):
         pass
 
     best = {}
 
-    def run(label, note, batch_size=bottlenecks.BATCH_SIZE, write=None, decode_threads=None):
+    def run(label, note, batch_size=bottlenecks.BATCH_SIZE, write=None, **threads):
         cache = tempfile.mkdtemp(dir=work, prefix="diag-cache.")
+        saved = {name: getattr(bottlenecks, name) for name in threads}
         try:
             if write:
                 atomic.write_bytes = write
-            if decode_threads:
-                bottlenecks.ThreadPoolExecutor = lambda max_workers: real_pool(max_workers=decode_threads)
+            for name, value in threads.items():
+                setattr(bottlenecks, name, value)
             with quiet:
                 t = time.perf_counter()
-                features, _ = bottlenecks.get_bottlenecks(subset, backbone.predict_on_batch, size, cache,
+                features, _ = bottlenecks.get_bottlenecks(subset, lambda: forward, size, cache,
                                                           batch_size=batch_size)
                 seconds = time.perf_counter() - t
         finally:
             atomic.write_bytes = real_write
-            bottlenecks.ThreadPoolExecutor = real_pool
+            for name, value in saved.items():
+                setattr(bottlenecks, name, value)
             shutil.rmtree(cache, ignore_errors=True)
         r = rate(len(features), seconds)
         C.log(f"diagnose: {label}: {r:.1f} img/s")
@@ -231,9 +249,11 @@ def diagnose(flags, backbone, arch, paths, work, raw_best):
 
     # Rounds, best per variant: the machine is shared, one slow round is noise.
     for _ in range(flags.diagnose_rounds):
-        run("get_bottlenecks as is (batch 32, 2 decode threads)", "the product code path, warm")
+        run("get_bottlenecks as is (batch 32, 2 decode threads, 2 forward calls at once)",
+            "the product code path, warm")
         run("  ... without the cache write", "atomic.write_bytes replaced by a no-op", write=no_write)
-        run("  ... 1 decode thread", "", decode_threads=1)
+        run("  ... 1 decode thread", "", DECODE_THREADS=1)
+        run("  ... 1 forward call at a time", "", FORWARD_THREADS=1)
         run("  ... batch 64", "", batch_size=64)
     for (label, note), rates in best.items():
         rows.append((label, max(rates), max(rates) / raw_best,
@@ -266,47 +286,48 @@ def main():
 
 def bench(flags, work):
     import keras  # noqa: F401  (imports TensorFlow)
-    from retrain import backbones, images
+    from retrain import backbones, bottlenecks, export, images
 
     arch = backbones.ARCHITECTURES[flags.architecture]
     lists = images.create_image_lists([flags.image_dir], 10, 10)
     paths = [p for s in lists.sets().values() for ps in s.values() for p in ps]
-    C.log(f"{len(paths)} images; building the {arch.name} backbone in this process")
+    C.log(f"{len(paths)} images; building and freezing the {arch.name} backbone in this process")
     backbone = backbones.build_backbone(arch, flags.weights)
+    feature_dim = backbone.output_shape[-1]
+    forward = bottlenecks.frozen_forward(
+        export.frozen_graph_def(backbone, [None, arch.size, arch.size, 3], export.BOTTLENECK_NAME))
 
-    first_call = []
-    raw_before = raw_forward(backbone, arch.size, flags.repeats, first_call=first_call)
-    C.log(f"raw forward before run 1: best {raw_before[0]:.1f} img/s, median {raw_before[1]:.1f}")
+    raw_before = raw_forwards(forward, arch.size, flags.repeats)
+    C.log("raw forward before run 1: " + "; ".join(f"{n} at once: median {r[1]:.1f} img/s"
+                                                   for n, r in raw_before.items()))
 
     cache = os.path.join(work, "bottlenecks")
     out1, out2, out3 = (os.path.join(work, n) for n in ("model1", "model2", "model_fine_tune"))
     cmd1 = retrain_cmd(flags, out1, cache)
     wall1, lines1, cpu1 = run_retrain("run 1 (empty cache)", cmd1, flags.timeout, os.path.join(work, "run1.log"))
-    raw_after = raw_forward(backbone, arch.size, flags.repeats)
-    C.log(f"raw forward after run 1: best {raw_after[0]:.1f} img/s, median {raw_after[1]:.1f}")
+    raw_after = raw_forwards(forward, arch.size, flags.repeats)
+    C.log("raw forward after run 1: " + "; ".join(f"{n} at once: median {r[1]:.1f} img/s"
+                                                  for n, r in raw_after.items()))
     cmd2 = retrain_cmd(flags, out2, cache)
     wall2, lines2, _ = run_retrain("run 2 (cache reused)", cmd2, flags.timeout, os.path.join(work, "run2.log"))
 
-    phases1, computed, bottleneck_seconds = phases(lines1, wall1)
-    phases2, computed2, _ = phases(lines2, wall2)
+    phases1, computed, compute_seconds, t_computed = phases(lines1, wall1)
+    phases2, _, _, _ = phases(lines2, wall2)
     acc1, acc2 = accuracy_of(out1), accuracy_of(out2)
-    raw_best = max(raw_before[0], raw_after[0])
-    raw_median = sorted(raw_before[2] + raw_after[2])[len(raw_before[2] + raw_after[2]) // 2]
-    bottleneck_rate = computed / bottleneck_seconds if bottleneck_seconds else None
+    # Every raw measurement of the better setting (1 or 2 calls at once), before and after run 1.
+    raw_all = {n: sorted(raw_before[n][2] + raw_after[n][2]) for n in raw_before}
+    raw_median = {n: rates[len(rates) // 2] for n, rates in raw_all.items()}
+    streams = max(raw_median, key=raw_median.get)
+    raw_best, raw_med = raw_all[streams][-1], raw_median[streams]
+    bottleneck_rate = computed / compute_seconds if compute_seconds else None
     ratio = bottleneck_rate / raw_best if bottleneck_rate else None
     speedup = wall1 / wall2
-    # Run 1's bottleneck phase includes one first (tracing) call of predict_on_batch, as
-    # this process's first call did: an estimate of that one-off cost.
-    tracing = max(0.0, first_call[0] - 32 / raw_before[1])
-    rate_steady = computed / (bottleneck_seconds - tracing) if bottleneck_seconds else None
     # Per CPU-second of the process, which other load on the machine affects much less
-    # than per second of wall time: the bottleneck phase's (decode threads included)
-    # against the raw predict_on_batch's.
-    t_compute, _ = first(lines1, "bottlenecks (")
-    t_sets, _ = first(lines1, " training, ")
-    phase_cpu = (cpu_at(cpu1, t_sets) - cpu_at(cpu1, t_compute)) if t_compute and t_sets else None
+    # than per second of wall time: the bottleneck computation's (decode threads included)
+    # against the raw forward pass's.
+    phase_cpu = (cpu_at(cpu1, t_computed) - cpu_at(cpu1, t_computed - compute_seconds)) if compute_seconds else None
     per_cpu = computed / phase_cpu if phase_cpu else None
-    raw_per_cpu = max(raw_before[3], raw_after[3])
+    raw_per_cpu = max(raw_before[streams][3], raw_after[streams][3])
 
     def shown(arg):
         arg = str(arg)
@@ -325,32 +346,30 @@ def bench(flags, work):
          ("validation accuracy, run 1", f"{acc1['validation']:.4f}", "", ""),
          ("wall time, run 1 (empty cache), s", wall1, "", ""),
          ("bottlenecks computed in run 1", str(computed), "", ""),
-         ("bottleneck phase of run 1, s", bottleneck_seconds, "", ""),
+         ("time retrain took to compute them, s", compute_seconds, "", ""),
          ("bottleneck throughput, img/s", bottleneck_rate, "", ""),
-         ("raw predict_on_batch(32) throughput, best, img/s", raw_best, "", ""),
-         ("raw predict_on_batch(32) throughput, median, img/s", raw_median, "", ""),
+         (f"raw forward throughput, best, img/s ({streams} call(s) at once, the better)", raw_best, "", ""),
+         ("raw forward throughput, median, img/s", raw_med, "", ""),
          ("ratio bottleneck / raw best", f"{ratio:.3f}" if ratio else "-", ">= 0.9",
           "yes" if ratio and ratio >= 0.9 else "no"),
-         ("ratio bottleneck / raw median", f"{bottleneck_rate / raw_median:.3f}" if ratio else "-", "", ""),
-         ("one-off first predict_on_batch (tracing) cost, s (est.)", tracing, "", ""),
-         ("bottleneck throughput without that one-off cost, img/s (est.)", rate_steady, "", ""),
-         ("  ratio of that / raw best (est.)", f"{rate_steady / raw_best:.3f}" if rate_steady else "-", "", ""),
-         ("CPU of run 1's bottleneck phase, core-seconds (cores busy)",
-          f"{phase_cpu:.1f} ({phase_cpu / bottleneck_seconds:.2f})" if phase_cpu else "-", "", ""),
+         ("ratio bottleneck / raw median", f"{bottleneck_rate / raw_med:.3f}" if ratio else "-", "", ""),
+         ("CPU of that computation, core-seconds (cores busy)",
+          f"{phase_cpu:.1f} ({phase_cpu / compute_seconds:.2f})" if phase_cpu else "-", "", ""),
          ("bottlenecks per CPU-second", per_cpu, "", ""),
-         ("raw predict_on_batch(32) images per CPU-second (best of before/after)", raw_per_cpu, "", ""),
+         ("raw forward images per CPU-second (best of before/after)", raw_per_cpu, "", ""),
          ("  ratio per CPU-second (efficiency, robust to other load)",
           f"{per_cpu / raw_per_cpu:.3f}" if per_cpu else "-", "", ""),
          ("wall time, run 2 (cache reused), s", wall2, "", ""),
          ("test accuracy, run 2", f"{acc2['test']:.4f}", "", ""),
          ("speedup run 1 / run 2", f"{speedup:.2f}x", ">= 10x", "yes" if speedup >= 10 else "no")],
         "Results"))
-    out.append(C.table(["raw forward measurement", "best img/s", "median img/s", "img per CPU-s", "all img/s"],
-                       [("before run 1", raw_before[0], raw_before[1], raw_before[3],
-                         " ".join(f"{r:.1f}" for r in raw_before[2])),
-                        ("after run 1", raw_after[0], raw_after[1], raw_after[3],
-                         " ".join(f"{r:.1f}" for r in raw_after[2]))],
-                       "Raw forward throughput (same backbone, this process, random batches of 32)"))
+    out.append(C.table(["raw forward measurement", "calls at once", "best img/s", "median img/s",
+                        "img per CPU-s", "all img/s"],
+                       [(when, n, r[0], r[1], r[3], " ".join(f"{x:.1f}" for x in r[2]))
+                        for when, raws in (("before run 1", raw_before), ("after run 1", raw_after))
+                        for n, r in raws.items()],
+                       "Raw forward throughput (the frozen backbone, bottlenecks.frozen_forward, "
+                       "this process, random batches of 32)"))
     rows = []
     d2 = dict(phases2)
     for name, seconds in phases1:
@@ -362,7 +381,7 @@ def bench(flags, work):
         cmd3 = retrain_cmd(flags, out3, cache, ["--fine_tune"])
         wall3, lines3, _ = run_retrain("run 3 (--fine_tune)", cmd3, flags.timeout, os.path.join(work, "run3.log"))
         acc3 = accuracy_of(out3)
-        phases3, _, _ = phases(lines3, wall3)
+        phases3 = phases(lines3, wall3)[0]
         out.append(C.table(
             ["measure", "value", "target", "met"],
             [("test accuracy, --fine_tune", f"{acc3['test']:.4f}", ">= 0.93", "yes" if acc3["test"] >= 0.93 else "no"),
@@ -373,11 +392,12 @@ def bench(flags, work):
 
     if flags.diagnose or (ratio is not None and ratio < 0.9 and not flags.no_diagnose):
         C.log("diagnosing the bottleneck throughput")
-        rows, fsync_ms, plain_ms, decode1, decode2 = diagnose(flags, backbone, arch, paths, work, raw_best)
+        rows, fsync_ms, plain_ms, decode1, decode2 = diagnose(flags, forward, feature_dim, arch, paths, work,
+                                                              raw_best)
         out.append(C.table(["in-process variant", "img/s", "/ raw best", "note"],
                            [(a, b, f"{c:.3f}" if c else "-", d) for a, b, c, d in rows],
                            f"Diagnosis: get_bottlenecks on {min(len(paths), flags.diagnose_images)} images "
-                           "in this process (warm, same backbone), one change at a time"))
+                           "in this process (warm, same frozen backbone), one change at a time"))
         per_batch_ms = 32 * fsync_ms
         out.append(f"Cache write: atomic.write_bytes {fsync_ms:.2f} ms per file with durable=True (fsync), "
                    f"{plain_ms:.2f} ms with durable=False (what get_bottlenecks uses now); per batch of 32, "

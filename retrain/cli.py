@@ -119,8 +119,9 @@ def main(argv=None):
     cache_dir = os.path.join(flags.bottleneck_dir, f"{arch.name}-{backbones.weights_tag(flags.weights)}"
                                                    f"-p{PREPROCESSING_VERSION}")
     all_paths = [p for s in lists.sets().values() for paths in s.values() for p in paths]
-    features, skipped = bottlenecks.get_bottlenecks(all_paths, lambda batch: backbone().predict_on_batch(batch),
-                                                    arch.size, cache_dir)
+    features, skipped = bottlenecks.get_bottlenecks(
+        all_paths, lambda: bottlenecks.frozen_forward(backbone_graph_def(cache_dir, backbone, arch.size)),
+        arch.size, cache_dir)
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
         for path, reason in sorted(skipped.items()):

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -135,12 +136,14 @@ class CountingForward:
 
     def __init__(self, model, fail_on_call=None):
         self.model, self.images, self.calls, self.fail_on_call = model, 0, 0, fail_on_call
+        self.lock = threading.Lock()  # get_bottlenecks calls it from two threads
 
     def __call__(self, batch):
-        self.calls += 1
-        if self.calls == self.fail_on_call:
-            raise RuntimeError("killed midway")
-        self.images += len(batch)
+        with self.lock:
+            self.calls += 1
+            if self.calls == self.fail_on_call:
+                raise RuntimeError("killed midway")
+            self.images += len(batch)
         return self.model.predict_on_batch(batch)
 
 
@@ -160,20 +163,21 @@ def cache_files(cache_dir):
 def test_second_run_reuses_the_cache(cache_case):
     paths, cache_dir, counter = cache_case
     first = counter()
-    features, skipped = get_bottlenecks(paths, first, SIZE, cache_dir, batch_size=4)
+    features, skipped = get_bottlenecks(paths, lambda: first, SIZE, cache_dir, batch_size=4)
     assert first.images == len(paths) and not skipped and set(features) == set(paths)
     assert len(cache_files(cache_dir)) == len(paths)
 
-    second = counter()
-    again, skipped = get_bottlenecks(paths, second, SIZE, cache_dir, batch_size=4)
-    assert second.images == 0 and second.calls == 0
+    def no_network():
+        raise AssertionError("the network was built although every bottleneck is cached")
+    again, skipped = get_bottlenecks(paths, no_network, SIZE, cache_dir, batch_size=4)
+    assert not skipped
     for path in paths:
         np.testing.assert_allclose(again[path], features[path], rtol=1e-6)
 
 
 def test_a_newer_image_is_recomputed(cache_case, tiny_backbone):
     paths, cache_dir, counter = cache_case
-    features, _ = get_bottlenecks(paths, counter(), SIZE, cache_dir, batch_size=4)
+    features, _ = get_bottlenecks(paths, counter, SIZE, cache_dir, batch_size=4)
     # Replace one photo and make it clearly newer than its cache file.
     changed = paths[0]
     with open(changed, "wb") as f:
@@ -182,7 +186,7 @@ def test_a_newer_image_is_recomputed(cache_case, tiny_backbone):
     os.utime(changed, (future, future))
 
     second = counter()
-    again, _ = get_bottlenecks(paths, second, SIZE, cache_dir, batch_size=4)
+    again, _ = get_bottlenecks(paths, lambda: second, SIZE, cache_dir, batch_size=4)
     assert second.images == 1
     expected = tiny_backbone.predict_on_batch(decode_image(changed, (SIZE, SIZE))[None])[0]
     np.testing.assert_allclose(again[changed], expected, rtol=1e-5)
@@ -199,7 +203,7 @@ def test_a_newer_image_is_recomputed(cache_case, tiny_backbone):
 ], ids=["garbage", "data-cut", "header-cut", "empty"])
 def test_a_corrupt_cache_file_is_recomputed(cache_case, corrupt):
     paths, cache_dir, counter = cache_case
-    features, _ = get_bottlenecks(paths, counter(), SIZE, cache_dir, batch_size=4)
+    features, _ = get_bottlenecks(paths, counter, SIZE, cache_dir, batch_size=4)
     victim = cache_path(cache_dir, paths[3])
     with open(victim, "rb") as f:
         data = f.read()
@@ -209,7 +213,7 @@ def test_a_corrupt_cache_file_is_recomputed(cache_case, corrupt):
     os.utime(victim, (future, future))
 
     second = counter()
-    again, skipped = get_bottlenecks(paths, second, SIZE, cache_dir, batch_size=4)
+    again, skipped = get_bottlenecks(paths, lambda: second, SIZE, cache_dir, batch_size=4)
     assert second.images == 1 and not skipped
     np.testing.assert_allclose(again[paths[3]], features[paths[3]], rtol=1e-5)
     np.testing.assert_allclose(np.load(victim), features[paths[3]], rtol=1e-5)   # repaired
@@ -222,27 +226,28 @@ def test_same_name_in_two_image_folders_keeps_two_bottlenecks(tmp_path, tiny_bac
         with open(path, "wb") as f:
             f.write(shape_image(label, 1))
     cache_dir = str(tmp_path / "cache")
-    first, _ = get_bottlenecks(paths, CountingForward(tiny_backbone), SIZE, cache_dir)
+    first, _ = get_bottlenecks(paths, lambda: CountingForward(tiny_backbone), SIZE, cache_dir)
     assert not np.allclose(first[paths[0]], first[paths[1]])
-    second, _ = get_bottlenecks(paths, CountingForward(tiny_backbone), SIZE, cache_dir)
+    second, _ = get_bottlenecks(paths, lambda: CountingForward(tiny_backbone), SIZE, cache_dir)
     for path in paths:
         np.testing.assert_allclose(second[path], first[path], rtol=1e-5)
 
 
 def test_cache_files_are_written_atomically(cache_case):
     paths, cache_dir, counter = cache_case
-    # A run that dies in its second batch keeps the first batch, whole, and no temp files.
+    # A run that dies in its second network call keeps the batches computed before, whole,
+    # and no temp files. (Two batches run at once, so the one that failed may be the third.)
     with pytest.raises(RuntimeError, match="killed midway"):
-        get_bottlenecks(paths, counter(fail_on_call=2), SIZE, cache_dir, batch_size=4)
+        get_bottlenecks(paths, lambda: counter(fail_on_call=2), SIZE, cache_dir, batch_size=4)
     written = cache_files(cache_dir)
-    assert len(written) == 4
+    assert len(written) in (4, 8)
     for path in written:
         assert path.endswith(".npy") and not os.path.basename(path).startswith(".")
         assert np.load(path).shape == (8,)
 
     resumed = counter()
-    get_bottlenecks(paths, resumed, SIZE, cache_dir, batch_size=4)
-    assert resumed.images == len(paths) - 4
+    get_bottlenecks(paths, lambda: resumed, SIZE, cache_dir, batch_size=4)
+    assert resumed.images == len(paths) - len(written)
     assert len(cache_files(cache_dir)) == len(paths)
     assert not [f for f in cache_files(cache_dir) if f.endswith(".tmp") or "/." in f]
 
@@ -261,7 +266,7 @@ def test_unreadable_images_are_skipped_with_a_reason(cache_case):
     broken = os.path.join(os.path.dirname(paths[0]), "broken.jpg")
     with open(broken, "wb") as f:
         f.write(broken_jpeg())
-    features, skipped = get_bottlenecks(paths + [broken], counter(), SIZE, cache_dir, batch_size=4)
+    features, skipped = get_bottlenecks(paths + [broken], counter, SIZE, cache_dir, batch_size=4)
     assert set(features) == set(paths)
     assert list(skipped) == [broken] and "truncated" in skipped[broken]
     assert not os.path.exists(cache_path(cache_dir, broken))

@@ -66,9 +66,10 @@ ENV VIRTUAL_ENV=/opt/venv \
     MODEL_DIR=/models/model \
     HOST=0.0.0.0 \
     PORT=8000 \
-    WEB_CONCURRENCY=2 \
+    WEB_CONCURRENCY=1 \
     THREADS=4 \
-    TF_INTRA_OP_THREADS=1 \
+    TF_INTRA_OP_THREADS=2 \
+    TF_INTER_OP_THREADS=2 \
     XDG_RUNTIME_DIR=/tmp
 # os.cpu_count() in a container is the host's core count, not the container's CPU limit, so the
 # image does not let gunicorn.conf.py guess: WEB_CONCURRENCY x TF_INTRA_OP_THREADS = 2 cores. Set them

@@ -1,8 +1,13 @@
 """gunicorn settings for `gunicorn classify_server:app`; each is an environment variable.
 
-Workers default to the CPU count (WEB_CONCURRENCY overrides, as gunicorn itself
-reads it), and each worker's TensorFlow session gets cores / workers threads,
-so that all workers together use every core once and no more.
+One worker by default (WEB_CONCURRENCY overrides, as gunicorn itself reads it),
+whose TensorFlow session uses every core: each op over all of them, and as many
+requests' runs at once as there are cores. With N workers each session gets
+cores / N threads, so that all workers together use every core once and no more.
+Why one: a kept-alive connection stays with the worker that accepted it, and
+Linux often hands every connection of a few clients to the same worker while the
+others idle; one worker cannot be left idle, holds one copy of the model, and was
+the fastest layout in BENCHMARKS.md.
 """
 import os
 import sys
@@ -10,7 +15,7 @@ import tempfile
 
 cores = os.cpu_count() or 1
 bind = os.environ.get("BIND", f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}")
-workers = int(os.environ.get("WEB_CONCURRENCY", cores))
+workers = int(os.environ.get("WEB_CONCURRENCY", 1))
 worker_class = os.environ.get("WORKER_CLASS", "gthread")
 threads = int(os.environ.get("THREADS", 4))
 timeout = int(os.environ.get("TIMEOUT", 60))
@@ -78,7 +83,7 @@ def child_exit(server, worker):
 
 
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, cores // workers)))
-os.environ.setdefault("TF_INTER_OP_THREADS", "1")
+os.environ.setdefault("TF_INTER_OP_THREADS", os.environ["TF_INTRA_OP_THREADS"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # A client trickling its request body would otherwise hold one of a worker's THREADS

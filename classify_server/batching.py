@@ -29,14 +29,13 @@ class Batcher:
         self.queue.put(None)
 
     def _collect(self, first):
+        """`first` and the requests that join it: all those already waiting (they queued
+        while the last batch ran, so they cost no wait), then new ones until the timeout."""
         batch, size = [first], len(first[0])
         deadline = time.monotonic() + self.timeout
         while size < self.max_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
             try:
-                item = self.queue.get(timeout=remaining)
+                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
             if item is None:  # closing: finish this batch, then stop

@@ -44,3 +44,30 @@ def test_a_bad_image_in_a_batch_harms_no_other_request(trained_model):
         good = answers(app, IMAGES[:8], workers=8)
     assert all(f.result().status_code == 400 for f in bad)
     assert len(good) == 8
+
+
+def test_requests_that_queued_during_a_run_form_the_next_batch_without_waiting():
+    # BATCH_TIMEOUT_MS=0: no waiting for company, yet what queued while the last
+    # batch ran goes into the next one, whole.
+    import threading
+    import time
+    from classify_server.batching import Batcher
+    sizes, started = [], threading.Event()
+
+    def run(inputs):
+        sizes.append(len(inputs))
+        started.set()
+        time.sleep(0.3)
+        return [x * 10 for x in inputs]
+
+    batcher = Batcher(run, max_size=8, timeout_ms=0)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(batcher.predict, [1])
+            assert started.wait(5)
+            rest = [pool.submit(batcher.predict, [x]) for x in (2, 3, 4)]
+            assert first.result(5) == [10]
+            assert [f.result(5) for f in rest] == [[20], [30], [40]]
+        assert sizes == [1, 3]
+    finally:
+        batcher.close()

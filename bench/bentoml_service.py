@@ -12,8 +12,9 @@ classify_server package), as
     MODEL_DIR=model PYTHONPATH=. bentoml serve bentoml_service:Classifier --working-dir bench
 
 It loads graph.pb with the service's own session code (classify_server.model.Classifier,
-same preprocessing, same thread settings as gunicorn.conf.py: one worker per core,
-cores / workers TensorFlow threads each), so only the HTTP framework differs.
+same preprocessing, same thread settings as gunicorn.conf.py: one worker by default
+(BENTO_WORKERS), cores / workers TensorFlow threads for each op and as many runs at
+once), so only the HTTP framework differs.
 POST /classify with multipart field `data` answers [[label, score], ...].
 """
 import os
@@ -22,7 +23,7 @@ from pathlib import Path
 import bentoml
 
 CORES = os.cpu_count() or 1
-WORKERS = int(os.environ.get("BENTO_WORKERS", CORES))
+WORKERS = int(os.environ.get("BENTO_WORKERS", 1))
 
 
 @bentoml.service(workers=WORKERS, traffic={"timeout": 120})
@@ -31,7 +32,7 @@ class Classifier:
         from classify_server.model import Classifier as Session
         self.model = Session(os.environ.get("MODEL_DIR", "model"),
                              intra_threads=int(os.environ.get("TF_INTRA_OP_THREADS", max(1, CORES // WORKERS))),
-                             inter_threads=int(os.environ.get("TF_INTER_OP_THREADS", 1)))
+                             inter_threads=int(os.environ.get("TF_INTER_OP_THREADS", max(1, CORES // WORKERS))))
         self.model.warm_up()
 
     @bentoml.api

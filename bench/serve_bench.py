@@ -733,7 +733,9 @@ def bench(flags, work, sections):
         else:
             port = C.free_port()
             env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS and k != "VIRTUAL_ENV"}
-            env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2")
+            env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2",
+                       BENTO_WORKERS=str(default_workers), TF_INTRA_OP_THREADS=str(default_intra),
+                       TF_INTER_OP_THREADS=str(default_inter))  # our default layout
             env["PATH"] = os.path.join(flags.bentoml_venv, "bin") + os.pathsep + env.get("PATH", "")
             try:
                 servers.append(serve_and_load(
@@ -741,6 +743,7 @@ def bench(flags, work, sections):
                     [bentoml, "serve", "bentoml_service:Classifier", "--host", "127.0.0.1", "--port", str(port),
                      "--working-dir", BENCH, "--do-not-track"],
                     env, BENCH, port, "/classify", "/readyz", default_workers, flags, body, lua, work))
+                servers[-1].update(intra=default_intra, inter=default_inter)
             except Exception as exc:
                 sections.append(f"### e. BentoML\n\nfailed: {exc}\n")
 

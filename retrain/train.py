@@ -35,8 +35,11 @@ class ProgressBar(keras.callbacks.Callback):
 def build_head(feature_dim, class_count, l2=0.0):
     # An L2 penalty keeps the layer from memorising the training set: it is a
     # logistic regression on the features, and it generalises like a regularised one.
+    # A fixed seed: the same bottlenecks give the same layer, whether this run computed
+    # them (and built the backbone, which draws from Keras' default seed) or read them.
     return keras.Sequential([keras.Input((feature_dim,), name="bottleneck"),
                              keras.layers.Dense(class_count, activation="softmax", name="final_result",
+                                                kernel_initializer=keras.initializers.GlorotUniform(seed=0),
                                                 kernel_regularizer=keras.regularizers.L2(l2) if l2 else None)],
                             name="head")
 

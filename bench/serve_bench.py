@@ -10,9 +10,9 @@ here on a few flower photos unless --model_dir is given. Prints tables of:
      the model's FLOPs per image (conv + matmul, summed from the frozen graph, and
      tf.compat.v1.profiler's count) and the images/s they allow; the raw in-process
      session.run throughput of graph.pb for each batch size and thread setting (each
-     setting in a fresh process), batch-1 latency (median); and the default server's
-     compute layout alone: one process per core, each with its own session of
-     cores/workers threads, batch 1, run side by side.
+     setting in a fresh process; sustained: images over the total time of the runs),
+     also with two threads calling session.run at once; batch-1 latency (median); and
+     the default server's compute layout alone: its one process, batch 1.
   b. the server: `gunicorn classify_server:app` (gunicorn.conf.py defaults; -b
      127.0.0.1:<free port>) under wrk (another process; a Lua script POSTs a multipart
      body with a 500x375 flower JPEG): throughput at each concurrency, p50/p90/p99,

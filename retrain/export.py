@@ -33,10 +33,7 @@ def frozen_graph_def(model, shape, output_name=OUTPUT_NAME):
     """A Keras model as one GraphDef, weights folded in as constants: `input:0` -> `output_name:0`."""
     frozen = convert_variables_to_constants_v2(_serving_function(model, shape).get_concrete_function())
     graph_def = frozen.graph.as_graph_def()
-    output = frozen.outputs[0].name.split(":")[0]
-    for node in graph_def.node:  # give the output the name retrain.py's graphs use
-        if node.name == output:
-            node.name = output_name
+    _rename(graph_def, frozen.outputs[0].name.split(":")[0], output_name)  # the name retrain.py's graphs use
     return graph_def
 
 
@@ -56,10 +53,15 @@ def stitched_graph_def(backbone_def, head_def):
     nodes = [node for node in graph_def.node if node.name != "head/" + INPUT_NAME]
     del graph_def.node[:]
     graph_def.node.extend(nodes)
-    for node in graph_def.node:
-        if node.name == "head/" + OUTPUT_NAME:
-            node.name = OUTPUT_NAME
+    _rename(graph_def, "head/" + OUTPUT_NAME, OUTPUT_NAME)
     return graph_def
+
+
+def _rename(graph_def, old, new):
+    """Rename the output node `old` (nothing consumes it, so no input needs changing)."""
+    for node in graph_def.node:
+        if node.name == old:
+            node.name = new
 
 
 def write_model(output_graph, output_labels, graph_def, size, labels, info):

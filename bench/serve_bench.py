@@ -122,6 +122,8 @@ def child_main(kind, opts):
         loop(opts)
     elif kind == "app":
         print("BENCH_JSON " + json.dumps(app_overhead(opts)), flush=True)
+    elif kind == "paired":
+        print("BENCH_JSON " + json.dumps(paired(opts)), flush=True)
 
 
 def ceiling(opts):
@@ -303,6 +305,44 @@ def app_overhead(opts):
     return {"run_ms": med(run), "post_ms": med(post), "decode_ms": med(decode), "runs": opts["runs"]}
 
 
+def paired(opts):
+    """One POST to the running server (a kept-alive connection, as wrk's), then one bare batch-1
+    session.run in this process with the server's thread settings, alternating: the c = 1 overhead
+    measured within the same seconds, so the machine's drift (steal, other load) falls on both alike.
+    Medians in ms, with the server's own decode and inference times from its Server-Timing header."""
+    clf, pixels, np = load_session(opts)
+    one = np.stack([pixels])
+    with open(opts["body"], "rb") as f:
+        body = f.read()
+    conn = http.client.HTTPConnection("127.0.0.1", opts["port"], timeout=120)
+    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    post_ms, run_ms, diff_ms, server = [], [], [], {"decode": [], "inference": []}
+    for i in range(opts["runs"] + 2):  # the first two pairs warm up the connection and the session
+        t0 = time.perf_counter()
+        conn.request("POST", "/", body, headers)
+        response = conn.getresponse()
+        response.read()
+        t1 = time.perf_counter()
+        clf.session.run(clf.output, {clf.input: one})
+        t2 = time.perf_counter()
+        if response.status != 200:
+            raise RuntimeError(f"POST / answered {response.status}")
+        if i < 2:
+            continue
+        post_ms.append((t1 - t0) * 1000)
+        run_ms.append((t2 - t1) * 1000)
+        diff_ms.append(post_ms[-1] - run_ms[-1])
+        for part in response.getheader("Server-Timing", "").split(","):
+            name, _, dur = part.strip().partition(";dur=")
+            if name in server:
+                server[name].append(float(dur))
+    conn.close()
+    med = statistics.median
+    return {"post_ms": med(post_ms), "run_ms": med(run_ms), "diff_ms": med(diff_ms), "runs": opts["runs"],
+            "server_decode_ms": med(server["decode"]) if server["decode"] else None,
+            "server_inference_ms": med(server["inference"]) if server["inference"] else None}
+
+
 def run_child(kind, opts, timeout):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, json.dumps(opts)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
@@ -481,8 +521,10 @@ def wait_settled(process, port, ready_path, min_children, timeout=240):
     return time.monotonic() - t0
 
 
-def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, flags, body, lua, work):
-    """Start a server, check one answer, warm it up, run wrk at each concurrency, stop it."""
+def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, flags, body, lua, work,
+                   pair_opts=None):
+    """Start a server, check one answer, warm it up, run wrk at each concurrency, stop it.
+    With `pair_opts`, also measure its c = 1 overhead against a bare session.run (`paired`)."""
     slug = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
     log_path = os.path.join(work, f"server-{slug}.log")
     env = dict(env, PROMETHEUS_MULTIPROC_DIR=os.path.join(work, f"metrics-{slug}"))  # removed with `work`
@@ -528,6 +570,9 @@ def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, fl
             C.log(f"{name}: c={c}: {r['rps']:.2f} req/s, p50 {r['p50_us'] / 1000:.0f} ms, "
                   f"non-200 {r['non200']}, socket errors {r['socket_errors']}")
         sampler.stop()
+        if pair_opts:
+            C.log(f"{name}: c=1 paired with a bare session.run, {pair_opts['runs']} pairs")
+            result["paired"] = run_child("paired", dict(pair_opts, port=port), 900)
         master_children = C.children_of(process.pid)
         result["rss"] = {pid: (sampler.peak[pid], sampler.names.get(pid, "?")) for pid in sampler.peak}
         result["master"] = process.pid
@@ -685,11 +730,14 @@ def bench(flags, work, sections):
             env.update(MODEL_DIR=model_dir, **env_over)
             workers = int(env_over.get("WEB_CONCURRENCY", 1))
             name = "gunicorn " + (variant or "default")
+            intra = int(env_over.get("TF_INTRA_OP_THREADS", max(1, CORES // workers)))
+            inter = int(env_over.get("TF_INTER_OP_THREADS", intra))
+            pair_opts = None if variant else {"model_dir": model_dir, "image": image, "intra": intra, "inter": inter,
+                                              "body": os.path.join(work, "body.bin"), "runs": 11 if flags.quick else 31}
             servers.append(serve_and_load(
                 name, [sys.executable, "-m", "gunicorn", "classify_server:app", "-b", f"127.0.0.1:{port}"],
-                env, C.ROOT, port, "/", "/readyz", workers, flags, body, lua, work))
-            servers[-1]["intra"] = int(env_over.get("TF_INTRA_OP_THREADS", max(1, CORES // workers)))
-            servers[-1]["inter"] = int(env_over.get("TF_INTER_OP_THREADS", servers[-1]["intra"]))
+                env, C.ROOT, port, "/", "/readyz", workers, flags, body, lua, work, pair_opts))
+            servers[-1]["intra"], servers[-1]["inter"] = intra, inter
 
     # ---------------------------------------------------------------- c. reload baseline
     if "reload" not in flags.skip:
@@ -814,9 +862,12 @@ def ratios(flags, results, servers, workers, intra):
         if 1 in s["rows"] and raw:
             p50 = s["rows"][1]["p50_us"] / 1000
             over = p50 - results["raw_single_ms"]
-            rows.append((f"{name}: p50 at c=1 - raw batch-1 latency (best setting)",
+            # Measured minutes apart, so the machine's drift is in it; the paired row below is not.
+            paired_target = "paired" in s
+            rows.append((f"{name}: p50 at c=1 - raw batch-1 latency (best setting, measured minutes apart)",
                          f"{p50:.1f} - {results['raw_single_ms']:.1f} = {over:.1f} ms",
-                         "<= 5 ms" if s is default else "", ("yes" if over <= 5 else "no") if s is default else ""))
+                         "<= 5 ms" if s is default and not paired_target else "",
+                         ("yes" if over <= 5 else "no") if s is default and not paired_target else ""))
             s_intra = s.get("intra", intra)
             s_inter = s.get("inter", 1)
             same = results["sweeps"].get((s_intra, s_inter))
@@ -828,6 +879,18 @@ def ratios(flags, results, servers, workers, intra):
                 rows.append((f"{name}: of which decode / app / HTTP+gunicorn+queueing, ms (in-process split)",
                              f"{app['decode_ms']:.1f} / {app['post_ms'] - app['run_ms'] - app['decode_ms']:.1f} / "
                              f"{p50 - app['post_ms']:.1f}", "", ""))
+        if "paired" in s:
+            pr = s["paired"]
+            rows.append((f"{name}: c=1 paired with a bare session.run b=1 (alternating, same seconds, "
+                         f"intra {s['intra']}, inter {s['inter']}; {pr['runs']} pairs): median POST - median run",
+                         f"{pr['post_ms']:.1f} - {pr['run_ms']:.1f} = {pr['post_ms'] - pr['run_ms']:.1f} ms "
+                         f"(median of the differences {pr['diff_ms']:.1f})",
+                         "<= 5 ms" if s is default else "",
+                         ("yes" if pr["post_ms"] - pr["run_ms"] <= 5 else "no") if s is default else ""))
+            if pr["server_decode_ms"] is not None:
+                rows.append((f"{name}:   of which the server's decode / its session.run, from Server-Timing "
+                             "(medians)", f"{pr['server_decode_ms']:.1f} / {pr['server_inference_ms']:.1f} ms",
+                             "", ""))
         if s is default:
             if reload_ips:
                 rows.append(("default: speedup over the reload baseline (throughput c>=4 / 1 per reload)",

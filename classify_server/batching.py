@@ -3,6 +3,9 @@
 Off by default (BATCH_MAX_SIZE=0). When on, the first waiting request opens a
 batch; others join it until it holds BATCH_MAX_SIZE images or BATCH_TIMEOUT_MS
 has passed, then one run serves them all and each gets exactly its own rows.
+Up to `runners` batches are in the session at once (the worker's inter-op
+threads, as for unbatched requests): one run alone leaves cores idle between
+its ops, so one batch at a time would lose to plain concurrent runs.
 It pays off where one big run costs much less than many small ones (a GPU);
 BENCHMARKS.md has what it does on CPU.
 """
@@ -13,11 +16,13 @@ from concurrent.futures import Future
 
 
 class Batcher:
-    def __init__(self, run, max_size, timeout_ms):
+    def __init__(self, run, max_size, timeout_ms, runners=1):
         self.run, self.max_size, self.timeout = run, max_size, timeout_ms / 1000.0
         self.queue = queue.Queue()
-        self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._loop, name=f"batcher-{i}", daemon=True)
+                        for i in range(max(1, runners))]
+        for thread in self.threads:
+            thread.start()
 
     def predict(self, inputs):
         """Probabilities for `inputs` (a list), run in a batch with other callers' inputs."""
@@ -49,6 +54,7 @@ class Batcher:
         while True:
             first = self.queue.get()
             if first is None:
+                self.queue.put(None)  # for the other runners
                 return
             batch = self._collect(first)
             try:

@@ -96,7 +96,8 @@ class Classifier:
         self.ready = False
         self.batcher = None
         if batch_max_size > 1 and not self.takes_bytes:
-            self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms)
+            runners = inter_threads or os.cpu_count() or 1  # 0: TensorFlow's default, one per core
+            self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms, runners)
 
     def preprocess(self, data):
         """Encoded image bytes -> what the graph's input takes (shared preprocessing)."""

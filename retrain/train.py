@@ -53,10 +53,16 @@ def build_classifier(backbone, head, augmentation=None):
 
 def _fit(model, dataset, validation, epochs, steps_per_epoch, summaries_dir, desc):
     callbacks = [ProgressBar(epochs * steps_per_epoch, steps_per_epoch, desc)]
+    if validation is not None:
+        # Keep the epoch that did best on validation, not merely the last: fine-tuning's
+        # accuracy moves a point or two from epoch to epoch on a few thousand images.
+        callbacks.append(keras.callbacks.EarlyStopping("val_accuracy", patience=epochs, restore_best_weights=True,
+                                                       verbose=1))
     if summaries_dir:
         callbacks.append(keras.callbacks.TensorBoard(summaries_dir))
     return model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                     validation_data=validation, callbacks=callbacks, verbose=0)
+                     validation_data=validation, callbacks=callbacks, verbose=0,
+                     shuffle=False)  # the dataset shuffles itself
 
 
 def train_head(train_x, train_y, val, class_count, flags):
@@ -152,14 +158,17 @@ def train_on_images(backbone, head, train_paths, train_y, val, size, flags):
             layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
     else:
         backbone.trainable = False
-    model.compile(optimizer=keras.optimizers.Adam(flags.fine_tune_learning_rate),
+    steps_per_epoch = max(1, len(train_paths) // flags.fine_tune_batch_size)
+    # As for the head: the rate decays to zero, so the last epochs settle instead of jitter.
+    rate = keras.optimizers.schedules.CosineDecay(flags.fine_tune_learning_rate,
+                                                  flags.fine_tune_epochs * steps_per_epoch)
+    model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     train_x = load_images(train_paths, size)
     dataset = (tf.data.Dataset.from_tensor_slices((train_x, train_y))
                .shuffle(len(train_x), seed=0).repeat()
                .map(lambda x, y: (tf.cast(x, tf.float32), y)).batch(flags.fine_tune_batch_size)
                .prefetch(2))
-    steps_per_epoch = max(1, len(train_x) // flags.fine_tune_batch_size)
     val_x, val_y = val
     val_images = (load_images(val_x, size).astype(np.float32), val_y) if len(val_x) else None
     _fit(model, dataset, val_images, flags.fine_tune_epochs, steps_per_epoch,

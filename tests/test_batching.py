@@ -71,3 +71,34 @@ def test_requests_that_queued_during_a_run_form_the_next_batch_without_waiting()
         assert sizes == [1, 3]
     finally:
         batcher.close()
+
+
+def test_runners_keep_several_batches_in_the_session_at_once():
+    # Two runners: while one batch runs, the next starts (as two unbatched requests'
+    # runs would), and each caller still gets exactly its own answer.
+    import threading
+    import time
+    from classify_server.batching import Batcher
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    def run(inputs):
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.2)
+        with lock:
+            in_flight[0] -= 1
+        return [x * 10 for x in inputs]
+
+    batcher = Batcher(run, max_size=2, timeout_ms=0, runners=2)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            futures = {x: pool.submit(batcher.predict, [x]) for x in range(8)}
+            assert {x: f.result(10) for x, f in futures.items()} == {x: [x * 10] for x in range(8)}
+        assert most[0] == 2
+    finally:
+        batcher.close()
+    for thread in batcher.threads:
+        thread.join(5)
+        assert not thread.is_alive()

@@ -89,6 +89,15 @@ def test_answer_is_label_score_pairs_best_first_summing_to_one(client, labels):
     assert sum(score for _, score in answer) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_answers_say_their_decode_and_inference_time(client):
+    response = post_images(client, [shape_image("red_circle", 1)])
+    timing = dict(part.split(";dur=") for part in response.headers["Server-Timing"].split(", "))
+    assert set(timing) == {"decode", "inference"}
+    assert all(0 < float(ms) < 60_000 for ms in timing.values()), timing
+    bad = post_images(client, [b"junk"])
+    assert bad.status_code == 400 and "Server-Timing" not in bad.headers  # the model never ran
+
+
 def test_default_count_is_five_clamped_to_the_labels(client, labels):
     answer = post_images(client, [shape_image("green_square", 2)]).get_json()
     assert_answer(answer, labels, count=min(5, len(labels)))

@@ -535,6 +535,26 @@ def test_augmentation_and_fine_tuning_run_end_to_end(tmp_path):
     np.testing.assert_allclose(probabilities[0], probabilities[1], atol=1e-6)
 
 
+def test_training_on_pixels_keeps_the_epoch_best_on_validation():
+    # A learning rate far too high makes validation accuracy jump from epoch to epoch;
+    # the model that comes back must be the best epoch's, not merely the last one's.
+    import keras
+    from retrain import train
+    keras.utils.set_random_seed(1)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * rng.normal(size=256) > 0).astype(np.int64)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.SGD(30.0), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    import tensorflow as tf
+    dataset = tf.data.Dataset.from_tensor_slices((x[:192], y[:192])).repeat().batch(16)
+    history = train._fit(model, dataset, (x[192:], y[192:]), 6, 12, None, "test").history["val_accuracy"]
+    best = int(np.argmax(history))
+    assert best != len(history) - 1, f"the last epoch was the best, nothing to check: {history}"
+    kept = float(np.mean(np.argmax(model.predict_on_batch(x[192:]), 1) == y[192:]))
+    assert kept == pytest.approx(history[best]), (kept, history)
+
+
 @pytest.mark.skipif(not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)),
                     reason=f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
 def test_real_flowers_reach_a_sane_accuracy(tmp_path):

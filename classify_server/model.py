@@ -95,7 +95,8 @@ class Classifier:
         self.session = tf.compat.v1.Session(graph=graph, config=config)
         self.ready = False
         self.batcher = None
-        if batch_max_size > 1 and not self.takes_bytes:
+        # Graphs that take one scalar string, or a fixed batch size, run each request alone.
+        if batch_max_size > 1 and not self.takes_bytes and (shape.rank is None or shape[0] is None):
             runners = inter_threads or os.cpu_count() or 1  # 0: TensorFlow's default, one per core
             self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms, runners)
 

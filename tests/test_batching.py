@@ -102,3 +102,32 @@ def test_runners_keep_several_batches_in_the_session_at_once():
     for thread in batcher.threads:
         thread.join(5)
         assert not thread.is_alive()
+
+
+def test_batching_is_on_by_default_without_waiting(trained_model):
+    classifier = create_app({"MODEL_DIR": trained_model}).extensions["models"].current.classifier
+    assert classifier.batcher is not None and classifier.batcher.timeout == 0
+    assert classifier.batcher.max_size >= 2
+
+
+def test_a_graph_with_a_fixed_batch_of_one_is_never_batched(tmp_path):
+    # A third-party graph may take exactly one image per run: batching it would break every run.
+    import tensorflow as tf
+    from classify_server.model import Classifier
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.float32, [1, 8, 8, 3], name="input")
+        tf.nn.softmax(tf.stack([tf.reduce_mean(images), -tf.reduce_mean(images)])[tf.newaxis] / 255.0,
+                      name="final_result")
+    (tmp_path / "graph.pb").write_bytes(graph.as_graph_def().SerializeToString())
+    (tmp_path / "labels.txt").write_text("bright\ndark\n")
+    classifier = Classifier(str(tmp_path), batch_max_size=4, batch_timeout_ms=0)
+    try:
+        assert classifier.batcher is None
+        classifier.warm_up()
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda data: classifier.predict([classifier.preprocess(data)]),
+                                    [shape_image(label, 1) for label in CLASSES]))
+        assert all(a.shape == (1, 2) for a in answers)
+    finally:
+        classifier.close()

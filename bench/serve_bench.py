@@ -18,7 +18,10 @@ here on a few flower photos unless --model_dir is given. Prints tables of:
      body with a 500x375 flower JPEG): throughput at each concurrency, p50/p90/p99,
      errors (non-2xx, socket errors), RSS of each worker (from /proc, peak). With
      --variant, the same for other settings (environment variables read by
-     gunicorn.conf.py / classify_server.settings), in the same run.
+     gunicorn.conf.py / classify_server.settings), in the same run; and the
+     scale-out path, deploy/local_cluster.sh (nginx, least connections, before
+     --cluster single-worker instances), under the same load. The default server's
+     c = 1 overhead is also measured paired with a bare session.run (`paired`).
   c. the simple-ml-serving baseline: `python -m classify_server.label_image --graph
      ... --image ...` once per image (the graph reloaded for every image).
   d. a typical Flask app calling keras.Model.predict per request
@@ -88,6 +91,9 @@ def parse_args(argv=None):
                    help="virtualenv with bentoml and tensorflow(-cpu) (not the project's)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: raw, reload, flask, bentoml, server (the default server; "
                         "--variant runs still happen)")
+    p.add_argument("--cluster", type=int, default=2, metavar="N",
+                   help="also run deploy/local_cluster.sh N: nginx (least_conn) before N single-worker instances "
+                        "with cores / N TensorFlow threads each (default 2; 0: skip; needs nginx)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (model, logs)")
     flags = p.parse_args(argv)
     flags.duration = flags.duration or (3 if flags.quick else 10)
@@ -522,9 +528,10 @@ def wait_settled(process, port, ready_path, min_children, timeout=240):
 
 
 def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, flags, body, lua, work,
-                   pair_opts=None):
+                   pair_opts=None, nested=False):
     """Start a server, check one answer, warm it up, run wrk at each concurrency, stop it.
-    With `pair_opts`, also measure its c = 1 overhead against a bare session.run (`paired`)."""
+    With `pair_opts`, also measure its c = 1 overhead against a bare session.run (`paired`).
+    `nested`: the command starts several gunicorn masters (local_cluster.sh), whose workers are the workers."""
     slug = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
     log_path = os.path.join(work, f"server-{slug}.log")
     env = dict(env, PROMETHEUS_MULTIPROC_DIR=os.path.join(work, f"metrics-{slug}"))  # removed with `work`
@@ -577,6 +584,9 @@ def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, fl
         result["rss"] = {pid: (sampler.peak[pid], sampler.names.get(pid, "?")) for pid in sampler.peak}
         result["master"] = process.pid
         result["workers"] = master_children
+        if nested:
+            result["workers"] = [w for c in master_children for w in C.children_of(c)
+                                 if "gunicorn" in sampler.names.get(w, "")]
     finally:
         C.stop(process)
         log.close()
@@ -739,6 +749,22 @@ def bench(flags, work, sections):
                 env, C.ROOT, port, "/", "/readyz", workers, flags, body, lua, work, pair_opts))
             servers[-1]["intra"], servers[-1]["inter"] = intra, inter
 
+    # ------------------------------------------- b. the scale-out path: nginx before single-worker instances
+    if flags.cluster:
+        if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
+            sections.append("### b. nginx cluster\n\nskipped: no nginx (apt-get install nginx)\n")
+        else:
+            port = C.free_port()
+            env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
+            env.update(MODEL_DIR=model_dir, LISTEN_HOST="127.0.0.1", LISTEN_PORT=str(port),
+                       RUN_DIR=os.path.join(work, "cluster"))
+            intra = max(1, CORES // flags.cluster)
+            servers.append(serve_and_load(
+                f"nginx + {flags.cluster} instances", ["bash", os.path.join(C.ROOT, "deploy", "local_cluster.sh"),
+                                                       str(flags.cluster)],
+                env, C.ROOT, port, "/", "/readyz", flags.cluster + 1, flags, body, lua, work, nested=True))
+            servers[-1].update(intra=intra, inter=intra)
+
     # ---------------------------------------------------------------- c. reload baseline
     if "reload" not in flags.skip:
         C.log(f"c. reload baseline: label_image x {flags.reload_runs}")
@@ -817,6 +843,8 @@ def bench(flags, work, sections):
         for s in servers:
             master = s["master"]
             for pid, (rss, cmdline) in sorted(s["rss"].items()):
+                if cmdline.startswith("sleep "):  # local_cluster.sh's wait loop
+                    continue
                 role = "master" if pid == master else ("worker" if pid in s["workers"] else "child")
                 rows.append((s["name"], role, str(pid), s["rss_idle"].get(pid), rss, cmdline[:60]))
             rows.append((s["name"], f"(start-up until settled: {s['startup_s']:.0f} s)", "", None, None, ""))

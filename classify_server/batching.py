@@ -2,14 +2,14 @@
 
 The first waiting request opens a batch; others join it until it holds
 BATCH_MAX_SIZE images or BATCH_TIMEOUT_MS has passed, then one run serves them
-all and each gets exactly its own rows. The default (4 images, no waiting) only
-gathers requests that queued while the session was busy, so a lone request is
-never delayed; BATCH_MAX_SIZE=0 turns batching off.
+all and each gets exactly its own rows. Off by default (BATCH_MAX_SIZE=0). With
+BATCH_TIMEOUT_MS=0 it only gathers requests that queued while the session was
+busy, so a lone request is never delayed.
 Up to `runners` batches are in the session at once (the worker's inter-op
 threads, as for unbatched requests): one run alone leaves cores idle between
 its ops, so one batch at a time would lose to plain concurrent runs.
-On this 2-core CPU it adds about 10% throughput under load (BENCHMARKS.md); on
-a GPU, where a big run costs little more than a small one, it adds far more.
+It pays off where a big run costs little more than a small one (a GPU); on this
+2-core CPU it won some benchmark runs and lost others (BENCHMARKS.md).
 """
 import queue
 import threading

@@ -30,11 +30,10 @@ def from_env():
         # that workers x threads matches the cores (0 lets TensorFlow decide).
         "TF_INTRA_OP_THREADS": _int("TF_INTRA_OP_THREADS", 0),
         "TF_INTER_OP_THREADS": _int("TF_INTER_OP_THREADS", 0),
-        # Dynamic batching of concurrent requests in a worker (0: off). On by default with
-        # no waiting: requests that queued while the session was busy share the next run
-        # (about 10% more throughput under load here, nothing lost at concurrency 1).
-        "BATCH_MAX_SIZE": _int("BATCH_MAX_SIZE", 4),
-        "BATCH_TIMEOUT_MS": _int("BATCH_TIMEOUT_MS", 0),
+        # Dynamic batching of concurrent requests in a worker (0: off). Off by default: on
+        # this CPU it won in some benchmark runs and lost in others (BENCHMARKS.md).
+        "BATCH_MAX_SIZE": _int("BATCH_MAX_SIZE", 0),
+        "BATCH_TIMEOUT_MS": _int("BATCH_TIMEOUT_MS", 5),
     }
 
 

@@ -104,12 +104,6 @@ def test_runners_keep_several_batches_in_the_session_at_once():
         assert not thread.is_alive()
 
 
-def test_batching_is_on_by_default_without_waiting(trained_model):
-    classifier = create_app({"MODEL_DIR": trained_model}).extensions["models"].current.classifier
-    assert classifier.batcher is not None and classifier.batcher.timeout == 0
-    assert classifier.batcher.max_size >= 2
-
-
 def test_a_graph_with_a_fixed_batch_of_one_is_never_batched(tmp_path):
     # A third-party graph may take exactly one image per run: batching it would break every run.
     import tensorflow as tf

@@ -51,6 +51,7 @@ import _common as C  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 BOUNDARY = "----servebench7MA4YWxkTrZu0gW"
+MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 CORES = os.cpu_count() or 1
 
 
@@ -71,6 +72,11 @@ def _server_settings():
 
 
 SERVER_SETTINGS = _server_settings()
+
+
+def caller_env():
+    """This process's environment without any server setting (see _server_settings)."""
+    return {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
 
 
 def parse_args(argv=None):
@@ -286,8 +292,7 @@ def app_overhead(opts):
     client = app.test_client()
     with open(opts["body"], "rb") as f:
         body = f.read()
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
-    answer = client.post("/", data=body, headers=headers)
+    answer = client.post("/", data=body, headers=MULTIPART)
     if answer.status_code != 200:
         raise RuntimeError(f"test client POST / answered {answer.status_code}: {answer.data[:200]!r}")
     clf, pixels, np = load_session(opts)
@@ -300,7 +305,7 @@ def app_overhead(opts):
         t0 = time.perf_counter()
         clf.session.run(clf.output, {clf.input: one})
         t1 = time.perf_counter()
-        client.post("/", data=body, headers=headers)
+        client.post("/", data=body, headers=MULTIPART)
         t2 = time.perf_counter()
         clf.preprocess(jpeg)
         t3 = time.perf_counter()
@@ -321,11 +326,10 @@ def paired(opts):
     with open(opts["body"], "rb") as f:
         body = f.read()
     conn = http.client.HTTPConnection("127.0.0.1", opts["port"], timeout=120)
-    headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     post_ms, run_ms, diff_ms, server = [], [], [], {"decode": [], "inference": []}
     for i in range(opts["runs"] + 2):  # the first two pairs warm up the connection and the session
         t0 = time.perf_counter()
-        conn.request("POST", "/", body, headers)
+        conn.request("POST", "/", body, MULTIPART)
         response = conn.getresponse()
         response.read()
         t1 = time.perf_counter()
@@ -457,7 +461,7 @@ def wrk(url, lua, connections, duration):
 def post(port, path, body, timeout=120):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", path, body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+        conn.request("POST", path, body, MULTIPART)
         response = conn.getresponse()
         return response.status, response.read()
     finally:
@@ -736,7 +740,7 @@ def bench(flags, work, sections):
         for variant in ([] if "server" in flags.skip else [""]) + flags.variant:
             env_over = parse_variant(variant) if variant else {}
             port = C.free_port()
-            env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
+            env = caller_env()
             env.update(MODEL_DIR=model_dir, **env_over)
             workers = int(env_over.get("WEB_CONCURRENCY", 1))
             name = "gunicorn " + (variant or "default")
@@ -755,7 +759,7 @@ def bench(flags, work, sections):
             sections.append("### b. nginx cluster\n\nskipped: no nginx (apt-get install nginx)\n")
         else:
             port = C.free_port()
-            env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
+            env = caller_env()
             env.update(MODEL_DIR=model_dir, LISTEN_HOST="127.0.0.1", LISTEN_PORT=str(port),
                        RUN_DIR=os.path.join(work, "cluster"))
             intra = max(1, CORES // flags.cluster)
@@ -789,7 +793,7 @@ def bench(flags, work, sections):
     # ---------------------------------------------------------------- d. flask + keras predict
     if "flask" not in flags.skip:
         port = C.free_port()
-        env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS}
+        env = caller_env()
         env.update(MODEL_DIR=model_dir, TF_CPP_MIN_LOG_LEVEL="2")
         servers.append(serve_and_load(
             f"flask+keras predict (gunicorn -w {default_workers}, sync)",
@@ -806,7 +810,7 @@ def bench(flags, work, sections):
                             "tensorflow-cpu==2.21.0 pillow flask prometheus_client`)\n")
         else:
             port = C.free_port()
-            env = {k: v for k, v in os.environ.items() if k not in SERVER_SETTINGS and k != "VIRTUAL_ENV"}
+            env = {k: v for k, v in caller_env().items() if k != "VIRTUAL_ENV"}
             env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2",
                        BENTO_WORKERS=str(default_workers), TF_INTRA_OP_THREADS=str(default_intra),
                        TF_INTER_OP_THREADS=str(default_inter))  # our default layout

@@ -25,13 +25,16 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "
 
 
 class RateLimiter:
-    """At most `per_minute` corrections per client address (per worker), a sliding minute."""
+    """At most `per_minute` corrections per client address (per worker), a sliding minute.
 
-    def __init__(self, per_minute):
-        self.per_minute, self.lock, self.seen = per_minute, threading.Lock(), {}
+    `clock` is injectable so that tests can move time on instead of waiting a minute.
+    """
+
+    def __init__(self, per_minute, clock=time.monotonic):
+        self.per_minute, self.clock, self.lock, self.seen = per_minute, clock, threading.Lock(), {}
 
     def allow(self, client):
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             if len(self.seen) > 10000:  # bound the memory: forget quiet clients
                 self.seen = {k: v for k, v in self.seen.items() if v and v[-1] > now - 60}

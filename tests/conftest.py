@@ -20,6 +20,32 @@ MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI (CI=true) a skip is a failure: CI has every tool and ../shared, so a test that skips
+    there means something is missing from .ci/run, and a green run must mean that everything ran."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI=true, where nothing may skip: {reason}"
+
+
+def pytest_sessionfinish(session):
+    """The same for a whole module skipped at collection (an importorskip at the top of a file)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if os.environ.get("CI") == "true" and reporter and reporter.stats.get("skipped"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = terminalreporter.stats.get("skipped")
+    if os.environ.get("CI") == "true" and skipped:
+        terminalreporter.write_line(f"FAILED: {len(skipped)} skipped under CI=true, where nothing may skip "
+                                    "(install what they need in .ci/run)", red=True)
+
 # Random MobileNetV2 weights give (almost) the same features for every image, so a
 # model trained on them answers the same for all: real weights, when ../shared has
 # them, make the tests' models tell images apart.

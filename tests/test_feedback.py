@@ -52,12 +52,51 @@ def test_feedback_rejects_labels_that_are_not_names(client, tmp_path, label):
     assert not (tmp_path / "escape").exists() and not (tmp_path / "feedback").exists()
 
 
-def test_feedback_rejects_non_images_and_limits_the_rate(client):
+def test_feedback_rejects_non_images(client):
     assert send(client, b"%PDF-1.4 not an image", "red_circle").status_code == 400
     assert client.post("/feedback", data={"label": "red_circle"}).status_code == 415  # not multipart
     assert client.post("/feedback", data={"label": "red_circle"}, content_type="multipart/form-data").status_code == 400
-    codes = [send(client, shape_image("red_circle", 100 + i), "red_circle").status_code for i in range(6)]
-    assert codes.count(429) >= 1 and codes[0] == 201
+
+
+class Clock:
+    """A clock the test moves on: the limiter's minute passes without waiting for it."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def sends(client, count, address, seed, headers=None):
+    """Status codes of `count` corrections, each a new image, from client address `address`."""
+    return [client.post("/feedback", data={"data": (io.BytesIO(shape_image("red_circle", seed + i)), "x.jpg"),
+                                           "label": "red_circle"},
+                        environ_base={"REMOTE_ADDR": address}, headers=headers or {}).status_code
+            for i in range(count)]
+
+
+def test_feedback_limit_is_per_client_per_minute(client):
+    clock = Clock()
+    client.application.extensions["feedback_limiter"].clock = clock
+    assert sends(client, 6, "10.0.0.1", 100) == [201] * 5 + [429]  # FEEDBACK_PER_MINUTE is 5
+    assert sends(client, 1, "10.0.0.2", 200) == [201]  # another client has a limit of its own
+    clock.now += 30
+    assert sends(client, 1, "10.0.0.1", 300) == [429]  # the five are still within the minute
+    clock.now += 30.5
+    assert sends(client, 6, "10.0.0.1", 400) == [201] * 5 + [429]  # a minute on: five more
+
+
+@pytest.mark.parametrize("trusted, expected", [(0, [201, 429]), (1, [201, 201])])
+def test_x_forwarded_for_names_the_client_only_behind_trusted_proxies(trained_model, tmp_path, trusted, expected):
+    """Two clients behind one proxy: with TRUSTED_PROXIES=1 each has its own limit; with 0 the header is
+    ignored (anyone could send it) and both count as the proxy's address."""
+    app = create_app({"MODEL_DIR": trained_model, "FEEDBACK_DIR": str(tmp_path / "feedback"),
+                      "FEEDBACK_PER_MINUTE": 1, "TRUSTED_PROXIES": trusted})
+    client = app.test_client()
+    codes = [sends(client, 1, "127.0.0.1", 10 * i, {"X-Forwarded-For": address})[0]
+             for i, address in enumerate(("203.0.113.1", "203.0.113.2"))]
+    assert codes == expected
 
 
 def test_retrain_refuses_a_version_worse_than_the_served_one(tmp_path, image_dir):
@@ -68,11 +107,20 @@ def test_retrain_refuses_a_version_worse_than_the_served_one(tmp_path, image_dir
     run_retrain(*args)
     sidecar = base / "1" / "model.json"
     meta = json.loads(sidecar.read_text())
-    meta["accuracy"]["test"] = 1.5  # unbeatable
-    sidecar.write_text(json.dumps(meta))
+    accuracy = meta["accuracy"]["test"]  # the same data, cache and seeds give the same accuracy again
+
+    def served_accuracy(value):
+        meta["accuracy"]["test"] = value
+        sidecar.write_text(json.dumps(meta))
+
+    served_accuracy(accuracy + 0.025)  # a drop of 0.025: over the default --max_accuracy_drop of 0.02
     refused = run_retrain(*args, check=False)
-    assert refused.returncode == 3 and "--max_accuracy_drop" in refused.stderr
+    assert refused.returncode == 3 and "--max_accuracy_drop 0.02" in refused.stderr, refused.stderr
+    assert f"test accuracy {accuracy:.4f} is below version 1's {accuracy + 0.025:.4f}" in refused.stderr
     assert sorted(os.listdir(base)) == ["1"]
+    served_accuracy(accuracy + 0.015)  # within the default: published
+    run_retrain(*args)
+    assert sorted(os.listdir(base)) == ["1", "2"]
 
 
 def test_the_whole_loop_feedback_to_a_new_served_version(tmp_path, start_server):

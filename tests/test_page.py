@@ -32,6 +32,7 @@ def page_server(trained_model, tmp_path_factory):
     # FEEDBACK_DIR also puts the labels in the page's correction form, when the server has one.
     s = Server({"MODEL_DIR": str(model), "FEEDBACK_DIR": str(root / "feedback")}, workers=1,
                log_path=root / "gunicorn.log")
+    s.feedback_dir = root / "feedback"
     try:
         yield s.wait_ready(), labels
     finally:
@@ -138,4 +139,29 @@ def test_labels_are_shown_as_text_not_html(browser, page_server, tmp_path):
         [label for label, _, _ in rows].index(HOSTILE_LABEL)]
     assert label_element.find_elements(By.XPATH, "./*") == []  # no child element at all
     options = browser.execute_script("return Array.from(document.querySelectorAll('option'), o => o.value)")
-    assert not options or HOSTILE_LABEL in options
+    assert sorted(options) == sorted(labels)  # the correction form's choices, as text too
+
+
+def test_a_correction_sent_from_the_page_is_stored(browser, page_server, tmp_path):
+    """The form appears under the answer when the server collects feedback; what a person types and
+    sends is stored under that label, and the page says so."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    s, labels = page_server
+    data = shape_image("green_square", 7)
+    (tmp_path / "green.jpg").write_bytes(data)
+    browser.get(s.url + "/")
+    assert not browser.find_element(By.ID, "feedback").is_displayed()  # no answer yet, nothing to correct
+    upload(browser, s.url, tmp_path / "green.jpg", 1)
+    form = browser.find_element(By.ID, "feedback")
+    WebDriverWait(browser, TIMEOUT).until(lambda d: form.is_displayed())
+    field = browser.find_element(By.ID, "label")
+    field.send_keys("green_square")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    status = browser.find_element(By.ID, "feedback-status")
+    WebDriverWait(browser, TIMEOUT).until(lambda d: status.get_attribute("textContent"))
+    stored = s.feedback_dir / "green_square"
+    names = os.listdir(stored)
+    assert status.get_attribute("textContent") == f"Thanks: stored as green_square/{names[0]}"
+    assert len(names) == 1 and (stored / names[0]).read_bytes() == data

@@ -684,4 +684,4 @@ def test_test_sh_fails_with_one_class(tmp_path):
                       tmp_path / "work", timeout=120)
     assert result.returncode != 0, result.stdout
     assert not re.search(r"^OK\b", result.stdout, re.M)
-    assert "2" in result.stderr and "class" in result.stderr, result.stderr
+    assert "found 1 class(es) with images" in result.stderr and "need at least 2" in result.stderr, result.stderr

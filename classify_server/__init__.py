@@ -4,8 +4,9 @@
 from the environment (classify_server.settings), the model loaded once into a
 persistent TensorFlow session (classify_server.model), and one blueprint per
 concern: classification (api), health (health), the browser page (page), and
-TensorFlow Serving's REST API (tfserving), users' corrections (feedback). Model versions and hot reload are in
-classify_server.versions.
+TensorFlow Serving's REST API (tfserving), users' corrections (feedback). Every route that
+classifies calls the inference core (classify_server.inference); model versions and hot
+reload are in classify_server.versions.
 """
 import logging
 import os
@@ -16,7 +17,8 @@ import uuid
 from flask import Flask, Request, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from classify_server import settings
+from classify_server import errors, settings
+from classify_server.inference import REQUEST_TOO_LARGE, TOO_MANY_IMAGES, Inference, InferenceError
 
 log = logging.getLogger("classify_server")
 
@@ -50,7 +52,9 @@ def create_app(test_config=None, classifier=None):
     app.extensions["models"] = models
 
     from classify_server import api, feedback, health, metrics, page, tfserving
+    app.extensions["inference"] = Inference(models, app.config, on_inference=metrics.INFERENCE.observe)
     metrics.init_app(app)
+    errors.init_app(app)
     app.extensions["feedback_limiter"] = feedback.RateLimiter(app.config["FEEDBACK_PER_MINUTE"])
     app.register_blueprint(feedback.bp)
     app.register_blueprint(api.bp)
@@ -70,13 +74,15 @@ def create_app(test_config=None, classifier=None):
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
+        if exc.code == 413 and exc.description == type(exc).description:
+            # Werkzeug's own limits (body size, form parts) answer as the core's limits do.
+            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"]:
+                return errors.response(InferenceError(REQUEST_TOO_LARGE, (
+                    f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes (MAX_UPLOAD_BYTES)")))
+            return errors.response(InferenceError(TOO_MANY_IMAGES, (
+                f"too many parts in the form: send at most {app.config['MAX_PARTS']} 'data' parts (MAX_PARTS)")))
         messages = {404: "no such path: POST an image to / (curl -F data=@image.jpg URL)",
-                    405: f"method {request.method} is not allowed here",
-                    413: f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes "
-                         "(MAX_UPLOAD_BYTES)"}
-        if exc.code == 413 and (request.content_length or 0) <= app.config["MAX_UPLOAD_BYTES"]:
-            # Werkzeug stopped at its form-parts limit, not the size limit.
-            messages[413] = f"too many parts in the form: send at most {app.config['MAX_PARTS']} 'data' parts (MAX_PARTS)"
+                    405: f"method {request.method} is not allowed here"}
         message = messages.get(exc.code) if exc.description == type(exc).description else exc.description
         response = jsonify(error=message or exc.description)
         response.status_code = exc.code

@@ -15,8 +15,8 @@ import time
 from flask import Blueprint, abort, current_app, jsonify, request
 
 from classify_server.api import uploaded_images
+from classify_server.inference import INVALID_IMAGE, TOO_MANY_IMAGES, InferenceError
 from retrain import atomic
-from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 
 bp = Blueprint("feedback", __name__)
 
@@ -54,7 +54,7 @@ def _feedback_dir():
 
 
 def _labels(folder):
-    with current_app.extensions["models"].acquire() as servable:
+    with current_app.extensions["inference"].servable() as servable:
         labels = list(servable.classifier.labels)
     extra = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) \
         if os.path.isdir(folder) else []
@@ -71,11 +71,10 @@ def validate_label(label, known):
     return label
 
 
-def store(folder, label, data):
-    """Write the image atomically under its label; returns (path, whether it was new)."""
-    kind, _, _ = probe_image(data)
+def store(folder, label, data, kind):
+    """Write the image (of format `kind`) atomically under its label; returns (path, whether it was new)."""
     if kind not in EXTENSIONS:
-        raise InvalidImage(f"{kind} images are not kept for training; send JPEG, PNG, GIF, BMP or WebP")
+        raise InferenceError(INVALID_IMAGE, f"{kind} images are not kept for training; send JPEG, PNG, GIF, BMP or WebP")
     path = os.path.join(folder, label, f"{hashlib.sha256(data).hexdigest()}.{EXTENSIONS[kind]}")
     if os.path.exists(path):
         return path, False
@@ -95,14 +94,11 @@ def feedback():
     if not limiter.allow(request.remote_addr):
         abort(429, f"too many corrections: at most {limiter.per_minute} a minute (FEEDBACK_PER_MINUTE)")
     label = validate_label(request.form.get("label"), _labels(folder))
-    images = uploaded_images(max_parts=1)
-    try:  # only real images become training data
-        decode_image(images[0], (8, 8), current_app.config["MAX_IMAGE_PIXELS"])
-        path, new = store(folder, label, images[0])
-    except ImageTooLarge as exc:
-        abort(413, str(exc))
-    except InvalidImage as exc:
-        abort(400, f"not a readable image: {exc}")
+    images, names = uploaded_images()
+    if len(images) > 1:
+        raise InferenceError(TOO_MANY_IMAGES, f"send one image with a correction, got {len(images)} 'data' parts")
+    kind = current_app.extensions["inference"].check_image(images[0], names[0])  # only real images are kept
+    path, new = store(folder, label, images[0], kind)
     name = os.path.relpath(path, folder)
     return jsonify(stored=name, label=label, new=new,
                    message=f"stored as {name}" if new else f"already stored as {name}"), 201 if new else 200

@@ -44,16 +44,29 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  #
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,  # noqa: E402
                                      predict_pb2, prediction_service_pb2_grpc, status_pb2)
 
-from classify_server import build_models, settings  # noqa: E402
+from classify_server import build_models, inference, settings  # noqa: E402
+from classify_server.inference import INVALID_INPUT, Inference, InferenceError  # noqa: E402
 from classify_server.model import ModelLoadError  # noqa: E402
 from classify_server.tfserving import INPUT_KEY, signature_def  # noqa: E402
-from retrain.preprocessing import ImageTooLarge, InvalidImage  # noqa: E402
 
 log = logging.getLogger("classify_server")
 
 SIGNATURE = "serving_default"
 SIGNATURE_ALIASES = {"", SIGNATURE, "predict_images"}  # "": the default; predict_images: inception_client.py's
 OUTPUTS = ("scores", "classes")
+# The gRPC status of each inference error code, as TensorFlow Serving answers them.
+GRPC_STATUS = {
+    inference.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    inference.INVALID_IMAGE: grpc.StatusCode.INVALID_ARGUMENT,
+    inference.EMPTY_IMAGE: grpc.StatusCode.INVALID_ARGUMENT,
+    inference.IMAGE_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    inference.REQUEST_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    inference.TOO_MANY_IMAGES: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    inference.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    inference.VERSION_NOT_SERVED: grpc.StatusCode.NOT_FOUND,
+    inference.NOT_READY: grpc.StatusCode.UNAVAILABLE,
+}
+assert set(GRPC_STATUS) == set(inference.CODES)
 _STATES = get_model_status_pb2.ModelVersionStatus.State
 _ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type.values_by_name
 
@@ -67,45 +80,28 @@ def signature_def_map(classifier):
     return json_format.ParseDict(signature_def(classifier), get_model_metadata_pb2.SignatureDefMap())
 
 
-def images_from(tensor, max_images):
+def images_from(tensor, core):
     """The encoded images of an `images` TensorProto: a scalar or a vector of strings."""
     if tensor.dtype != types_pb2.DT_STRING:
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                     f"input '{INPUT_KEY}' must be DT_STRING (encoded image bytes), got "
-                     f"{types_pb2.DataType.Name(tensor.dtype)}")
+        raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' must be DT_STRING (encoded image bytes), got "
+                                            f"{types_pb2.DataType.Name(tensor.dtype)}")
     dims = [d.size for d in tensor.tensor_shape.dim]
     if tensor.tensor_shape.unknown_rank or len(dims) > 1 or any(d < 0 for d in dims):
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                     f"input '{INPUT_KEY}' must be a scalar or a vector [N] of encoded images, got shape {dims}")
+        raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' must be a scalar or a vector [N] of encoded "
+                                            f"images, got shape {dims}")
     count = dims[0] if dims else 1
+    core.check_count(count)  # before a single value is repeated to fill the shape
     values = list(tensor.string_val)
-    if count == 0:
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input '{INPUT_KEY}' holds no image")
-    if count > max_images:
-        raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                     f"too many images: {count}, the limit is {max_images} (MAX_PARTS)")
     if len(values) == 1 and count > 1:  # a single value fills the shape, as tf.make_ndarray reads it
         values = values * count
     if len(values) != count:
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                     f"input '{INPUT_KEY}' has shape {dims} but {len(values)} values")
-    for i, data in enumerate(values):
-        if not data:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"image {i + 1} is empty")
+        raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' has shape {dims} but {len(values)} values")
     return values
 
 
-def preprocess_all(classifier, images):
-    """api.preprocess_all's decoding and messages, with gRPC status codes."""
-    try:
-        return classifier.preprocess_all(images)
-    except ImageTooLarge as exc:
-        raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-    except InvalidImage as exc:
-        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-
-
 class _Abort(Exception):
+    """A status of TensorFlow Serving's own, outside the core's codes."""
+
     def __init__(self, code, message):
         super().__init__(message)
         self.code, self.message = code, message
@@ -116,6 +112,8 @@ def _rpc(method):
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
+        except InferenceError as exc:
+            context.abort(GRPC_STATUS[exc.code], exc.message)
         except _Abort as exc:
             context.abort(exc.code, exc.message)
         except Exception:
@@ -128,75 +126,62 @@ def _rpc(method):
 class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
     """Both services over one ModelManager. Classify, Regress, MultiInference: UNIMPLEMENTED."""
 
-    def __init__(self, models, config):
-        self.models, self.config = models, config
+    def __init__(self, core):
+        self.core = core
 
-    def _check_name(self, spec):
-        if spec.name != self.config["MODEL_NAME"]:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name})")
-        if spec.WhichOneof("version_choice") == "version_label":
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"Unrecognized servable version label: {spec.version_label}")
-
-    def _check_version(self, spec, servable):
-        """Called with the acquired servable, so that a swap in between cannot answer another version."""
-        if spec.HasField("version") and spec.version.value != servable.version:
-            raise _Abort(grpc.StatusCode.NOT_FOUND,
-                         f"Servable not found for request: Specific({spec.name}, {spec.version.value}); "
-                         f"version {servable.version} is served")
+    @staticmethod
+    def _version(spec):
+        """(version, label) of a model_spec: either may be None."""
+        choice = spec.WhichOneof("version_choice")
+        return (spec.version.value if choice == "version" else None,
+                spec.version_label if choice == "version_label" else None)
 
     @_rpc
     def Predict(self, request, context):
         spec = request.model_spec
-        self._check_name(spec)
         if spec.signature_name not in SIGNATURE_ALIASES:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                          f"Serving signature key \"{spec.signature_name}\" not found.")
         unknown = sorted(set(request.inputs) - {INPUT_KEY})
         if unknown:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"input tensor alias not found in signature: "
-                         f"{', '.join(unknown)}. Inputs expected to be in the set {{{INPUT_KEY}}}.")
+            raise InferenceError(INVALID_INPUT, f"input tensor alias not found in signature: "
+                                                f"{', '.join(unknown)}. Inputs expected to be in the set {{{INPUT_KEY}}}.")
         if INPUT_KEY not in request.inputs:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"missing input '{INPUT_KEY}': a DT_STRING tensor of encoded images")
+            raise InferenceError(INVALID_INPUT, f"missing input '{INPUT_KEY}': a DT_STRING tensor of encoded images")
         wanted = list(request.output_filter) or list(OUTPUTS)
         bad = [name for name in wanted if name not in OUTPUTS]
         if bad:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"output tensor alias not found in signature: "
-                         f"{', '.join(bad)}. Outputs expected to be in the set {{{', '.join(OUTPUTS)}}}.")
-        images = images_from(request.inputs[INPUT_KEY], self.config["MAX_PARTS"])
-        with self.models.acquire() as servable:
-            self._check_version(spec, servable)
-            classifier = servable.classifier
-            probabilities = classifier.predict(preprocess_all(classifier, images))
-            version, labels = servable.version, classifier.labels
+            raise InferenceError(INVALID_INPUT, f"output tensor alias not found in signature: "
+                                                f"{', '.join(bad)}. Outputs expected to be in the set "
+                                                f"{{{', '.join(OUTPUTS)}}}.")
+        version, label = self._version(spec)
+        prediction = self.core.classify(images_from(request.inputs[INPUT_KEY], self.core), spec.name, version,
+                                        label=label)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
-        response.model_spec.version.value = version
+        response.model_spec.version.value = prediction.version
         response.model_spec.signature_name = spec.signature_name or SIGNATURE
-        rows, classes = len(images), len(labels)
+        rows, classes = prediction.scores.shape
         if "scores" in wanted:
             response.outputs["scores"].CopyFrom(tensor_pb2.TensorProto(
                 dtype=types_pb2.DT_FLOAT, tensor_shape=_shape(rows, classes),
-                tensor_content=np.asarray(probabilities, dtype=np.float32).reshape(rows, classes).tobytes()))
+                tensor_content=np.asarray(prediction.scores, dtype=np.float32).tobytes()))
         if "classes" in wanted:
             response.outputs["classes"].CopyFrom(tensor_pb2.TensorProto(
                 dtype=types_pb2.DT_STRING, tensor_shape=_shape(rows, classes),
-                string_val=[label.encode("utf-8") for label in labels] * rows))
+                string_val=[label.encode("utf-8") for label in prediction.labels] * rows))
         return response
 
     @_rpc
     def GetModelMetadata(self, request, context):
         spec = request.model_spec
-        self._check_name(spec)
         if not request.metadata_field:
-            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                         "GetModelMetadataRequest must specify at least one metadata_field")
+            raise InferenceError(INVALID_INPUT, "GetModelMetadataRequest must specify at least one metadata_field")
         for field in request.metadata_field:
             if field != "signature_def":
-                raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Metadata field {field} is not supported")
-        with self.models.acquire() as servable:
-            self._check_version(spec, servable)
+                raise InferenceError(INVALID_INPUT, f"Metadata field {field} is not supported")
+        version, label = self._version(spec)
+        with self.core.servable(spec.name, version, label) as servable:
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = spec.name
             response.model_spec.version.value = servable.version
@@ -206,14 +191,8 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
     @_rpc
     def GetModelStatus(self, request, context):
         spec = request.model_spec
-        if spec.name != self.config["MODEL_NAME"]:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {spec.name}")
-        version = spec.version.value if spec.HasField("version") else None
-        entries = self.models.version_status(version)
-        if not entries:
-            raise _Abort(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {spec.name}")
         response = get_model_status_pb2.GetModelStatusResponse()
-        for entry in entries:
+        for entry in self.core.status(spec.name, self._version(spec)[0]):
             item = response.model_version_status.add(version=int(entry["version"]),
                                                       state=_STATES.Value(entry["state"]))
             item.status.error_code = _ERROR_CODES[entry["status"]["error_code"]].number
@@ -221,13 +200,13 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
         return response
 
 
-def make_server(models, config, threads=4):
+def make_server(core, max_message_bytes, threads=4):
     """A grpc.Server with both services, not yet bound or started."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"), options=[
-        ("grpc.max_receive_message_length", config["MAX_UPLOAD_BYTES"]),
+        ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
     ])
-    servicer = Servicer(models, config)
+    servicer = Servicer(core)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
     return server
@@ -254,7 +233,7 @@ def main(argv=None):
         models = build_models(config)
     except ModelLoadError as exc:
         raise SystemExit(f"classify_server.grpc: {exc}") from None
-    server = make_server(models, config, threads)
+    server = make_server(Inference(models, config), config["MAX_UPLOAD_BYTES"], threads)
     address = f"[{args.host}]:{args.port}" if ":" in args.host and not args.host.startswith("[") else \
         f"{args.host}:{args.port}"
     try:

@@ -13,8 +13,15 @@ import shutil
 import sys
 import tempfile
 
+from classify_server import inference, settings
+from classify_server.inference import Inference, InferenceError
 from classify_server.model import Classifier, ModelLoadError
-from retrain.preprocessing import ImageTooLarge, InvalidImage
+from classify_server.versions import ModelManager
+
+# The exit status of each inference error code: 1 for an image that cannot be classified, 2 for
+# the command's own setup (which model), as for a model that does not load.
+EXIT_STATUS = {code: 1 for code in inference.CODES}
+EXIT_STATUS.update({inference.MODEL_NOT_FOUND: 2, inference.VERSION_NOT_SERVED: 2, inference.NOT_READY: 2})
 
 
 def parse_args(argv=None):
@@ -33,44 +40,49 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load(flags):
+def load(flags, max_pixels):
     """A Classifier over --graph and --labels, which need not sit in one model folder."""
     model_dir = os.path.dirname(os.path.abspath(flags.graph))
     labels = flags.labels or os.path.join(model_dir, "labels.txt")
     overrides = {k: v for k, v in vars(flags).items()
                  if k.startswith(("input_", "output_")) and v is not None}
     if os.path.basename(flags.graph) == "graph.pb" and os.path.abspath(labels) == os.path.join(model_dir, "labels.txt"):
-        return Classifier(model_dir, overrides)
+        return Classifier(model_dir, overrides, max_pixels=max_pixels)
     with tempfile.TemporaryDirectory() as tmp:  # a model folder view of the files
         os.symlink(os.path.abspath(flags.graph), os.path.join(tmp, "graph.pb"))
         shutil.copy(labels, os.path.join(tmp, "labels.txt"))
         sidecar = os.path.join(model_dir, "model.json")
         if os.path.isfile(sidecar):  # its input size, mean and std still apply
             shutil.copy(sidecar, os.path.join(tmp, "model.json"))
-        classifier = Classifier(tmp, overrides)
+        classifier = Classifier(tmp, overrides, max_pixels=max_pixels)
         classifier.model_dir = model_dir
         return classifier
 
 
-def classify_file(classifier, path, top_k):
+def classify_file(core, path, top_k):
     with open(path, "rb") as f:
-        inputs = [classifier.preprocess(f.read())]
-    return classifier.top_k(classifier.predict(inputs)[0], top_k)
+        return core.classify([f.read()], names=[path]).top_k(top_k)[0]
 
 
 def main(argv=None):
     flags = parse_args(argv)
     try:
-        classifier = load(flags)
+        config = settings.from_env()  # MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES: the server's limits
+        classifier = load(flags, config["MAX_IMAGE_PIXELS"])
+        classifier.warm_up()  # also checks that the graph answers as many scores as there are labels
+        core = Inference(ModelManager.static(classifier), config)
     except (ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if flags.image:
         try:
-            answer = classify_file(classifier, flags.image, flags.top_k)
-        except (OSError, InvalidImage, ImageTooLarge) as exc:
+            answer = classify_file(core, flags.image, flags.top_k)
+        except OSError as exc:
             print(f"error: {flags.image}: {exc}", file=sys.stderr)
             return 1
+        except InferenceError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return EXIT_STATUS[exc.code]
         for label, score in answer:
             print(f"{label} {score:.5f}")
         return 0
@@ -80,9 +92,11 @@ def main(argv=None):
         if not path:
             continue
         try:
-            answer = {"image": path, "labels": classify_file(classifier, path, flags.top_k)}
-        except (OSError, InvalidImage, ImageTooLarge) as exc:
+            answer = {"image": path, "labels": classify_file(core, path, flags.top_k)}
+        except OSError as exc:
             answer, status = {"image": path, "error": str(exc)}, 1
+        except InferenceError as exc:
+            answer, status = {"image": path, "error": exc.message, "code": exc.code}, max(status, EXIT_STATUS[exc.code])
         print(json.dumps(answer), flush=True)
     return status
 

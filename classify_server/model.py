@@ -17,7 +17,7 @@ from PIL import Image
 
 from classify_server.batching import Batcher
 from classify_server.ranking import top_k
-from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
+from retrain.preprocessing import decode_image, probe_image
 
 SIDECAR = "model.json"
 CLASSIC_INPUT = "DecodeJpeg/contents:0"
@@ -115,18 +115,6 @@ class Classifier:
         if self.mean or self.std != 1.0:
             pixels = (pixels - self.mean) / self.std
         return pixels
-
-    def preprocess_all(self, images):
-        """Preprocess each encoded image; an error says which image (1-based) and why."""
-        inputs = []
-        for i, data in enumerate(images, 1):
-            try:
-                inputs.append(self.preprocess(data))
-            except ImageTooLarge as exc:
-                raise ImageTooLarge(f"image {i}: {exc} (MAX_IMAGE_PIXELS)") from None
-            except InvalidImage as exc:
-                raise InvalidImage(f"image {i} is not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}") from None
-        return inputs
 
     def predict(self, inputs):
         """Preprocessed inputs (a list) -> probabilities, shape (len(inputs), classes)."""

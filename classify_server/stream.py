@@ -15,7 +15,9 @@ A message that cannot be classified (no value, not an image, over MAX_UPLOAD_BYT
 MAX_IMAGE_PIXELS pixels) goes to the dead-letter topic instead, as Kafka Connect does it: same
 key, the original value (omitted, with a header saying so, when the producer cannot send it),
 and headers `error` (the message), `error.type` (EmptyMessage, MessageTooLarge, InvalidImage,
-ImageTooLarge), `source.topic`, `source.partition`, `source.offset`. It never stops the consumer.
+ImageTooLarge), `error.code` (the inference core's code: empty_image, request_too_large,
+invalid_image, image_too_large), `source.topic`, `source.partition`, `source.offset`. It never
+stops the consumer.
 
 Outputs keep the input's order: the prediction of a message read from partition P goes to
 partition P of the output topic (P modulo its partition count), as do dead letters.
@@ -67,62 +69,59 @@ import urllib.parse
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from classify_server.inference import CODES, InferenceError, check_size  # noqa: E402  (no TensorFlow)
+from classify_server.ranking import top_k  # noqa: E402
+
 log = logging.getLogger("classify_server.stream")
 
 DLQ_SUFFIX = ".dead-letter"
 
 
-class Rejected:
-    """Why one message cannot be classified: it goes to the dead-letter topic."""
-
-    def __init__(self, kind, message):
-        self.kind, self.message = kind, message
-
-    def __repr__(self):
-        return f"Rejected({self.kind}: {self.message})"
+# The dead-letter `error.type` of each inference error code (the names this header has always had).
+DEAD_LETTER_TYPE = {
+    "empty_image": "EmptyMessage",
+    "request_too_large": "MessageTooLarge",
+    "invalid_image": "InvalidImage",
+    "image_too_large": "ImageTooLarge",
+    "invalid_input": "InvalidInput",
+    "too_many_images": "TooManyImages",
+    "model_not_found": "ModelNotFound",
+    "version_not_served": "VersionNotServed",
+    "not_ready": "NotReady",
+}
+assert set(DEAD_LETTER_TYPE) == set(CODES)
 
 
 class RemoteUnavailable(RuntimeError):
     """The model server did not answer usefully (down, 5xx, garbled): retry the batch later."""
 
 
+# Codes a server answers about the images of a request, not about itself: each image is judged alone.
+PER_IMAGE = {"empty_image", "request_too_large", "invalid_image", "image_too_large", "invalid_input",
+             "too_many_images"}
+
+
 # ---------------------------------------------------------------- the two ways to run the model
 
 class Embedded:
-    """The model in this process: the HTTP server's ModelManager and Classifier."""
+    """The model in this process, behind the HTTP server's inference core."""
 
     def __init__(self, config):
         from classify_server import build_models
+        from classify_server.inference import Inference
         self.config = config
-        self.models = build_models(config)
+        self.core = Inference(build_models(config), config)
         self.name = config["MODEL_NAME"]
 
     def describe(self):
-        return f"embedded model {self.name!r} version {self.models.current.version} from {self.config['MODEL_DIR']}"
+        return (f"embedded model {self.name!r} version {self.core.models.current.version} "
+                f"from {self.config['MODEL_DIR']}")
 
     def classify(self, images):
-        """(model version, [top-k [[label, score], ...] or Rejected, one per image])."""
-        from retrain.preprocessing import ImageTooLarge, InvalidImage
-        results = [None] * len(images)
-        with self.models.acquire() as servable:
-            classifier = servable.classifier
-            inputs, where = [], []
-            for i, data in enumerate(images):
-                try:
-                    inputs.append(classifier.preprocess(data))
-                    where.append(i)
-                except ImageTooLarge as exc:
-                    results[i] = Rejected("ImageTooLarge", f"{exc} (MAX_IMAGE_PIXELS)")
-                except InvalidImage as exc:
-                    results[i] = Rejected("InvalidImage",
-                                          f"not a readable image (JPEG, PNG, GIF, BMP, WebP...): {exc}")
-                except Exception as exc:  # a decoder fault on odd input must not stop the stream
-                    log.exception("preprocessing failed")
-                    results[i] = Rejected(type(exc).__name__, f"preprocessing failed: {exc}")
-            if inputs:
-                for i, probabilities in zip(where, classifier.predict(inputs)):
-                    results[i] = classifier.top_k(probabilities, self.config["TOP_K"])
-            return servable.version, results
+        """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""
+        version, labels, results = self.core.classify_each(images)
+        return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.config["TOP_K"])
+                         for r in results]
 
     def close(self):
         pass
@@ -196,14 +195,13 @@ class Remote:
 
     def classify(self, images):
         import numpy as np
-        from classify_server.ranking import top_k  # not classify_server.model: no TensorFlow here
         if self.version is None:
             self.refresh()
         results = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             status, answer = self._predict(chunk)
-            if status == 404:  # the server moved to another version: learn it, ask again
+            if answer.get("code") == "version_not_served":  # the server moved to another version: learn it
                 old = self.version
                 self.refresh()
                 log.info("remote model version %s -> %s", old, self.version)
@@ -212,17 +210,17 @@ class Remote:
                 status, answer = self._predict(chunk)
             if status == 200:
                 answers = self._rows(answer.get("predictions"), len(chunk))
-            elif status in (400, 413) and len(chunk) > 1:  # which image? ask for each alone
-                if "too many" in str(answer.get("error")):
+            elif answer.get("code") in PER_IMAGE and len(chunk) > 1:  # which image? ask for each alone
+                if answer["code"] == "too_many_images":
                     log.warning("%s; lower --batch-size to the server's MAX_PARTS", answer.get("error"))
                 answers = [self.classify_one(data) for data in chunk]
-            elif status in (400, 413):
-                answers = [self._rejection(status, answer)]
+            elif answer.get("code") in PER_IMAGE:
+                answers = [self._rejection(answer)]
             else:
                 raise RemoteUnavailable(f"POST {self.url}/versions/{self.version}:predict answered "
                                         f"{status}: {answer.get('error', answer)}")
             for row in answers:
-                results.append(row if isinstance(row, Rejected)
+                results.append(row if isinstance(row, InferenceError)
                                else top_k(self.labels, np.asarray(row, dtype=np.float32), self.top_k))
         return self.version, results
 
@@ -230,8 +228,8 @@ class Remote:
         status, answer = self._predict([data])
         if status == 200:
             return self._rows(answer.get("predictions"), 1)[0]
-        if status in (400, 413):
-            return self._rejection(status, answer)
+        if answer.get("code") in PER_IMAGE:
+            return self._rejection(answer)
         raise RemoteUnavailable(f"POST {self.url}/versions/{self.version}:predict answered "
                                 f"{status}: {answer.get('error', answer)}")
 
@@ -242,12 +240,11 @@ class Remote:
         return rows
 
     @staticmethod
-    def _rejection(status, answer):
-        message = str(answer.get("error", answer))
-        message = re.sub(r"^image 1(: | is )", lambda m: "" if m.group(1) == ": " else "", message)
-        if status == 413:
-            return Rejected("ImageTooLarge", message)
-        return Rejected("InvalidImage", message)
+    def _rejection(answer):
+        """The server's error for a request of one image, as the embedded core words it (no "image 1")."""
+        message = re.sub(r"^image 1(: | is )", lambda m: "" if m.group(1) == ": " else "the image is ",
+                         str(answer.get("error", answer)))
+        return InferenceError(answer["code"], message)
 
     def close(self):
         if self.connection is not None:
@@ -373,7 +370,7 @@ class StreamClassifier:
                 failures.append(f"{message.topic()}[{message.partition()}]: {error}")
 
         for message, answer in zip(batch, answers):
-            if isinstance(answer, Rejected):
+            if isinstance(answer, InferenceError):
                 self.dead_letter(message, answer, on_delivery)
             else:
                 self.produce(self.args.output_topic, message, json.dumps({
@@ -397,16 +394,13 @@ class StreamClassifier:
     def classify(self, batch):
         """The engine's answers for the batch; the checks that need no model first."""
         answers, images, where = [None] * len(batch), [], []
-        limit = self.config["MAX_UPLOAD_BYTES"]
         for i, message in enumerate(batch):
-            value = message.value()
-            if not value:
-                answers[i] = Rejected("EmptyMessage", "the message has no value: send the encoded image as the value")
-            elif len(value) > limit:
-                answers[i] = Rejected("MessageTooLarge", f"message value is {len(value)} bytes, over the limit "
-                                                         f"of {limit} (MAX_UPLOAD_BYTES)")
+            try:
+                check_size(message.value(), self.config["MAX_UPLOAD_BYTES"], "the message's value")
+            except InferenceError as exc:
+                answers[i] = exc
             else:
-                images.append(value)
+                images.append(message.value())
                 where.append(i)
         version = None
         delay = 1.0
@@ -434,9 +428,11 @@ class StreamClassifier:
 
     def dead_letter(self, message, rejected, on_delivery):
         from confluent_kafka import KafkaError, KafkaException
+        kind = DEAD_LETTER_TYPE[rejected.code]
         log.info("dead letter %s[%d]@%d: %s: %s", message.topic(), message.partition(), message.offset(),
-                 rejected.kind, rejected.message)
-        headers = [("error", rejected.message.encode()), ("error.type", rejected.kind.encode()),
+                 kind, rejected.message)
+        headers = [("error", rejected.message.encode()), ("error.type", kind.encode()),
+                   ("error.code", rejected.code.encode()),
                    ("source.topic", message.topic().encode()), ("source.partition", str(message.partition()).encode()),
                    ("source.offset", str(message.offset()).encode())]
         try:

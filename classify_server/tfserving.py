@@ -13,21 +13,14 @@ Serving's status codes.
 import base64
 import binascii
 
-from flask import Blueprint, abort, current_app, jsonify, request
+from flask import Blueprint, current_app, jsonify, request
 
-from classify_server.api import run
+from classify_server.api import classify as run_classify
+from classify_server.inference import INVALID_INPUT, InferenceError
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
 
 INPUT_KEY = "images"
-
-
-def _servable_or_404(models, name, version):
-    if name != current_app.config["MODEL_NAME"]:
-        abort(404, f"Servable not found for request: Latest({name})")
-    if version is not None and version != models.current.version:
-        abort(404, f"Servable not found for request: Specific({name}, {version}); "
-                   f"version {models.current.version} is served")
 
 
 def signature_def(classifier):
@@ -46,21 +39,13 @@ def signature_def(classifier):
 @bp.get("/<name>")
 @bp.get("/<name>/versions/<int:version>")
 def model_status(name, version=None):
-    models = current_app.extensions["models"]
-    if name != current_app.config["MODEL_NAME"]:
-        abort(404, f"Could not find any versions of model {name}")
-    status = models.version_status(version)
-    if not status:
-        abort(404, f"Could not find version {version} of model {name}")
-    return jsonify(model_version_status=status)
+    return jsonify(model_version_status=current_app.extensions["inference"].status(name, version))
 
 
 @bp.get("/<name>/metadata")
 @bp.get("/<name>/versions/<int:version>/metadata")
 def metadata(name, version=None):
-    models = current_app.extensions["models"]
-    _servable_or_404(models, name, version)
-    with models.acquire() as servable:
+    with current_app.extensions["inference"].servable(name, version) as servable:
         classifier = servable.classifier
         return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
                        # TF Serving nests the SignatureDefMap: metadata.signature_def.signature_def
@@ -68,23 +53,27 @@ def metadata(name, version=None):
                                      **classifier.metadata()))
 
 
+def _invalid(message):
+    raise InferenceError(INVALID_INPUT, message)
+
+
 def _decode_b64(value, where):
     if isinstance(value, dict) and len(value) == 1 and INPUT_KEY in value:
         value = value[INPUT_KEY]  # {"images": {"b64": ...}}
     if not (isinstance(value, dict) and isinstance(value.get("b64"), str)):
-        abort(400, f"{where}: expected an encoded image as {{\"b64\": \"<base64>\"}} "
+        _invalid(f"{where}: expected an encoded image as {{\"b64\": \"<base64>\"}} "
                    f"(optionally under the key \"{INPUT_KEY}\")")
     try:
         return base64.b64decode(value["b64"], validate=True)
     except (binascii.Error, ValueError):
-        abort(400, f"{where}: b64 value is not valid base64")
+        _invalid(f"{where}: b64 value is not valid base64")
 
 
 def _request_images():
     """The encoded images of a :predict body, and whether it used the columnar form."""
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        abort(400, "JSON Parse error: the body must be a JSON object with \"instances\" or \"inputs\"")
+        _invalid("JSON Parse error: the body must be a JSON object with \"instances\" or \"inputs\"")
     if "instances" in body:
         items, columnar = body["instances"], False
     elif "inputs" in body:
@@ -94,32 +83,21 @@ def _request_images():
         if isinstance(items, dict):
             items = [items]
     else:
-        abort(400, "Missing 'inputs' or 'instances' key")
+        _invalid("Missing 'inputs' or 'instances' key")
     return _images_from(items, "instance"), columnar
 
 
 def _images_from(items, what):
     if not isinstance(items, list) or not items:
-        abort(400, f"expected a non-empty list of {what}s")
-    if len(items) > current_app.config["MAX_PARTS"]:
-        abort(413, f"too many {what}s: {len(items)}, the limit is {current_app.config['MAX_PARTS']} (MAX_PARTS)")
+        _invalid(f"expected a non-empty list of {what}s")
     return [_decode_b64(item, f"{what} {i}") for i, item in enumerate(items)]
-
-
-def _run(name, version, images):
-    models = current_app.extensions["models"]
-    _servable_or_404(models, name, version)
-    with models.acquire() as servable:
-        classifier = servable.classifier
-        return classifier, run(classifier, images)
 
 
 @bp.post("/<name>:predict")
 @bp.post("/<name>/versions/<int:version>:predict")
 def predict(name, version=None):
     images, columnar = _request_images()
-    _, probabilities = _run(name, version, images)
-    scores = [[float(s) for s in row] for row in probabilities]
+    scores = run_classify(images, name, version).scores.tolist()
     return jsonify(outputs=scores) if columnar else jsonify(predictions=scores)
 
 
@@ -128,7 +106,7 @@ def predict(name, version=None):
 def classify(name, version=None):
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or "examples" not in body:
-        abort(400, "JSON Parse error: the body must be a JSON object with \"examples\"")
-    classifier, probabilities = _run(name, version, _images_from(body["examples"], "example"))
-    return jsonify(result=[[[label, float(s)] for label, s in zip(classifier.labels, row)]
-                           for row in probabilities])
+        _invalid("JSON Parse error: the body must be a JSON object with \"examples\"")
+    prediction = run_classify(_images_from(body["examples"], "example"), name, version)
+    return jsonify(result=[[[label, score] for label, score in zip(prediction.labels, row)]
+                           for row in prediction.scores.tolist()])

@@ -4,8 +4,8 @@ CORPUS is a table: each case is a raw HTTP request (built here, byte for byte) a
 get. Every case is sent to the module's 2-worker gunicorn (`server`); then a valid request must get the
 reference answer, and both workers must still be the same processes (no crash, no restart). Nothing
 may answer 500. The fuzz (hypothesis, bounded: FUZZ_EXAMPLES cases per test, 200 by default) feeds
-mutated valid images and random bytes to `decode_image` and `Classifier.preprocess_all`, which may
-only raise InvalidImage or ImageTooLarge (the API's 400 and 413).
+mutated valid images and random bytes to `decode_image` and the inference core's `classify`, which may
+only raise InvalidImage or ImageTooLarge (the core: an InferenceError), the API's 400 and 413.
 
 RELIABILITY.md lists the corpus; `python -m pytest tests/test_hostile.py -v` repeats it.
 """
@@ -598,16 +598,19 @@ def test_fuzz_decode_mutated_images(data):
 @FUZZ
 @given(images=st.lists(st.one_of(mutated_images(), st.binary(max_size=512), st.sampled_from(SEEDS)),
                        min_size=1, max_size=4))
-def test_fuzz_classifier_preprocess_all(classifier, images):
-    """The server's own entry point (api.preprocess_all calls it); good images also run through the model."""
+def test_fuzz_inference_classify(classifier, images):
+    """The core every protocol calls; good images also run through the model."""
+    from classify_server import settings
+    from classify_server.inference import Inference, InferenceError
+    from classify_server.versions import ModelManager
+    core = Inference(ModelManager.static(classifier), settings.from_env())
     try:
-        inputs = classifier.preprocess_all(images)
-    except (InvalidImage, ImageTooLarge) as exc:
-        assert str(exc).startswith("image "), exc  # says which image
+        prediction = core.classify(images)
+    except InferenceError as exc:
+        assert exc.message.startswith("image "), exc  # says which image
         return
-    probabilities = classifier.predict(inputs)
-    assert probabilities.shape == (len(images), len(classifier.labels))
-    assert np.isfinite(probabilities).all()
+    assert prediction.scores.shape == (len(images), len(classifier.labels))
+    assert np.isfinite(prediction.scores).all()
 
 
 def test_fuzz_is_bounded():

@@ -133,22 +133,24 @@ def test_rest_predict_matches_the_multipart_answer(client, trained_model):
     assert [s for _, s in classify.get_json()["result"][0]] == pytest.approx(predictions[0], abs=1e-6)
 
 
-@pytest.mark.parametrize("path, body, status", [
-    ("/v1/models/model:predict", "not json", 400),
-    ("/v1/models/model:predict", {"nothing": []}, 400),
-    ("/v1/models/model:predict", {"instances": []}, 400),
-    ("/v1/models/model:predict", {"instances": [{"b64": "%%%"}]}, 400),
-    ("/v1/models/model:predict", {"instances": [{"b64": base64.b64encode(b"text").decode()}]}, 400),
-    ("/v1/models/model:predict", {"instances": [[1, 2, 3]]}, 400),
-    ("/v1/models/other:predict", {"instances": [b64(IMAGES[0])]}, 404),
-    ("/v1/models/model/versions/5:predict", {"instances": [b64(IMAGES[0])]}, 404),
-    ("/v1/models/model:classify", {"instances": [b64(IMAGES[0])]}, 400),
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/models/model:predict", "not json", 400, "invalid_input"),
+    ("/v1/models/model:predict", {"nothing": []}, 400, "invalid_input"),
+    ("/v1/models/model:predict", {"instances": []}, 400, "invalid_input"),
+    ("/v1/models/model:predict", {"instances": [{"b64": "%%%"}]}, 400, "invalid_input"),
+    ("/v1/models/model:predict", {"instances": [{"b64": base64.b64encode(b"text").decode()}]}, 400, "invalid_image"),
+    ("/v1/models/model:predict", {"instances": [[1, 2, 3]]}, 400, "invalid_input"),
+    ("/v1/models/other:predict", {"instances": [b64(IMAGES[0])]}, 404, "model_not_found"),
+    ("/v1/models/model/versions/5:predict", {"instances": [b64(IMAGES[0])]}, 404, "version_not_served"),
+    ("/v1/models/model:classify", {"instances": [b64(IMAGES[0])]}, 400, "invalid_input"),
 ])
-def test_rest_errors_are_tf_serving_shaped(client, path, body, status):
+def test_rest_errors_are_tf_serving_shaped(client, path, body, status, code):
+    """TF Serving's {"error": message}, and the core's machine-readable code beside it."""
     r = client.post(path, data=body if isinstance(body, str) else json.dumps(body),
                     content_type="application/json")
     assert r.status_code == status
-    assert set(r.get_json()) == {"error"} and r.get_json()["error"]
+    assert set(r.get_json()) == {"error", "code"} and r.get_json()["error"]
+    assert r.get_json()["code"] == code
 
 
 def test_metadata_reports_the_signature_and_the_model(client, trained_model):

@@ -1,0 +1,198 @@
+"""The inference core: what happens to an image, whichever protocol brought it.
+
+    adapters: multipart POST / (api)   TF Serving REST (tfserving)   TF Serving gRPC (grpc)
+              Kafka consumer (stream)   label_image CLI   corrections (feedback)
+                 |  parse the request; format the answer; map InferenceError.code to a status
+                 v
+    Inference.classify(images, model, version)
+        choose the model version (versions.ModelManager), enforce the limits (images per
+        request, bytes, pixels), decode each image with the shared preprocessing
+        (retrain.preprocessing, via the engine's input spec), run the engine (batched when
+        BATCH_MAX_SIZE is on), time decode and inference
+                 |
+                 v
+    Prediction(model, version, labels, scores [N, classes], timing)  or  InferenceError(code, message)
+
+As KServe's dataplane sits under its REST and gRPC endpoints. Adapters never decode an image
+or run the model themselves; each maps the codes below to its own status in one table.
+"""
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from classify_server.ranking import top_k
+from retrain import preprocessing
+
+log = logging.getLogger("classify_server")
+
+# Every way a request can fail that is the client's to fix (or to wait out), with a stable code.
+INVALID_INPUT = "invalid_input"            # the request itself is malformed (an adapter's parse)
+INVALID_IMAGE = "invalid_image"            # not an image the shared preprocessing can decode
+EMPTY_IMAGE = "empty_image"                # zero bytes
+IMAGE_TOO_LARGE = "image_too_large"        # over MAX_IMAGE_PIXELS (a decompression bomb)
+REQUEST_TOO_LARGE = "request_too_large"    # over MAX_UPLOAD_BYTES
+TOO_MANY_IMAGES = "too_many_images"        # over MAX_PARTS in one request
+MODEL_NOT_FOUND = "model_not_found"        # no model of that name here
+VERSION_NOT_SERVED = "version_not_served"  # that version is not the one served (or a label is unknown)
+NOT_READY = "not_ready"                    # no version loaded and warmed up yet
+CODES = (INVALID_INPUT, INVALID_IMAGE, EMPTY_IMAGE, IMAGE_TOO_LARGE, REQUEST_TOO_LARGE, TOO_MANY_IMAGES,
+         MODEL_NOT_FOUND, VERSION_NOT_SERVED, NOT_READY)
+
+
+class InferenceError(Exception):
+    """A request the core will not answer: `code` (one of CODES) for machines, `message` for people."""
+
+    def __init__(self, code, message):
+        assert code in CODES, code
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass
+class Prediction:
+    model: str
+    version: int
+    labels: list
+    scores: np.ndarray  # [images, classes], in the order of `labels`
+    timing: dict = field(default_factory=dict)  # seconds: decode, inference
+
+    def top_k(self, k):
+        """[[label, score], ...] best first, one list per image."""
+        return [top_k(self.labels, row, k) for row in self.scores]
+
+
+class Inference:
+    """The one path from encoded images to scores, over a ModelManager's served versions."""
+
+    def __init__(self, models, config, on_inference=None):
+        self.models, self.name = models, config["MODEL_NAME"]
+        self.max_images, self.max_bytes = config["MAX_PARTS"], config["MAX_UPLOAD_BYTES"]
+        self.on_inference = on_inference  # e.g. a Prometheus histogram's observe(seconds)
+
+    @contextmanager
+    def servable(self, model=None, version=None, label=None):
+        """The served version of `model` (None: the default model), held for one request.
+
+        The version is checked on the version acquired, so a hot swap in between cannot answer
+        from another version than the one asked for.
+        """
+        if model is not None and model != self.name:
+            raise InferenceError(MODEL_NOT_FOUND, f"Servable not found for request: Latest({model}); "
+                                                  f"this server serves {self.name!r}")
+        if label is not None:
+            raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
+        if self.models.current is None or not self.models.current.classifier.ready:
+            raise InferenceError(NOT_READY, "the model is still loading; retry shortly")
+        with self.models.acquire() as servable:
+            if version is not None and version != servable.version:
+                raise InferenceError(VERSION_NOT_SERVED,
+                                     f"Servable not found for request: Specific({self.name}, {version}); "
+                                     f"version {servable.version} is served")
+            yield servable
+
+    def status(self, model=None, version=None):
+        """TF Serving's model_version_status entries of `model`, of one version or all."""
+        if model is not None and model != self.name:
+            raise InferenceError(MODEL_NOT_FOUND, f"Could not find any versions of model {model}")
+        entries = self.models.version_status(version)
+        if not entries:
+            raise InferenceError(VERSION_NOT_SERVED, f"Could not find version {version} of model {model}")
+        return entries
+
+    def check_count(self, count):
+        """Raise unless a request of `count` images is allowed (adapters may ask before building them)."""
+        if count < 1:
+            raise InferenceError(INVALID_INPUT, "no image in the request")
+        if count > self.max_images:
+            raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
+                                                  f"{self.max_images} (MAX_PARTS)")
+
+    def classify(self, images, model=None, version=None, names=None, label=None):
+        """Scores for encoded images, all or none: the first bad image fails the request.
+
+        `names` (file names, when the protocol has them) make the error messages say which image.
+        """
+        self.check_count(len(images))
+        for i, data in enumerate(images):
+            self.check_size(data, _which(i, names))
+        with self.servable(model, version, label) as servable:
+            classifier = servable.classifier
+            start = time.perf_counter()
+            inputs = [self._decode(classifier, data, _which(i, names)) for i, data in enumerate(images)]
+            decoded = time.perf_counter()
+            scores = self._run(classifier, inputs)
+            return Prediction(self.name, servable.version, classifier.labels, scores,
+                              {"decode": decoded - start, "inference": time.perf_counter() - decoded})
+
+    def classify_each(self, images, model=None, version=None):
+        """(version, labels, [scores or InferenceError, one per image]): a bad image fails alone.
+
+        For a stream of independent messages, where one bad message must not hold up the others.
+        """
+        results, inputs, where = [None] * len(images), [], []
+        with self.servable(model, version) as servable:
+            classifier = servable.classifier
+            for i, data in enumerate(images):
+                try:
+                    self.check_size(data, "")
+                    inputs.append(self._decode(classifier, data, ""))
+                    where.append(i)
+                except InferenceError as exc:
+                    results[i] = exc
+                except Exception as exc:  # a decoder fault on odd input fails that image, not the batch
+                    log.exception("preprocessing failed")
+                    results[i] = InferenceError(INVALID_IMAGE, f"preprocessing failed: {exc}")
+            if inputs:
+                for i, row in zip(where, self._run(classifier, inputs)):
+                    results[i] = row
+            return servable.version, classifier.labels, results
+
+    def check_image(self, data, name=None):
+        """The format ("JPEG", "PNG"...) of one image that the shared preprocessing decodes whole,
+        or InferenceError. The model is not run."""
+        which = _which(0, [name])
+        self.check_size(data, which)
+        with self.servable() as servable:
+            self._decode(servable.classifier, data, which)
+        return preprocessing.probe_image(data)[0]
+
+    def check_size(self, data, which):
+        check_size(data, self.max_bytes, which)
+
+    def _decode(self, classifier, data, which):
+        try:
+            return classifier.preprocess(data)
+        except preprocessing.ImageTooLarge as exc:
+            raise InferenceError(IMAGE_TOO_LARGE, f"{which}: {exc} (MAX_IMAGE_PIXELS)" if which
+                                 else f"{exc} (MAX_IMAGE_PIXELS)") from None
+        except preprocessing.InvalidImage as exc:
+            raise InferenceError(INVALID_IMAGE, f"{which or 'the image'} is not a readable image "
+                                                f"(JPEG, PNG, GIF, BMP, WebP...): {exc}") from None
+
+    def _run(self, classifier, inputs):
+        start = time.perf_counter()
+        scores = classifier.predict(inputs)
+        if self.on_inference:
+            self.on_inference(time.perf_counter() - start)
+        return scores
+
+
+def check_size(data, max_bytes, which=""):
+    """Raise unless `data` holds something and at most `max_bytes` (MAX_UPLOAD_BYTES) bytes.
+
+    A function too, for the stream's remote mode, which checks its messages without a model.
+    """
+    if not data:
+        raise InferenceError(EMPTY_IMAGE, f"{which or 'the image'} is empty")
+    if len(data) > max_bytes:
+        raise InferenceError(REQUEST_TOO_LARGE, f"{which or 'the image'} is {len(data)} bytes, over the limit "
+                                                f"of {max_bytes} (MAX_UPLOAD_BYTES)")
+
+
+def _which(i, names):
+    """How messages name image i: 'image 2', or 'image 2 (cat.jpg)' when the protocol has names."""
+    name = names[i] if names and i < len(names) and names[i] else None
+    return f"image {i + 1}" + (f" ({name})" if name else "")

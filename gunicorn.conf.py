@@ -38,15 +38,11 @@ control_socket_disable = True
 
 def on_starting(server):
     # Fail at once, before the workers spend seconds importing TensorFlow, when there is no model at all.
+    from retrain import model_folder  # the format's one definition (no TensorFlow in it)
     model_dir = os.environ.get("MODEL_DIR", "model")
-    has_files = all(os.path.isfile(os.path.join(model_dir, f)) for f in ("graph.pb", "labels.txt"))
-    has_versions = os.path.isdir(model_dir) and any(
-        n.isdigit() and os.path.isfile(os.path.join(model_dir, n, "graph.pb")) for n in os.listdir(model_dir))
-    if not (has_files or has_versions):
-        missing = [os.path.join(model_dir, f) for f in ("graph.pb", "labels.txt")
-                   if not os.path.isfile(os.path.join(model_dir, f))]
-        sys.exit(f"classify_server: model not found: {' and '.join(missing)} missing, and no numbered version "
-                 f"folders (set MODEL_DIR, or run: python -m retrain --output_dir {model_dir})")
+    if not (model_folder.is_model(model_dir) or model_folder.versions(model_dir)):
+        sys.exit(f"classify_server: model not found: {' and '.join(model_folder.missing(model_dir))} missing, and "
+                 f"no numbered version folders (set MODEL_DIR, or run: python -m retrain --output_dir {model_dir})")
     for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):  # stale counts of an earlier run
         os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))
 

@@ -9,9 +9,7 @@ per image. Flags are those of TensorFlow's label_image.py.
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 from classify_server import inference, settings
 from classify_server.inference import Inference, InferenceError
@@ -41,22 +39,12 @@ def parse_args(argv=None):
 
 
 def load(flags, max_pixels):
-    """A Classifier over --graph and --labels, which need not sit in one model folder."""
-    model_dir = os.path.dirname(os.path.abspath(flags.graph))
-    labels = flags.labels or os.path.join(model_dir, "labels.txt")
+    """A Classifier over --graph and --labels, which need not sit in one model folder (the sidecar
+    beside the graph, if any, still gives its input size, mean and std)."""
     overrides = {k: v for k, v in vars(flags).items()
                  if k.startswith(("input_", "output_")) and v is not None}
-    if os.path.basename(flags.graph) == "graph.pb" and os.path.abspath(labels) == os.path.join(model_dir, "labels.txt"):
-        return Classifier(model_dir, overrides, max_pixels=max_pixels)
-    with tempfile.TemporaryDirectory() as tmp:  # a model folder view of the files
-        os.symlink(os.path.abspath(flags.graph), os.path.join(tmp, "graph.pb"))
-        shutil.copy(labels, os.path.join(tmp, "labels.txt"))
-        sidecar = os.path.join(model_dir, "model.json")
-        if os.path.isfile(sidecar):  # its input size, mean and std still apply
-            shutil.copy(sidecar, os.path.join(tmp, "model.json"))
-        classifier = Classifier(tmp, overrides, max_pixels=max_pixels)
-        classifier.model_dir = model_dir
-        return classifier
+    return Classifier(os.path.dirname(os.path.abspath(flags.graph)), overrides, max_pixels=max_pixels,
+                      graph_path=flags.graph, labels_path=flags.labels)
 
 
 def classify_file(core, path, top_k):

@@ -7,7 +7,6 @@ the classic retrain.py output (JPEG bytes at `DecodeJpeg/contents:0`), or a
 third-party one configured by label_image.py-style settings.
 """
 import io
-import json
 import os
 import time
 
@@ -17,9 +16,9 @@ from PIL import Image
 
 from classify_server.batching import Batcher
 from classify_server.ranking import top_k
+from retrain import model_folder
 from retrain.preprocessing import decode_image, probe_image
 
-SIDECAR = "model.json"
 CLASSIC_INPUT = "DecodeJpeg/contents:0"
 
 
@@ -31,30 +30,30 @@ def _tensor_name(name):
     return name if ":" in name else name + ":0"
 
 
-def read_spec(model_dir, overrides=None):
-    """Where the tensors are and what they take: the sidecar, then `overrides` on top."""
-    graph_path = os.path.join(model_dir, "graph.pb")
-    labels_path = os.path.join(model_dir, "labels.txt")
+def read_spec(model_dir, overrides=None, graph_path=None, labels_path=None):
+    """Where the tensors are and what they take: the sidecar, then `overrides` on top.
+
+    `graph_path` and `labels_path` default to the model folder's own files (label_image may
+    name others, and then the folder's sidecar still describes the graph).
+    """
+    graph_path = graph_path or os.path.join(model_dir, model_folder.GRAPH)
+    labels_path = labels_path or os.path.join(model_dir, model_folder.LABELS)
     for path in (graph_path, labels_path):
         if not os.path.isfile(path):
             raise ModelLoadError(f"model not found: {path} is missing (set MODEL_DIR to the folder "
                                  f"retrain wrote, or run: python -m retrain --output_dir {model_dir})")
     spec = {"input_layer": None, "output_layer": "final_result", "input_height": None,
             "input_width": None, "input_mean": 0.0, "input_std": 1.0}
-    sidecar_path = os.path.join(model_dir, SIDECAR)
-    sidecar = {}
-    if os.path.isfile(sidecar_path):
-        try:
-            with open(sidecar_path, encoding="utf-8") as f:
-                sidecar = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"corrupt model sidecar {sidecar_path}: {exc}") from None
+    try:
+        sidecar = model_folder.read_sidecar(model_dir)
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if sidecar:
         spec.update(input_layer=sidecar.get("input"), output_layer=sidecar.get("output", "final_result"),
                     input_height=sidecar.get("input_height"), input_width=sidecar.get("input_width"),
                     input_mean=sidecar.get("input_mean", 0.0), input_std=sidecar.get("input_std", 1.0))
     spec.update(overrides or {})
-    with open(labels_path, encoding="utf-8") as f:
-        labels = [line.rstrip("\n") for line in f if line.strip()]
+    labels = model_folder.read_labels(labels_path)
     if not labels:
         raise ModelLoadError(f"corrupt model: {labels_path} has no labels")
     return graph_path, labels, spec, sidecar
@@ -62,9 +61,9 @@ def read_spec(model_dir, overrides=None):
 
 class Classifier:
     def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, max_pixels=None,
-                 batch_max_size=0, batch_timeout_ms=5):
+                 batch_max_size=0, batch_timeout_ms=5, graph_path=None, labels_path=None):
         self.model_dir = os.path.abspath(model_dir)
-        graph_path, self.labels, spec, self.sidecar = read_spec(model_dir, overrides)
+        graph_path, self.labels, spec, self.sidecar = read_spec(model_dir, overrides, graph_path, labels_path)
         self.max_pixels = max_pixels
         graph_def = tf.compat.v1.GraphDef()
         try:
@@ -138,7 +137,7 @@ class Classifier:
         probabilities = self.predict([self.preprocess(blank.getvalue())])
         if probabilities.shape[-1] != len(self.labels):
             raise ModelLoadError(f"{self.graph_path} answers {probabilities.shape[-1]} scores but "
-                                 f"{len(self.labels)} labels are listed in labels.txt")
+                                 f"{len(self.labels)} labels are listed in {model_folder.LABELS}")
         self.ready = True
         self.loaded_at = time.time()
 

@@ -2,6 +2,7 @@
 
 MODEL_DIR is either one model folder (graph.pb, labels.txt, model.json) or a base
 folder of numbered versions, TF Serving's layout: MODEL_DIR/1/, MODEL_DIR/2/...
+(retrain.model_folder defines both).
 The newest complete version is served. With polling on, a newer version is loaded
 beside the current one and warmed up, then swapped in: requests in flight finish
 on the old session, which is closed after the last of them. A version that fails
@@ -14,24 +15,9 @@ import time
 from contextlib import contextmanager
 
 from classify_server.model import ModelLoadError
+from retrain import model_folder
 
 log = logging.getLogger("classify_server")
-
-
-def find_versions(base_dir):
-    """Numbered subfolders holding a graph.pb and labels.txt, newest first."""
-    try:
-        names = os.listdir(base_dir)
-    except OSError:
-        return []
-    versions = [int(n) for n in names if n.isdigit()
-                and os.path.isfile(os.path.join(base_dir, n, "graph.pb"))
-                and os.path.isfile(os.path.join(base_dir, n, "labels.txt"))]
-    return sorted(versions, reverse=True)
-
-
-def is_versioned(model_dir):
-    return not os.path.isfile(os.path.join(model_dir, "graph.pb")) and bool(find_versions(model_dir))
 
 
 class Servable:
@@ -48,14 +34,14 @@ class ModelManager:
         self.model_dir, self.load, self.poll_seconds = model_dir, load, poll_seconds
         self.lock = threading.Lock()
         self.status = {}  # version -> (state, error message), TF Serving's states
-        self.versioned = is_versioned(model_dir)
+        self.versioned = model_folder.is_base(model_dir)
         self.current = None
         if not self.versioned:
             self.current = Servable(1, load(model_dir))
             self.status[1] = ("AVAILABLE", "")
             return
         errors = []
-        for version in find_versions(model_dir):  # the newest that loads
+        for version in reversed(model_folder.versions(model_dir)):  # the newest that loads
             try:
                 self._load_version(version)
                 break
@@ -116,7 +102,7 @@ class ModelManager:
         """Load the newest version if it is newer than the one served and not known bad."""
         if not self.versioned:
             return
-        for version in find_versions(self.model_dir):
+        for version in reversed(model_folder.versions(self.model_dir)):
             if version <= self.current.version:
                 return
             if self.status.get(version, ("", ""))[0] != "END":

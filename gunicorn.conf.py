@@ -13,16 +13,20 @@ import os
 import sys
 import tempfile
 
+from classify_server import settings
+from retrain import model_folder
+
+config = settings.from_env()  # every setting, checked: a bad one stops gunicorn here with one line
 cores = os.cpu_count() or 1
-bind = os.environ.get("BIND", f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}")
-workers = int(os.environ.get("WEB_CONCURRENCY", 1))
-worker_class = os.environ.get("WORKER_CLASS", "gthread")
-threads = int(os.environ.get("THREADS", 4))
-timeout = int(os.environ.get("TIMEOUT", 60))
-graceful_timeout = int(os.environ.get("GRACEFUL_TIMEOUT", 30))
-keepalive = int(os.environ.get("KEEPALIVE", 5))
-accesslog = os.environ.get("ACCESS_LOG", "-") or None
-loglevel = os.environ.get("LOG_LEVEL", "info")
+bind = config["BIND"] or f"{config['HOST']}:{config['PORT']}"
+workers = config["WEB_CONCURRENCY"]
+worker_class = config["WORKER_CLASS"]
+threads = config["THREADS"]
+timeout = config["TIMEOUT"]
+graceful_timeout = config["GRACEFUL_TIMEOUT"]
+keepalive = config["KEEPALIVE"]
+accesslog = config["ACCESS_LOG"] or None
+loglevel = config["LOG_LEVEL"]
 # The model must be loaded in each worker after the fork: a TensorFlow session
 # does not survive fork(), so never preload.
 preload_app = False
@@ -38,8 +42,7 @@ control_socket_disable = True
 
 def on_starting(server):
     # Fail at once, before the workers spend seconds importing TensorFlow, when there is no model at all.
-    from retrain import model_folder  # the format's one definition (no TensorFlow in it)
-    model_dir = os.environ.get("MODEL_DIR", "model")
+    model_dir = config["MODEL_DIR"]
     if not (model_folder.is_model(model_dir) or model_folder.versions(model_dir)):
         sys.exit(f"classify_server: model not found: {' and '.join(model_folder.missing(model_dir))} missing, and "
                  f"no numbered version folders (set MODEL_DIR, or run: python -m retrain --output_dir {model_dir})")
@@ -89,7 +92,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # the read fails, the client gets a 400 and the thread is free. (Headers are not
 # covered: for slow clients at scale put nginx, which buffers requests, in front;
 # RELIABILITY.md has the figures.)
-body_timeout = float(os.environ.get("BODY_TIMEOUT", "").strip() or timeout)
+body_timeout = timeout if config["BODY_TIMEOUT"] is None else config["BODY_TIMEOUT"]
 
 
 def pre_request(worker, req):

@@ -56,19 +56,11 @@ CORES = os.cpu_count() or 1
 
 
 def _server_settings():
-    """Environment variables read by gunicorn.conf.py and classify_server: never inherited from the
-    caller's environment, so that "default" means the defaults written in those files."""
-    import re
-    names = {"WEB_CONCURRENCY", "PROMETHEUS_MULTIPROC_DIR", "HOST", "PORT", "INPUT_LAYER", "OUTPUT_LAYER",
-             "INPUT_HEIGHT", "INPUT_WIDTH", "INPUT_MEAN", "INPUT_STD"}
-    files = [os.path.join(C.ROOT, "gunicorn.conf.py")]
-    folder = os.path.join(C.ROOT, "classify_server")
-    files += [os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".py")]
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        names.update(re.findall(r'(?:environ(?:\.get)?\(|environ\[|_int\(|_float\(|getenv\()\s*["\']([A-Z][A-Z0-9_]+)["\']', text))
-    return names - {"TF_CPP_MIN_LOG_LEVEL", "PATH", "HOME"}
+    """The service's settings (classify_server.settings) and the variables gunicorn.conf.py sets for its
+    workers: never inherited from the caller's environment, so that "default" means the defaults."""
+    sys.path.insert(0, C.ROOT)
+    from classify_server.settings import NAMES
+    return NAMES | {"PROMETHEUS_MULTIPROC_DIR", "CLASSIFY_MODEL_LOADED_FLAG"}
 
 
 SERVER_SETTINGS = _server_settings()

@@ -114,7 +114,7 @@ def build_models(config):
 def load_classifier(folder, config):
     """A warmed-up Classifier over one model folder, with this app's settings."""
     from classify_server.model import Classifier
-    classifier = Classifier(folder, settings.graph_overrides(), config["TF_INTRA_OP_THREADS"],
+    classifier = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
                             config["TF_INTER_OP_THREADS"], config["MAX_IMAGE_PIXELS"],
                             config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
     try:

@@ -215,19 +215,15 @@ def make_server(core, max_message_bytes, threads=4):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m classify_server.grpc",
                                      description="Serve MODEL_DIR over TensorFlow Serving's gRPC API.")
-    parser.add_argument("--host", default=os.environ.get("GRPC_HOST", "").strip() or "0.0.0.0",
-                        help="address to listen on (GRPC_HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=settings._int("GRPC_PORT", 8500),
+    config = settings.from_env()
+    parser.add_argument("--host", default=config["GRPC_HOST"], help="address to listen on (GRPC_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=config["GRPC_PORT"],
                         help="port to listen on (GRPC_PORT, default 8500; 0: any free port)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
-    level = os.environ.get("LOG_LEVEL", "info").upper()
-    logging.basicConfig(level=level if isinstance(logging.getLevelName(level), int) else "INFO",
-                        format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
-    config = settings.from_env()
-    threads = max(1, settings._int("GRPC_THREADS", 4))
-    grace = max(0, settings._int("GRACEFUL_TIMEOUT", 30))
+    settings.setup_logging(config)
+    threads, grace = config["GRPC_THREADS"], config["GRACEFUL_TIMEOUT"]
 
     try:
         models = build_models(config)

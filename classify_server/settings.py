@@ -1,52 +1,128 @@
-"""Configuration from the environment: every setting is an environment variable."""
+"""Every setting of the service, read from the environment once: their one definition.
+
+Each setting is an environment variable. SETTINGS lists them all, for the HTTP server
+(create_app), gunicorn (gunicorn.conf.py), the gRPC server, the Kafka consumer and
+label_image, with type, default and meaning; `from_env()` reads and checks them, and the
+serving benchmark takes the list of names from here. A bad value stops the process with
+one line naming the variable and what it must be.
+"""
+import logging
 import os
+from dataclasses import dataclass
 
 
-def _int(name, default):
-    value = os.environ.get(name, "")
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: object
+    help: str
+    kind: type = str
+    minimum: float | None = None  # for numbers
+    maximum: float | None = None
+
+
+MiB = 1024 * 1024
+SETTINGS = (
+    # The model
+    Setting("MODEL_DIR", "model", "model folder, or a base folder of numbered versions (retrain.model_folder)"),
+    Setting("MODEL_NAME", "model", "the name clients address the model by (TF Serving's model name)"),
+    Setting("MODEL_POLL_SECONDS", 10, "seconds between looks for a new numbered version (0: never)", int, 0),
+    Setting("INPUT_LAYER", "", "a third-party graph's input tensor, when it has no model.json sidecar"),
+    Setting("OUTPUT_LAYER", "", "its output tensor"),
+    Setting("INPUT_HEIGHT", None, "its input height in pixels", int, 1),
+    Setting("INPUT_WIDTH", None, "its input width in pixels", int, 1),
+    Setting("INPUT_MEAN", None, "subtracted from its input pixels", float),
+    Setting("INPUT_STD", None, "its input pixels are divided by this", float),
+    # Limits of one request, for every protocol (the inference core enforces them)
+    Setting("MAX_UPLOAD_BYTES", 10 * MiB, "largest request body, gRPC message or Kafka message", int, 1),
+    Setting("MAX_IMAGE_PIXELS", 40_000_000, "largest image, in pixels (decompression bombs)", int, 1),
+    Setting("MAX_PARTS", 32, "most images in one request", int, 1),
+    Setting("TOP_K", 5, "labels in an answer, best first", int, 1),
+    # The session
+    Setting("TF_INTRA_OP_THREADS", 0, "TensorFlow threads per op (0: TensorFlow decides; gunicorn.conf.py "
+                                      "sets cores / workers)", int, 0),
+    Setting("TF_INTER_OP_THREADS", 0, "ops (and requests) run at once in the session (0: TensorFlow decides)",
+            int, 0),
+    Setting("BATCH_MAX_SIZE", 0, "dynamic batching of concurrent requests, most images per run (0: off)", int, 0),
+    Setting("BATCH_TIMEOUT_MS", 5, "how long a batch waits for more requests", int, 0),
+    # Corrections from users (POST /feedback)
+    Setting("FEEDBACK_DIR", "", "store users' corrections here (empty: feedback off)"),
+    Setting("FEEDBACK_PER_MINUTE", 30, "corrections per client address per minute", int, 1),
+    Setting("TRUSTED_PROXIES", 0, "proxies in front whose X-Forwarded-For names the client (0: none)", int, 0),
+    # gunicorn (gunicorn.conf.py)
+    Setting("BIND", "", "address to listen on, HOST:PORT (default: HOST and PORT)"),
+    Setting("HOST", "0.0.0.0", "address to listen on"),
+    Setting("PORT", 8000, "port to listen on", int, 1, 65535),
+    Setting("WEB_CONCURRENCY", 1, "gunicorn worker processes, each with its own copy of the model", int, 1),
+    Setting("WORKER_CLASS", "gthread", "gunicorn worker class"),
+    Setting("THREADS", 4, "requests each worker serves at once", int, 1),
+    Setting("TIMEOUT", 60, "seconds before a silent worker is restarted", int, 0),
+    Setting("GRACEFUL_TIMEOUT", 30, "seconds for requests in flight after SIGTERM (HTTP and gRPC)", int, 0),
+    Setting("KEEPALIVE", 5, "seconds an idle kept-alive connection stays open", int, 0),
+    Setting("BODY_TIMEOUT", None, "seconds for a request body to arrive, else 408 (default TIMEOUT; 0: no limit)",
+            float, 0),
+    Setting("ACCESS_LOG", "-", "access log file ('-': standard output; empty: none)"),
+    Setting("LOG_LEVEL", "info", "debug, info, warning or error"),
+    # The gRPC server (python -m classify_server.grpc)
+    Setting("GRPC_HOST", "0.0.0.0", "address the gRPC server listens on"),
+    Setting("GRPC_PORT", 8500, "its port (0: any free port)", int, 0, 65535),
+    Setting("GRPC_THREADS", 4, "RPCs it serves at once; more wait", int, 1),
+    # The Kafka consumer (python -m classify_server.stream)
+    Setting("KAFKA_BOOTSTRAP_SERVERS", "", "Kafka brokers, HOST:PORT[,HOST:PORT]"),
+    Setting("KAFKA_INPUT_TOPIC", "", "topic of encoded images"),
+    Setting("KAFKA_OUTPUT_TOPIC", "", "topic for the JSON predictions"),
+    Setting("KAFKA_DEAD_LETTER_TOPIC", "", "topic for messages that cannot be classified "
+                                           "(default <input topic>.dead-letter)"),
+    Setting("KAFKA_GROUP_ID", "classify-stream", "consumer group: consumers sharing it share the partitions"),
+    Setting("KAFKA_CONFIG", "", "librdkafka properties, k=v,k=v (consumer./producer. prefixes for one client)"),
+    Setting("STREAM_REMOTE_URL", "", "classify through this server's TF Serving REST API instead of a local model"),
+    Setting("STREAM_BATCH_SIZE", 32, "most messages classified together", int, 1),
+    Setting("STREAM_BATCH_WAIT_MS", 0, "after the first message, wait this long for more", int, 0),
+)
+NAMES = frozenset(s.name for s in SETTINGS)
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def from_env(environ=None):
+    """{name: typed value} of every setting, from `environ` (default os.environ).
+
+    Raises SystemExit with one line naming the variable when a value is not what it must be.
+    """
+    environ = os.environ if environ is None else environ
+    config = {}
+    for setting in SETTINGS:
+        raw = environ.get(setting.name, "").strip()
+        config[setting.name] = _parse(setting, raw) if raw else setting.default
+    if config["LOG_LEVEL"].lower() not in LOG_LEVELS:
+        _bad("LOG_LEVEL", config["LOG_LEVEL"], f"one of {', '.join(LOG_LEVELS)}")
+    return config
+
+
+def _parse(setting, raw):
+    if setting.kind is str:
+        return raw
     try:
-        return int(value) if value.strip() else default
+        value = setting.kind(raw)
     except ValueError:
-        raise SystemExit(f"error: environment variable {name}={value!r} must be an integer") from None
+        _bad(setting.name, raw, "an integer" if setting.kind is int else "a number")
+    if setting.minimum is not None and value < setting.minimum or setting.maximum is not None and value > setting.maximum:
+        bounds = f"at least {setting.minimum:g}" if setting.maximum is None else \
+            f"between {setting.minimum:g} and {setting.maximum:g}"
+        _bad(setting.name, raw, f"{'an integer' if setting.kind is int else 'a number'} {bounds}")
+    return value
 
 
-def from_env():
-    return {
-        "MODEL_DIR": os.environ.get("MODEL_DIR", "model"),
-        "MODEL_NAME": os.environ.get("MODEL_NAME", "model"),
-        # Seconds between looks for a new numbered version (0: never).
-        "MODEL_POLL_SECONDS": _int("MODEL_POLL_SECONDS", 10),
-        "MAX_UPLOAD_BYTES": _int("MAX_UPLOAD_BYTES", 10 * 1024 * 1024),
-        "MAX_IMAGE_PIXELS": _int("MAX_IMAGE_PIXELS", 40_000_000),
-        "MAX_PARTS": _int("MAX_PARTS", 32),
-        "TOP_K": _int("TOP_K", 5),
-        # Corrections from users are stored here when set (POST /feedback).
-        "FEEDBACK_DIR": os.environ.get("FEEDBACK_DIR", ""),
-        "FEEDBACK_PER_MINUTE": _int("FEEDBACK_PER_MINUTE", 30),
-        # Proxies (nginx, an ingress) in front whose X-Forwarded-For is trusted for
-        # the client's address (rate limits, logs); 0 trusts none.
-        "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
-        # TensorFlow threads of this worker's session; gunicorn.conf.py sets them so
-        # that workers x threads matches the cores (0 lets TensorFlow decide).
-        "TF_INTRA_OP_THREADS": _int("TF_INTRA_OP_THREADS", 0),
-        "TF_INTER_OP_THREADS": _int("TF_INTER_OP_THREADS", 0),
-        # Dynamic batching of concurrent requests in a worker (0: off). Off by default: on
-        # this CPU it won in some benchmark runs and lost in others (BENCHMARKS.md).
-        "BATCH_MAX_SIZE": _int("BATCH_MAX_SIZE", 0),
-        "BATCH_TIMEOUT_MS": _int("BATCH_TIMEOUT_MS", 5),
-    }
+def _bad(name, raw, what):
+    raise SystemExit(f"error: environment variable {name}={raw!r} must be {what}")
 
 
-def graph_overrides():
-    """label_image.py's flags as environment variables, for graphs without a sidecar."""
-    names = {"INPUT_LAYER": str, "OUTPUT_LAYER": str, "INPUT_HEIGHT": int, "INPUT_WIDTH": int,
-             "INPUT_MEAN": float, "INPUT_STD": float}
-    overrides = {}
-    for name, kind in names.items():
-        value = os.environ.get(name, "").strip()
-        if value:
-            try:
-                overrides[name.lower()] = kind(value)
-            except ValueError:
-                raise SystemExit(f"error: environment variable {name}={value!r} must be a {kind.__name__}") from None
-    return overrides
+def graph_overrides(config):
+    """The third-party graph settings that are set, as read_spec's overrides (label_image's flag names)."""
+    names = ("INPUT_LAYER", "OUTPUT_LAYER", "INPUT_HEIGHT", "INPUT_WIDTH", "INPUT_MEAN", "INPUT_STD")
+    return {name.lower(): config[name] for name in names if config[name] not in (None, "")}
+
+
+def setup_logging(config):
+    """The one logging set-up of the processes that are not gunicorn (gRPC server, Kafka consumer)."""
+    logging.basicConfig(level=config["LOG_LEVEL"].upper(),
+                        format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")

@@ -483,32 +483,32 @@ def _timestamp(message):
 
 def parse_args(argv=None):
     from classify_server import settings
-    env = os.environ.get
+    config = settings.from_env()
     parser = argparse.ArgumentParser(
         prog="python -m classify_server.stream",
         description="Classify the images of a Kafka topic into another topic (see the module's docstring).")
-    parser.add_argument("--bootstrap-servers", default=env("KAFKA_BOOTSTRAP_SERVERS", "").strip() or None,
+    parser.add_argument("--bootstrap-servers", default=config["KAFKA_BOOTSTRAP_SERVERS"] or None,
                         help="Kafka brokers, HOST:PORT[,HOST:PORT] (KAFKA_BOOTSTRAP_SERVERS)")
-    parser.add_argument("--input-topic", default=env("KAFKA_INPUT_TOPIC", "").strip() or None,
+    parser.add_argument("--input-topic", default=config["KAFKA_INPUT_TOPIC"] or None,
                         help="topic of encoded images (KAFKA_INPUT_TOPIC)")
-    parser.add_argument("--output-topic", default=env("KAFKA_OUTPUT_TOPIC", "").strip() or None,
+    parser.add_argument("--output-topic", default=config["KAFKA_OUTPUT_TOPIC"] or None,
                         help="topic for the JSON predictions (KAFKA_OUTPUT_TOPIC)")
-    parser.add_argument("--dead-letter-topic", default=env("KAFKA_DEAD_LETTER_TOPIC", "").strip() or None,
+    parser.add_argument("--dead-letter-topic", default=config["KAFKA_DEAD_LETTER_TOPIC"] or None,
                         help=f"topic for messages that cannot be classified (KAFKA_DEAD_LETTER_TOPIC; "
                              f"default <input-topic>{DLQ_SUFFIX})")
-    parser.add_argument("--group-id", default=env("KAFKA_GROUP_ID", "").strip() or "classify-stream",
+    parser.add_argument("--group-id", default=config["KAFKA_GROUP_ID"],
                         help="consumer group: consumers sharing it share the partitions (KAFKA_GROUP_ID, "
                              "default classify-stream)")
-    parser.add_argument("--remote", default=env("STREAM_REMOTE_URL", "").strip() or None, metavar="URL",
+    parser.add_argument("--remote", default=config["STREAM_REMOTE_URL"] or None, metavar="URL",
                         help="call this server's TF Serving REST :predict instead of loading the model "
                              "(STREAM_REMOTE_URL, e.g. http://classifier:8000)")
-    parser.add_argument("--batch-size", type=int, default=settings._int("STREAM_BATCH_SIZE", 32),
+    parser.add_argument("--batch-size", type=int, default=config["STREAM_BATCH_SIZE"],
                         help="most messages classified together (STREAM_BATCH_SIZE, default 32)")
-    parser.add_argument("--batch-wait-ms", type=int, default=settings._int("STREAM_BATCH_WAIT_MS", 0),
+    parser.add_argument("--batch-wait-ms", type=int, default=config["STREAM_BATCH_WAIT_MS"],
                         help="after the first message, wait this long for more to fill a batch "
                              "(STREAM_BATCH_WAIT_MS, default 0)")
     parser.add_argument("-X", dest="kafka_config", action="append", metavar="KEY=VALUE",
-                        default=[item for item in env("KAFKA_CONFIG", "").split(",") if item.strip()],
+                        default=[item for item in config["KAFKA_CONFIG"].split(",") if item.strip()],
                         help="a librdkafka property for both clients, or one with a consumer./producer. prefix "
                              "(repeatable; KAFKA_CONFIG=k=v,k=v)")
     args = parser.parse_args(argv)
@@ -527,16 +527,14 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from classify_server import settings
     args = parse_args(argv)
-    level = os.environ.get("LOG_LEVEL", "info").upper()
-    logging.basicConfig(level=level if isinstance(logging.getLevelName(level), int) else "INFO",
-                        format="%(asctime)s [%(process)d] [%(levelname)s] %(message)s")
+    config = settings.from_env()
+    settings.setup_logging(config)
     try:
         import confluent_kafka  # noqa: F401
     except ImportError:
         raise SystemExit("classify_server.stream needs confluent-kafka: pip install 'classify-service[stream]'") from None
-    from classify_server import settings
-    config = settings.from_env()
 
     if args.remote:
         engine = Remote(args.remote, config, args.batch_size)

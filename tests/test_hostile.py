@@ -12,6 +12,7 @@ RELIABILITY.md lists the corpus; `python -m pytest tests/test_hostile.py -v` rep
 import io
 import json
 import os
+import subprocess
 import socket
 import struct
 import sys
@@ -615,3 +616,27 @@ def test_fuzz_inference_classify(classifier, images):
 
 def test_fuzz_is_bounded():
     assert FUZZ.max_examples <= 10_000 and FUZZ.deadline is not None
+
+
+@pytest.mark.parametrize("command, name, value, expected", [
+    (["-m", "gunicorn", "classify_server:app"], "TOP_K", "abc", "must be an integer"),
+    (["-m", "gunicorn", "classify_server:app"], "WEB_CONCURRENCY", "-1", "must be an integer at least 1"),
+    (["-m", "gunicorn", "classify_server:app"], "BODY_TIMEOUT", "soon", "must be a number"),
+    (["-m", "gunicorn", "classify_server:app"], "LOG_LEVEL", "loud", "must be one of debug, info"),
+    (["-m", "classify_server.grpc"], "GRPC_THREADS", "0", "must be an integer at least 1"),
+    (["-m", "classify_server.grpc"], "GRPC_PORT", "70000", "must be an integer between 0 and 65535"),
+    (["-m", "classify_server.stream", "--bootstrap-servers", "h:9092", "--input-topic", "i", "--output-topic", "o"],
+     "STREAM_BATCH_SIZE", "many", "must be an integer"),
+    (["-m", "classify_server.label_image", "--image", "x.jpg"], "MAX_IMAGE_PIXELS", "1e6", "must be an integer"),
+])
+def test_a_bad_setting_is_one_line_naming_the_variable(trained_model, command, name, value, expected):
+    """Each process reads the settings once, at start (classify_server.settings): a bad value stops it
+    with one line that names the variable, before any model is loaded."""
+    from conftest import ROOT
+    env = dict(os.environ, MODEL_DIR=trained_model, **{name: value})
+    result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if "environment variable" in line]
+    assert len(lines) == 1 and lines[0].startswith(f"error: environment variable {name}={value!r} "), result.stderr
+    assert expected in lines[0] and "Traceback" not in result.stderr, result.stderr

@@ -86,6 +86,7 @@ RUN_DIR=${RUN_DIR:-$(mktemp -d /tmp/classify-cluster.XXXXXX)}
 mkdir -p "$RUN_DIR/nginx"
 RUN_DIR=$(cd "$RUN_DIR" && pwd)
 chmod 755 "$RUN_DIR" "$RUN_DIR/nginx"  # nginx's workers (nobody, when started as root) use its temp folders
+NGINX_TEMP=$RUN_DIR/nginx  # (or a folder of their own: below)
 : > "$RUN_DIR/instances"
 rm -f "$RUN_DIR/ready"
 
@@ -137,9 +138,17 @@ stop_all() {
   done
   wait 2>/dev/null || true
   rm -f "$RUN_DIR/ready" "$RUN_DIR/cluster.pid"
+  [ "$NGINX_TEMP" = "$RUN_DIR/nginx" ] || rm -rf "$NGINX_TEMP"
   echo "local_cluster: stopped (logs in $RUN_DIR)" >&2
 }
 trap stop_all EXIT
+# nginx's workers write request bodies over client_body_buffer_size (1 MB) to its temp folders: as root, if
+# nobody cannot reach RUN_DIR (a parent closed to others, such as root's home or pytest's temp folder), every
+# such upload would get a 500. The temp folders then go in a folder of their own under /tmp, removed at the stop.
+if [ "$(id -u)" = 0 ] && ! runuser -u nobody -- test -x "$NGINX_TEMP" 2>/dev/null; then
+  NGINX_TEMP=$(mktemp -d /tmp/classify-nginx.XXXXXX)
+  chmod 755 "$NGINX_TEMP"
+fi
 trap 'exit 0' INT  # asked to stop: stop_all (the EXIT trap), and a clean exit
 trap 'exit 0' TERM
 
@@ -206,11 +215,11 @@ http {
                         'rt=\$request_time upstream=\$upstream_addr status=\$upstream_status '
                         'ut=\$upstream_response_time id=\$req_id';
     access_log $RUN_DIR/nginx-access.log upstream;
-    client_body_temp_path $RUN_DIR/nginx/client_body;
-    proxy_temp_path $RUN_DIR/nginx/proxy;
-    fastcgi_temp_path $RUN_DIR/nginx/fastcgi;
-    uwsgi_temp_path $RUN_DIR/nginx/uwsgi;
-    scgi_temp_path $RUN_DIR/nginx/scgi;
+    client_body_temp_path $NGINX_TEMP/client_body;
+    proxy_temp_path $NGINX_TEMP/proxy;
+    fastcgi_temp_path $NGINX_TEMP/fastcgi;
+    uwsgi_temp_path $NGINX_TEMP/uwsgi;
+    scgi_temp_path $NGINX_TEMP/scgi;
     server_tokens off;
 
     # The client's X-Request-Id, else nginx's own: the same id in nginx's log and the instance's.

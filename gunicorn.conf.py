@@ -16,17 +16,17 @@ import tempfile
 from classify_server import settings
 from retrain import model_folder
 
-config = settings.from_env()  # every setting, checked: a bad one stops gunicorn here with one line
+service = settings.from_env()  # every setting, checked: a bad one stops gunicorn here with one line
 cores = os.cpu_count() or 1
-bind = config["BIND"] or f"{config['HOST']}:{config['PORT']}"
-workers = config["WEB_CONCURRENCY"]
-worker_class = config["WORKER_CLASS"]
-threads = config["THREADS"]
-timeout = config["TIMEOUT"]
-graceful_timeout = config["GRACEFUL_TIMEOUT"]
-keepalive = config["KEEPALIVE"]
-accesslog = config["ACCESS_LOG"] or None
-loglevel = config["LOG_LEVEL"]
+bind = service["BIND"] or f"{service['HOST']}:{service['PORT']}"
+workers = service["WEB_CONCURRENCY"]
+worker_class = service["WORKER_CLASS"]
+threads = service["THREADS"]
+timeout = service["TIMEOUT"]
+graceful_timeout = service["GRACEFUL_TIMEOUT"]
+keepalive = service["KEEPALIVE"]
+accesslog = service["ACCESS_LOG"] or None
+loglevel = service["LOG_LEVEL"]
 # The model must be loaded in each worker after the fork: a TensorFlow session
 # does not survive fork(), so never preload.
 preload_app = False
@@ -42,7 +42,7 @@ control_socket_disable = True
 
 def on_starting(server):
     # Fail at once, before the workers spend seconds importing TensorFlow, when there is no model at all.
-    model_dir = config["MODEL_DIR"]
+    model_dir = service["MODEL_DIR"]
     if not (model_folder.is_model(model_dir) or model_folder.versions(model_dir)):
         sys.exit(f"classify_server: model not found: {' and '.join(model_folder.missing(model_dir))} missing, and "
                  f"no numbered version folders (set MODEL_DIR, or run: python -m retrain --output_dir {model_dir})")
@@ -89,10 +89,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # for as long as it likes: gunicorn's gthread worker reads the body with a blocking,
 # timeout-less socket, and its TIMEOUT only watches the worker's main loop. So the
 # body must arrive within BODY_TIMEOUT seconds (default TIMEOUT; 0: no limit), else
-# the read fails, the client gets a 400 and the thread is free. (Headers are not
+# the read fails, the client gets a 408 and the thread is free. (Headers are not
 # covered: for slow clients at scale put nginx, which buffers requests, in front;
 # RELIABILITY.md has the figures.)
-body_timeout = timeout if config["BODY_TIMEOUT"] is None else config["BODY_TIMEOUT"]
+body_timeout = timeout if service["BODY_TIMEOUT"] is None else service["BODY_TIMEOUT"]
 
 
 def pre_request(worker, req):

@@ -38,7 +38,9 @@ def create_app(test_config=None, classifier=None):
     app.config["DEBUG"] = False  # never from FLASK_DEBUG: a debugger on an open port runs code
     if test_config:
         app.config.update(test_config)
-    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"]
+    # Werkzeug refuses a body on the read after MAX_CONTENT_LENGTH bytes (the read that finds the end of
+    # a streamed body, under gunicorn): one byte more, so that MAX_UPLOAD_BYTES itself is allowed.
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"] + 1
     if app.config["TRUSTED_PROXIES"]:
         from werkzeug.middleware.proxy_fix import ProxyFix
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
@@ -76,7 +78,7 @@ def create_app(test_config=None, classifier=None):
     def http_error(exc):
         if exc.code == 413 and exc.description == type(exc).description:
             # Werkzeug's own limits (body size, form parts) answer as the core's limits do.
-            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"]:
+            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"] or request.stream.is_exhausted:
                 return errors.response(InferenceError(REQUEST_TOO_LARGE, (
                     f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes (MAX_UPLOAD_BYTES)")))
             return errors.response(InferenceError(TOO_MANY_IMAGES, (

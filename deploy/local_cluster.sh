@@ -273,7 +273,7 @@ $servers
             proxy_pass http://classify;
         }
 
-        # An instance still loading its model answers /readyz 503: that is its state, not a failure.
+        # An instance with no model answers /readyz 503: that is its state, not a failure.
         location ~ ^/(healthz|readyz)\$ {
             proxy_next_upstream error timeout;
             proxy_pass http://classify;
@@ -281,7 +281,7 @@ $servers
 
         location @too_large {
             default_type application/json;
-            return 413 '{"error": "request body too large: the limit is $MAX_UPLOAD_BYTES bytes (MAX_UPLOAD_BYTES)"}';
+            return 413 '{"error": "request body too large: the limit is $MAX_UPLOAD_BYTES bytes (MAX_UPLOAD_BYTES)", "code": "request_too_large"}';
         }
     }
 }

@@ -644,18 +644,6 @@ def test_readyz_is_not_200_before_the_warm_up_has_run(start_up):
                for _, r, _ in seen[:-1]), seen
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "README promises /readyz 503 before the warm-up run, but a gunicorn worker builds the app (model load "
-    "and warm-up included) before it accepts any connection: until then probes time out (the kernel "
-    "queues the connection), they are never answered 503, and /healthz is not answered either"))
-def test_readyz_answers_503_while_the_model_warms_up(start_up):
-    seen = start_up["seen"]
-    before = [x for x in seen if x[1] != 200]
-    assert any(r == 503 for _, r, _ in before), f"no 503 before the first 200: {sorted({str(x[1]) for x in before})}"
-    # README: /healthz says the process is up, while /readyz still says it is not ready.
-    assert any(r == 503 and h == 200 for _, r, h in before), before
-
-
 SWAP_REQUEST_SECONDS = 4  # how long a request takes on version 1 of the hot-swap test
 
 

@@ -37,5 +37,7 @@ class Classifier:
 
     @bentoml.api
     def classify(self, data: Path) -> list:
-        probabilities = self.model.predict([self.model.preprocess(data.read_bytes())])[0]
-        return self.model.top_k(probabilities, 5)
+        from classify_server.inference import preprocess
+        from classify_server.ranking import top_k
+        probabilities = self.model.predict([preprocess(self.model.input_spec, data.read_bytes(), None)])[0]
+        return top_k(self.model.labels, probabilities, 5)

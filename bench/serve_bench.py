@@ -193,16 +193,18 @@ def ceiling(opts):
 
 def load_session(opts):
     import numpy as np
+    from classify_server.inference import preprocess
     from classify_server.model import Classifier
     clf = Classifier(opts["model_dir"], None, opts["intra"], opts["inter"])
     clf.warm_up()
     with open(opts["image"], "rb") as f:
-        pixels = clf.preprocess(f.read())
+        pixels = preprocess(clf.input_spec, f.read(), None)
     return clf, pixels, np
 
 
 def sweep(opts):
     """session.run throughput per batch size, and batch-1 latency, in this process's one session."""
+    from classify_server.inference import preprocess
     clf, pixels, np = load_session(opts)
     results = {}
     for b in opts["batches"]:
@@ -254,7 +256,7 @@ def sweep(opts):
     decode = []
     for _ in range(opts["latency_runs"]):
         t = time.perf_counter()
-        clf.preprocess(data)
+        preprocess(clf.input_spec, data, None)
         decode.append(time.perf_counter() - t)
     return {"batches": results, "latency_ms": statistics.median(latencies) * 1000,
             "latency_min_ms": min(latencies) * 1000, "decode_ms": statistics.median(decode) * 1000}
@@ -280,6 +282,7 @@ def app_overhead(opts):
     os.environ.update(MODEL_DIR=opts["model_dir"], TF_INTRA_OP_THREADS=str(opts["intra"]),
                       TF_INTER_OP_THREADS=str(opts["inter"]), PROMETHEUS_MULTIPROC_DIR=opts["metrics_dir"])
     from classify_server import create_app
+    from classify_server.inference import preprocess
     app = create_app()
     client = app.test_client()
     with open(opts["body"], "rb") as f:
@@ -299,7 +302,7 @@ def app_overhead(opts):
         t1 = time.perf_counter()
         client.post("/", data=body, headers=MULTIPART)
         t2 = time.perf_counter()
-        clf.preprocess(jpeg)
+        preprocess(clf.input_spec, jpeg, None)
         t3 = time.perf_counter()
         run.append(t1 - t0)
         post.append(t2 - t1)

@@ -107,24 +107,24 @@ def build_models(config):
     Shared by create_app and the gRPC server (classify_server.grpc), so both load and version alike.
     """
     from classify_server.versions import ModelManager
-    models = ModelManager(config["MODEL_DIR"], lambda folder: load_classifier(folder, config),
+    models = ModelManager(config["MODEL_DIR"], lambda folder: load_engine(folder, config),
                           config["MODEL_POLL_SECONDS"])
     models.start_polling()
     return models
 
 
-def load_classifier(folder, config):
-    """A warmed-up Classifier over one model folder, with this app's settings."""
+def load_engine(folder, config):
+    """A warmed-up engine (classify_server.engine) over one model folder, with these settings: where a
+    second kind of engine would be chosen."""
     from classify_server.model import Classifier
-    classifier = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
-                            config["TF_INTER_OP_THREADS"], config["MAX_IMAGE_PIXELS"],
-                            config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
+    engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
+                        config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
     try:
-        classifier.warm_up()
+        engine.warm_up()
     except Exception:
-        classifier.close()
+        engine.close()
         raise
-    return classifier
+    return engine
 
 
 def __getattr__(name):

@@ -55,7 +55,7 @@ def _feedback_dir():
 
 def _labels(folder):
     with current_app.extensions["inference"].servable() as servable:
-        labels = list(servable.classifier.labels)
+        labels = list(servable.engine.labels)
     extra = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) \
         if os.path.isdir(folder) else []
     return labels + [n for n in extra if n not in labels]
@@ -74,7 +74,8 @@ def validate_label(label, known):
 def store(folder, label, data, kind):
     """Write the image (of format `kind`) atomically under its label; returns (path, whether it was new)."""
     if kind not in EXTENSIONS:
-        raise InferenceError(INVALID_IMAGE, f"{kind} images are not kept for training; send JPEG, PNG, GIF, BMP or WebP")
+        raise InferenceError(INVALID_IMAGE, f"{kind} images are not kept for training; "
+                                            "send JPEG, PNG, GIF, BMP or WebP")
     path = os.path.join(folder, label, f"{hashlib.sha256(data).hexdigest()}.{EXTENSIONS[kind]}")
     if os.path.exists(path):
         return path, False

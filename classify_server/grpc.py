@@ -75,9 +75,9 @@ def _shape(*dims):
     return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
 
 
-def signature_def_map(classifier):
+def signature_def_map(engine):
     """The REST API's signature_def (classify_server.tfserving), as the proto GetModelMetadata packs."""
-    return json_format.ParseDict(signature_def(classifier), get_model_metadata_pb2.SignatureDefMap())
+    return json_format.ParseDict(signature_def(engine), get_model_metadata_pb2.SignatureDefMap())
 
 
 def images_from(tensor, core):
@@ -144,8 +144,8 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
                          f"Serving signature key \"{spec.signature_name}\" not found.")
         unknown = sorted(set(request.inputs) - {INPUT_KEY})
         if unknown:
-            raise InferenceError(INVALID_INPUT, f"input tensor alias not found in signature: "
-                                                f"{', '.join(unknown)}. Inputs expected to be in the set {{{INPUT_KEY}}}.")
+            raise InferenceError(INVALID_INPUT, f"input tensor alias not found in signature: {', '.join(unknown)}. "
+                                                f"Inputs expected to be in the set {{{INPUT_KEY}}}.")
         if INPUT_KEY not in request.inputs:
             raise InferenceError(INVALID_INPUT, f"missing input '{INPUT_KEY}': a DT_STRING tensor of encoded images")
         wanted = list(request.output_filter) or list(OUTPUTS)
@@ -185,7 +185,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = spec.name
             response.model_spec.version.value = servable.version
-            response.metadata["signature_def"].Pack(signature_def_map(servable.classifier))
+            response.metadata["signature_def"].Pack(signature_def_map(servable.engine))
         return response
 
     @_rpc

@@ -16,12 +16,14 @@
 As KServe's dataplane sits under its REST and gRPC endpoints. Adapters never decode an image
 or run the model themselves; each maps the codes below to its own status in one table.
 """
+import io
 import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from classify_server.ranking import top_k
 from retrain import preprocessing
@@ -70,6 +72,7 @@ class Inference:
     def __init__(self, models, config, on_inference=None):
         self.models, self.name = models, config["MODEL_NAME"]
         self.max_images, self.max_bytes = config["MAX_PARTS"], config["MAX_UPLOAD_BYTES"]
+        self.max_pixels = config["MAX_IMAGE_PIXELS"]
         self.on_inference = on_inference  # e.g. a Prometheus histogram's observe(seconds)
 
     @contextmanager
@@ -84,7 +87,7 @@ class Inference:
                                                   f"this server serves {self.name!r}")
         if label is not None:
             raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
-        if self.models.current is None or not self.models.current.classifier.ready:
+        if self.models.current is None or not self.models.current.engine.ready:
             raise InferenceError(NOT_READY, "the model is still loading; retry shortly")
         with self.models.acquire() as servable:
             if version is not None and version != servable.version:
@@ -119,12 +122,12 @@ class Inference:
         for i, data in enumerate(images):
             self.check_size(data, _which(i, names))
         with self.servable(model, version, label) as servable:
-            classifier = servable.classifier
+            engine = servable.engine
             start = time.perf_counter()
-            inputs = [self._decode(classifier, data, _which(i, names)) for i, data in enumerate(images)]
+            inputs = [self._decode(engine, data, _which(i, names)) for i, data in enumerate(images)]
             decoded = time.perf_counter()
-            scores = self._run(classifier, inputs)
-            return Prediction(self.name, servable.version, classifier.labels, scores,
+            scores = self._run(engine, inputs)
+            return Prediction(self.name, servable.version, engine.labels, scores,
                               {"decode": decoded - start, "inference": time.perf_counter() - decoded})
 
     def classify_each(self, images, model=None, version=None):
@@ -134,11 +137,11 @@ class Inference:
         """
         results, inputs, where = [None] * len(images), [], []
         with self.servable(model, version) as servable:
-            classifier = servable.classifier
+            engine = servable.engine
             for i, data in enumerate(images):
                 try:
                     self.check_size(data, "")
-                    inputs.append(self._decode(classifier, data, ""))
+                    inputs.append(self._decode(engine, data, ""))
                     where.append(i)
                 except InferenceError as exc:
                     results[i] = exc
@@ -146,9 +149,9 @@ class Inference:
                     log.exception("preprocessing failed")
                     results[i] = InferenceError(INVALID_IMAGE, f"preprocessing failed: {exc}")
             if inputs:
-                for i, row in zip(where, self._run(classifier, inputs)):
+                for i, row in zip(where, self._run(engine, inputs)):
                     results[i] = row
-            return servable.version, classifier.labels, results
+            return servable.version, engine.labels, results
 
     def check_image(self, data, name=None):
         """The format ("JPEG", "PNG"...) of one image that the shared preprocessing decodes whole,
@@ -156,15 +159,15 @@ class Inference:
         which = _which(0, [name])
         self.check_size(data, which)
         with self.servable() as servable:
-            self._decode(servable.classifier, data, which)
+            self._decode(servable.engine, data, which)
         return preprocessing.probe_image(data)[0]
 
     def check_size(self, data, which):
         check_size(data, self.max_bytes, which)
 
-    def _decode(self, classifier, data, which):
+    def _decode(self, engine, data, which):
         try:
-            return classifier.preprocess(data)
+            return preprocess(engine.input_spec, data, self.max_pixels)
         except preprocessing.ImageTooLarge as exc:
             raise InferenceError(IMAGE_TOO_LARGE, f"{which}: {exc} (MAX_IMAGE_PIXELS)" if which
                                  else f"{exc} (MAX_IMAGE_PIXELS)") from None
@@ -172,12 +175,30 @@ class Inference:
             raise InferenceError(INVALID_IMAGE, f"{which or 'the image'} is not a readable image "
                                                 f"(JPEG, PNG, GIF, BMP, WebP...): {exc}") from None
 
-    def _run(self, classifier, inputs):
+    def _run(self, engine, inputs):
         start = time.perf_counter()
-        scores = classifier.predict(inputs)
+        scores = engine.predict(inputs)
         if self.on_inference:
             self.on_inference(time.perf_counter() - start)
         return scores
+
+
+def preprocess(spec, data, max_pixels):
+    """Encoded image bytes -> what an engine's input takes (engine.InputSpec), through the one shared
+    preprocessing (retrain.preprocessing.decode_image, as training used it)."""
+    if spec.encoded:
+        # The classic graph decodes JPEG itself: hand it JPEG whatever came in.
+        kind, height, width = preprocessing.probe_image(data)
+        pixels = preprocessing.decode_image(data, (height, width), max_pixels)  # validates, rejects bombs
+        if kind == "JPEG":
+            return data
+        out = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(out, "JPEG", quality=95)
+        return out.getvalue()
+    pixels = preprocessing.decode_image(data, (spec.height, spec.width), max_pixels)
+    if spec.mean or spec.std != 1.0:
+        pixels = (pixels - spec.mean) / spec.std
+    return pixels
 
 
 def check_size(data, max_bytes, which=""):

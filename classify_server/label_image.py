@@ -38,13 +38,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load(flags, max_pixels):
+def load(flags):
     """A Classifier over --graph and --labels, which need not sit in one model folder (the sidecar
     beside the graph, if any, still gives its input size, mean and std)."""
     overrides = {k: v for k, v in vars(flags).items()
                  if k.startswith(("input_", "output_")) and v is not None}
-    return Classifier(os.path.dirname(os.path.abspath(flags.graph)), overrides, max_pixels=max_pixels,
-                      graph_path=flags.graph, labels_path=flags.labels)
+    return Classifier(os.path.dirname(os.path.abspath(flags.graph)), overrides, graph_path=flags.graph,
+                      labels_path=flags.labels)
 
 
 def classify_file(core, path, top_k):
@@ -56,7 +56,7 @@ def main(argv=None):
     flags = parse_args(argv)
     try:
         config = settings.from_env()  # MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES: the server's limits
-        classifier = load(flags, config["MAX_IMAGE_PIXELS"])
+        classifier = load(flags)
         classifier.warm_up()  # also checks that the graph answers as many scores as there are labels
         core = Inference(ModelManager.static(classifier), config)
     except (ModelLoadError, OSError) as exc:

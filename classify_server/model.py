@@ -15,9 +15,8 @@ import tensorflow as tf
 from PIL import Image
 
 from classify_server.batching import Batcher
-from classify_server.ranking import top_k
+from classify_server.engine import InputSpec
 from retrain import model_folder
-from retrain.preprocessing import decode_image, probe_image
 
 CLASSIC_INPUT = "DecodeJpeg/contents:0"
 
@@ -60,11 +59,12 @@ def read_spec(model_dir, overrides=None, graph_path=None, labels_path=None):
 
 
 class Classifier:
-    def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, max_pixels=None,
-                 batch_max_size=0, batch_timeout_ms=5, graph_path=None, labels_path=None):
+    """The TensorFlow session engine (classify_server.engine): graph.pb in one persistent session."""
+
+    def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, batch_max_size=0,
+                 batch_timeout_ms=5, graph_path=None, labels_path=None):
         self.model_dir = os.path.abspath(model_dir)
         graph_path, self.labels, spec, self.sidecar = read_spec(model_dir, overrides, graph_path, labels_path)
-        self.max_pixels = max_pixels
         graph_def = tf.compat.v1.GraphDef()
         try:
             with open(graph_path, "rb") as f:
@@ -83,11 +83,11 @@ class Classifier:
         except (KeyError, ValueError) as exc:
             raise ModelLoadError(f"{graph_path}: {exc}; set INPUT_LAYER and OUTPUT_LAYER to the graph's "
                                  "input and output tensor names") from None
-        self.takes_bytes = self.input.dtype == tf.string
         shape = self.input.shape
-        self.height = spec["input_height"] or (shape[1] if shape.rank == 4 and shape[1] else 299)
-        self.width = spec["input_width"] or (shape[2] if shape.rank == 4 and shape[2] else 299)
-        self.mean, self.std = float(spec["input_mean"]), float(spec["input_std"])
+        self.input_spec = InputSpec(
+            height=spec["input_height"] or (shape[1] if shape.rank == 4 and shape[1] else 299),
+            width=spec["input_width"] or (shape[2] if shape.rank == 4 and shape[2] else 299),
+            encoded=self.input.dtype == tf.string, mean=float(spec["input_mean"]), std=float(spec["input_std"]))
         self.graph_path = graph_path
         config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_threads,
                                           inter_op_parallelism_threads=inter_threads)
@@ -95,46 +95,31 @@ class Classifier:
         self.ready = False
         self.batcher = None
         # Graphs that take one scalar string, or a fixed batch size, run each request alone.
-        if batch_max_size > 1 and not self.takes_bytes and (shape.rank is None or shape[0] is None):
+        if batch_max_size > 1 and not self.input_spec.encoded and (shape.rank is None or shape[0] is None):
             runners = inter_threads or os.cpu_count() or 1  # 0: TensorFlow's default, one per core
             self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms, runners)
-
-    def preprocess(self, data):
-        """Encoded image bytes -> what the graph's input takes (shared preprocessing)."""
-        if self.takes_bytes:
-            # The classic graph decodes JPEG itself: hand it JPEG whatever came in.
-            kind, height, width = probe_image(data)
-            pixels = decode_image(data, (height, width), self.max_pixels)  # validates, rejects bombs
-            if kind == "JPEG":
-                return data
-            out = io.BytesIO()
-            Image.fromarray(pixels.astype(np.uint8)).save(out, "JPEG", quality=95)
-            return out.getvalue()
-        pixels = decode_image(data, (self.height, self.width), self.max_pixels)
-        if self.mean or self.std != 1.0:
-            pixels = (pixels - self.mean) / self.std
-        return pixels
 
     def predict(self, inputs):
         """Preprocessed inputs (a list) -> probabilities, shape (len(inputs), classes)."""
         return self.batcher.predict(inputs) if self.batcher else self._run(inputs)
 
     def _run(self, inputs):
-        if self.takes_bytes:  # the classic graph takes one scalar string per run
+        if self.input_spec.encoded:  # the classic graph takes one scalar string per run
             return np.stack([np.reshape(self.session.run(self.output, {self.input: x}), -1) for x in inputs])
         # One image is fed as a view of its array, not copied into a batch of one.
         batch = inputs[0][np.newaxis] if len(inputs) == 1 else np.stack(inputs)
         return self.session.run(self.output, {self.input: batch})
 
-    def top_k(self, probabilities, k):
-        """[[label, score], ...] best first, for one probability vector."""
-        return top_k(self.labels, probabilities, k)
-
     def warm_up(self):
         """One run on a blank image: checks the graph end to end and pays the first-run cost."""
-        blank = io.BytesIO()
-        Image.new("RGB", (self.width, self.height), (128, 128, 128)).save(blank, "JPEG")
-        probabilities = self.predict([self.preprocess(blank.getvalue())])
+        spec = self.input_spec
+        if spec.encoded:
+            blank = io.BytesIO()
+            Image.new("RGB", (spec.width, spec.height), (128, 128, 128)).save(blank, "JPEG")
+            sample = blank.getvalue()
+        else:
+            sample = np.full((spec.height, spec.width, 3), (128.0 - spec.mean) / spec.std, np.float32)
+        probabilities = self.predict([sample])
         if probabilities.shape[-1] != len(self.labels):
             raise ModelLoadError(f"{self.graph_path} answers {probabilities.shape[-1]} scores but "
                                  f"{len(self.labels)} labels are listed in {model_folder.LABELS}")
@@ -142,8 +127,9 @@ class Classifier:
         self.loaded_at = time.time()
 
     def metadata(self):
-        return {"labels": self.labels, "input_height": self.height, "input_width": self.width,
-                "input_mean": self.mean, "input_std": self.std, "input_tensor": self.input.name,
+        spec = self.input_spec
+        return {"labels": self.labels, "input_height": spec.height, "input_width": spec.width,
+                "input_mean": spec.mean, "input_std": spec.std, "input_tensor": self.input.name,
                 "output_tensor": self.output.name, "input_dtype": self.input.dtype.name,
                 "model_dir": self.model_dir, "graph": self.graph_path, "weights": self.sidecar.get("weights"),
                 "architecture": self.sidecar.get("architecture"), "accuracy": self.sidecar.get("accuracy"),

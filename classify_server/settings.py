@@ -105,7 +105,8 @@ def _parse(setting, raw):
         value = setting.kind(raw)
     except ValueError:
         _bad(setting.name, raw, "an integer" if setting.kind is int else "a number")
-    if setting.minimum is not None and value < setting.minimum or setting.maximum is not None and value > setting.maximum:
+    too_small = setting.minimum is not None and value < setting.minimum
+    if too_small or setting.maximum is not None and value > setting.maximum:
         bounds = f"at least {setting.minimum:g}" if setting.maximum is None else \
             f"between {setting.minimum:g} and {setting.maximum:g}"
         _bad(setting.name, raw, f"{'an integer' if setting.kind is int else 'a number'} {bounds}")

@@ -534,7 +534,8 @@ def main(argv=None):
     try:
         import confluent_kafka  # noqa: F401
     except ImportError:
-        raise SystemExit("classify_server.stream needs confluent-kafka: pip install 'classify-service[stream]'") from None
+        raise SystemExit("classify_server.stream needs confluent-kafka: "
+                         "pip install 'classify-service[stream]'") from None
 
     if args.remote:
         engine = Remote(args.remote, config, args.batch_size)

@@ -23,12 +23,12 @@ bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
 INPUT_KEY = "images"
 
 
-def signature_def(classifier):
+def signature_def(engine):
     """The SignatureDefMap (its JSON form) of the served signature: encoded images in."""
     tensor = {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1", "name": ""}], "unknown_rank": False},
               "name": INPUT_KEY}
     scores = {"dtype": "DT_FLOAT", "name": "scores", "tensor_shape": {
-        "dim": [{"size": "-1", "name": ""}, {"size": str(len(classifier.labels)), "name": ""}],
+        "dim": [{"size": "-1", "name": ""}, {"size": str(len(engine.labels)), "name": ""}],
         "unknown_rank": False}}
     classes = dict(scores, dtype="DT_STRING", name="classes")
     return {"signature_def": {"serving_default": {
@@ -46,11 +46,11 @@ def model_status(name, version=None):
 @bp.get("/<name>/versions/<int:version>/metadata")
 def metadata(name, version=None):
     with current_app.extensions["inference"].servable(name, version) as servable:
-        classifier = servable.classifier
+        engine = servable.engine
         return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
                        # TF Serving nests the SignatureDefMap: metadata.signature_def.signature_def
-                       metadata=dict(signature_def=signature_def(classifier), version=servable.version,
-                                     **classifier.metadata()))
+                       metadata=dict(signature_def=signature_def(engine), version=servable.version,
+                                     **engine.metadata()))
 
 
 def _invalid(message):

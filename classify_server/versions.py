@@ -23,8 +23,8 @@ log = logging.getLogger("classify_server")
 class Servable:
     """One loaded version and the number of requests using it."""
 
-    def __init__(self, version, classifier):
-        self.version, self.classifier = version, classifier
+    def __init__(self, version, engine):
+        self.version, self.engine = version, engine
         self.users, self.retired = 0, False
 
 
@@ -51,24 +51,24 @@ class ModelManager:
             raise ModelLoadError("; ".join(errors) or f"no model in {model_dir}")
 
     @classmethod
-    def static(cls, classifier, version=1):
-        """A manager around one already loaded classifier (no folder, no polling)."""
+    def static(cls, engine, version=1):
+        """A manager around one already loaded engine (no folder, no polling)."""
         manager = cls.__new__(cls)
-        manager.model_dir, manager.poll_seconds, manager.versioned = classifier.model_dir, 0, False
-        manager.lock, manager.current = threading.Lock(), Servable(version, classifier)
+        manager.model_dir, manager.poll_seconds, manager.versioned = engine.model_dir, 0, False
+        manager.lock, manager.current = threading.Lock(), Servable(version, engine)
         manager.status = {version: ("AVAILABLE", "")}
         return manager
 
     def _load_version(self, version):
         self.status[version] = ("LOADING", "")
         try:
-            classifier = self.load(os.path.join(self.model_dir, str(version)))
+            engine = self.load(os.path.join(self.model_dir, str(version)))
         except ModelLoadError as exc:
             self.status[version] = ("END", str(exc))
             log.error("model version %s failed to load, keeping version %s: %s",
                       version, self.current and self.current.version, exc)
             raise
-        self._swap(Servable(version, classifier))
+        self._swap(Servable(version, engine))
         log.info("serving model version %s from %s", version, self.model_dir)
 
     def _swap(self, new):
@@ -81,7 +81,7 @@ class ModelManager:
             self.status[old.version] = ("END", "")
             close_now = old.users == 0
         if close_now:
-            old.classifier.close()
+            old.engine.close()
 
     @contextmanager
     def acquire(self):
@@ -96,7 +96,7 @@ class ModelManager:
                 servable.users -= 1
                 close = servable.retired and servable.users == 0
             if close:
-                servable.classifier.close()
+                servable.engine.close()
 
     def poll(self):
         """Load the newest version if it is newer than the one served and not known bad."""

@@ -22,7 +22,7 @@ def answers(app, images, workers):
 def test_batched_answers_equal_unbatched_ones(trained_model):
     plain = create_app({"MODEL_DIR": trained_model, "BATCH_MAX_SIZE": 0})
     batched = create_app({"MODEL_DIR": trained_model, "BATCH_MAX_SIZE": 8, "BATCH_TIMEOUT_MS": 50})
-    batcher = batched.extensions["models"].current.classifier.batcher
+    batcher = batched.extensions["models"].current.engine.batcher
     runs = []
     run = batcher.run
     batcher.run = lambda inputs: runs.append(len(inputs)) or run(inputs)  # count the session runs
@@ -107,6 +107,7 @@ def test_runners_keep_several_batches_in_the_session_at_once():
 def test_a_graph_with_a_fixed_batch_of_one_is_never_batched(tmp_path):
     # A third-party graph may take exactly one image per run: batching it would break every run.
     import tensorflow as tf
+    from classify_server.inference import preprocess
     from classify_server.model import Classifier
     graph = tf.Graph()
     with graph.as_default():
@@ -120,7 +121,7 @@ def test_a_graph_with_a_fixed_batch_of_one_is_never_batched(tmp_path):
         assert classifier.batcher is None
         classifier.warm_up()
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda data: classifier.predict([classifier.preprocess(data)]),
+            answers = list(pool.map(lambda data: classifier.predict([preprocess(classifier.input_spec, data, None)]),
                                     [shape_image(label, 1) for label in CLASSES]))
         assert all(a.shape == (1, 2) for a in answers)
     finally:

@@ -388,8 +388,8 @@ def test_debug_mode_is_off_under_gunicorn(server):
 
 @pytest.fixture(scope="module")
 def classifier(trained_model):
-    from classify_server import load_classifier, settings
-    loaded = load_classifier(trained_model, settings.from_env())
+    from classify_server import load_engine, settings
+    loaded = load_engine(trained_model, settings.from_env())
     yield loaded
     loaded.close()
 

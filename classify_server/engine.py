@@ -1,0 +1,41 @@
+"""The engine boundary: how the inference core reaches a model.
+
+An engine is one loaded model version. The core (classify_server.inference) decodes each
+image with the shared preprocessing into what `input_spec` asks for, and hands the engine
+a batch of them; the engine only runs the model. Today's engine is the persistent
+TensorFlow session over graph.pb (classify_server.model.Classifier). Another (a TFLite
+interpreter, say) implements the members below and is chosen where versions are loaded
+(classify_server.load_engine); no adapter changes.
+"""
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What one preprocessed image must be for this engine."""
+    height: int
+    width: int
+    encoded: bool = False  # JPEG bytes (the classic retrain.py graph decodes them itself), not pixels
+    mean: float = 0.0      # pixels are fed as (x - mean) / std
+    std: float = 1.0
+
+
+class Engine(Protocol):
+    labels: list           # one per score, in order
+    input_spec: InputSpec
+    ready: bool            # warmed up: answers correctly and fast
+
+    def warm_up(self) -> None:
+        """One run on a blank input: checks the model end to end and pays the first-run cost."""
+
+    def predict(self, inputs: list) -> np.ndarray:
+        """Preprocessed inputs -> scores [len(inputs), len(labels)]; thread-safe (batched where on)."""
+
+    def metadata(self) -> dict:
+        """What to tell clients about it: labels, input size, tensor names, where it came from."""
+
+    def close(self) -> None:
+        """Free it, once no request uses it any more."""

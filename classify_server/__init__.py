@@ -78,7 +78,9 @@ def create_app(test_config=None, classifier=None):
     def http_error(exc):
         if exc.code == 413 and exc.description == type(exc).description:
             # Werkzeug's own limits (body size, form parts) answer as the core's limits do.
-            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"] or request.stream.is_exhausted:
+            stream = request.stream  # a streamed body (gunicorn) stops at the limit: exhausted there
+            at_limit = getattr(stream, "limit", None) == app.config["MAX_CONTENT_LENGTH"] and stream.is_exhausted
+            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"] or at_limit:
                 return errors.response(InferenceError(REQUEST_TOO_LARGE, (
                     f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes (MAX_UPLOAD_BYTES)")))
             return errors.response(InferenceError(TOO_MANY_IMAGES, (

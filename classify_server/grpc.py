@@ -260,7 +260,13 @@ def main(argv=None):
         pass
     server.stop(grace).wait()
     log.info("stopped")
-    return 0
+    # gRPC has cancelled the requests still in flight after the grace period (or a second signal), but
+    # their handlers' threads run on, and the interpreter's exit would wait for them (it joins the
+    # pool's threads): exit now, as gunicorn kills a worker after GRACEFUL_TIMEOUT.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

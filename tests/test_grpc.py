@@ -3,6 +3,7 @@ port, spoken to through tensorflow-serving-api's own client stubs."""
 import base64
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,16 +18,20 @@ from PIL import Image
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
 
-from conftest import ROOT, free_port, png_bytes, read_labels, shape_image, stop_process, write_colour_model
+from conftest import (ROOT, Server, free_port, png_bytes, read_labels, shape_image, stop_process,
+                      write_colour_model)
 
 NAME = "model"  # MODEL_NAME's default
 IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
+MiB = 1024 * 1024
 
 
-class GrpcServer:
-    """`python -m classify_server.grpc --host 127.0.0.1 --port P` and stubs to it."""
+class GrpcServer(Server):
+    """`python -m classify_server.grpc --host 127.0.0.1 --port P` and stubs to it.
+
+    conftest.Server's log handling (output()); the command, readiness probe and stop are gRPC's."""
 
     def __init__(self, env, log_path):
         self.port = free_port()
@@ -51,17 +56,13 @@ class GrpcServer:
                 time.sleep(0.3)
         raise AssertionError(f"gRPC server not ready after {timeout}s:\n{self.output()}")
 
-    def output(self):
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def status(self, name=NAME, version=None):
+    def status(self, name=NAME, version=None, channel=None, timeout=5):
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = name
         if version is not None:
             request.model_spec.version.value = version
-        return self.model_service.GetModelStatus(request, timeout=5)
+        stub = model_service_pb2_grpc.ModelServiceStub(channel) if channel else self.model_service
+        return stub.GetModelStatus(request, timeout=timeout)
 
     def predict(self, images, name=NAME, version=None, shape=None, timeout=30, **spec):
         return self.prediction.Predict(predict_request(images, name, version, shape, **spec), timeout=timeout)
@@ -86,10 +87,40 @@ def predict_request(images, name=NAME, version=None, shape=None, signature_name=
     return request
 
 
+def sized_request(image, size):
+    """A Predict request of exactly `size` bytes on the wire: `image` with zero bytes after its end
+    (which decoders ignore, so it still answers as `image` does)."""
+    padding = size - predict_request(image).ByteSize()
+    request = predict_request(image + bytes(padding))
+    while request.ByteSize() != size:  # the padding also lengthens the varint length prefixes
+        padding += size - request.ByteSize()
+        request = predict_request(image + bytes(padding))
+    return request
+
+
 def rpc_error(call, *args, **kwargs):
     with pytest.raises(grpc.RpcError) as info:
         call(*args, **kwargs)
     return info.value
+
+
+def names_limit(details, limit):
+    """Whether an error message has the number `limit` in it (not just as part of another number)."""
+    return re.search(rf"(?<!\d){limit}(?!\d)", details) is not None
+
+
+def scores_of(response):
+    return tf.make_ndarray(response.outputs["scores"])
+
+
+def local_scores(model_dir, images):
+    """The HTTP server's classifier, in this process, on the same bytes."""
+    from classify_server.model import Classifier
+    classifier = Classifier(model_dir)
+    try:
+        return classifier.predict([classifier.preprocess(data) for data in images])
+    finally:
+        classifier.close()
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +130,109 @@ def server(trained_model, tmp_path_factory):
         yield s.wait_ready()
     finally:
         s.stop()
+
+
+@pytest.fixture
+def start_grpc(tmp_path):
+    """Factory: start_grpc(env) -> a ready GrpcServer; all are stopped at the end of the test
+    (conftest's start_server, for this server)."""
+    servers = []
+
+    def start(env, wait=True):
+        s = GrpcServer(env, tmp_path / f"grpc-{len(servers)}.log")
+        servers.append(s)
+        return s.wait_ready() if wait else s
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def colour_model(tmp_path_factory):
+    """A tiny model (red, green, blue) that loads in a moment."""
+    return write_colour_model(tmp_path_factory.mktemp("colour") / "model")
+
+
+SLOW_PREDICT = '''\
+"""Imported by the gRPC server under test at start-up (sitecustomize, through PYTHONPATH): makes
+Classifier.predict slow, and observable, for requests (not the warm-up, in the main thread). Each
+takes SLOW_PREDICT_SECONDS more, then answers as before, and appends to SLOW_PREDICT_LOG
+"enter N" when it starts and "exit N" when it ends, N the predicts running at that moment."""
+import os
+import threading
+import time
+
+from classify_server import model
+
+_predict = model.Classifier.predict
+_lock = threading.Lock()
+_running = 0
+
+
+def _note(event):
+    with open(os.environ["SLOW_PREDICT_LOG"], "a") as f:
+        f.write(f"{event} {_running}\\n")
+
+
+def predict(self, inputs):
+    global _running
+    if threading.current_thread() is threading.main_thread():
+        return _predict(self, inputs)
+    with _lock:
+        _running += 1
+        _note("enter")
+    try:
+        time.sleep(float(os.environ["SLOW_PREDICT_SECONDS"]))
+        return _predict(self, inputs)
+    finally:
+        with _lock:
+            _running -= 1
+            _note("exit")
+
+
+model.Classifier.predict = predict
+'''
+
+
+class SlowPredict:
+    """The environment that makes a server's predicts slow (SLOW_PREDICT above), and what they did."""
+
+    def __init__(self, folder):
+        os.makedirs(folder / "site")
+        (folder / "site" / "sitecustomize.py").write_text(SLOW_PREDICT)
+        self.site, self.log = str(folder / "site"), folder / "predicts.log"
+
+    def env(self, seconds):
+        path = [self.site] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        return {"PYTHONPATH": os.pathsep.join(path), "SLOW_PREDICT_SECONDS": str(seconds),
+                "SLOW_PREDICT_LOG": str(self.log)}
+
+    def events(self):
+        """[("enter" or "exit", predicts running), ...] in order."""
+        if not self.log.exists():
+            return []
+        return [(event, int(n)) for event, n in (line.split() for line in self.log.read_text().splitlines())]
+
+    def wait_for(self, count, event="enter", timeout=30):
+        deadline = time.monotonic() + timeout
+        while sum(e == event for e, _ in self.events()) < count:
+            assert time.monotonic() < deadline, f"not {count} predicts {event}ed in {timeout}s: {self.events()}"
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def slow_predict(tmp_path):
+    return SlowPredict(tmp_path / "slow_predict")
+
+
+def colour_jpeg(rgb):
+    out = io.BytesIO()
+    Image.new("RGB", (40, 30), rgb).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 
 
 def test_import_grpc_is_grpcio():
@@ -156,8 +290,7 @@ def test_predict_errors(server):
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MAX_IMAGE_PIXELS" in err.details()
     err = rpc_error(server.predict, [IMAGES[0]] * 33)
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "MAX_PARTS" in err.details()
-    err = rpc_error(server.predict, b"\xff\xd8" + bytes(11 * 1024 * 1024))  # over MAX_UPLOAD_BYTES: gRPC's own
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Over MAX_UPLOAD_BYTES: test_max_upload_bytes_*.
 
     request = predict_request(IMAGES[0])
     request.inputs["pictures"].CopyFrom(request.inputs["images"])
@@ -209,60 +342,158 @@ def test_model_status(server):
     assert [s.version for s in server.status(version=1).model_version_status] == [1]
     assert rpc_error(server.status, version=2).code() == grpc.StatusCode.NOT_FOUND
     assert rpc_error(server.status, name="other").code() == grpc.StatusCode.NOT_FOUND
+    log = server.output()
+    assert f"listening on 127.0.0.1:{server.port}, model 'model' version 1" in log, log
 
 
-def colour_jpeg(rgb):
-    out = io.BytesIO()
-    Image.new("RGB", (40, 30), rgb).save(out, "JPEG", quality=95)
-    return out.getvalue()
-
-
-def test_new_version_is_picked_up(trained_model, tmp_path):
+def test_new_version_is_picked_up(trained_model, tmp_path, start_grpc):
     base = tmp_path / "base"
     shutil.copytree(trained_model, base / "1")
-    s = GrpcServer({"MODEL_DIR": str(base), "MODEL_POLL_SECONDS": "1"}, tmp_path / "server.log")
+    s = start_grpc({"MODEL_DIR": str(base), "MODEL_POLL_SECONDS": "1"})
+    assert [(v.version, v.state) for v in s.status().model_version_status] == [(1, AVAILABLE)]
+    assert s.predict(IMAGES[0]).model_spec.version.value == 1
+
+    write_colour_model(base / ".tmp-2")  # published whole, as retrain --model_base_path does
+    os.rename(base / ".tmp-2", base / "2")
+    deadline = time.monotonic() + 60
+    while [(v.version, v.state) for v in s.status().model_version_status] != [(2, AVAILABLE), (1, END)]:
+        assert time.monotonic() < deadline, f"version 2 not picked up in 60 s:\n{s.output()}"
+        time.sleep(0.3)
+
+    images = [colour_jpeg(COLOURS[name]) for name in ("red", "green", "blue")]
+    response = s.predict(images)
+    assert (response.model_spec.name, response.model_spec.version.value) == (NAME, 2)
+    got = scores_of(response)
+    assert [[c.decode() for c in row] for row in tf.make_ndarray(response.outputs["classes"])] == \
+        [["red", "green", "blue"]] * 3
+    assert list(got.argmax(axis=1)) == [0, 1, 2]  # each image answered by its own row
+    np.testing.assert_allclose(got, local_scores(str(base / "2"), images), atol=1e-5, rtol=0)
+
+    assert rpc_error(s.predict, images[0], version=1).code() == grpc.StatusCode.NOT_FOUND
+    assert s.predict(images[0], version=2).model_spec.version.value == 2
+    assert [v.version for v in s.status(version=2).model_version_status] == [2]
+
+
+def test_max_upload_bytes_default_replaces_grpcs_own_4_mib(server):
+    """MAX_UPLOAD_BYTES (10 MiB by default) is the limit, not gRPC's own 4 MiB: a 6 MiB message and one
+    of exactly 10 MiB are answered, one byte more is RESOURCE_EXHAUSTED."""
+    expected = scores_of(server.predict(IMAGES[0]))
+    for size in (6 * MiB, 10 * MiB):
+        response = server.prediction.Predict(sized_request(IMAGES[0], size), timeout=30)
+        np.testing.assert_allclose(scores_of(response), expected, atol=1e-5, rtol=0)
+    err = rpc_error(server.prediction.Predict, sized_request(IMAGES[0], 10 * MiB + 1), timeout=30)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert names_limit(err.details(), 10 * MiB), err.details()
+
+
+def test_max_upload_bytes_is_honoured(start_grpc, colour_model):
+    """A MAX_UPLOAD_BYTES under gRPC's own 4 MiB: a message of up to exactly MAX_UPLOAD_BYTES is answered;
+    one byte more, or 2 MB, is RESOURCE_EXHAUSTED with the limit in the message (gRPC's own:
+    "Received message larger than max (2000000 vs. 1000000)"), and the server goes on serving."""
+    limit = 1_000_000
+    s = start_grpc({"MODEL_DIR": colour_model, "MAX_UPLOAD_BYTES": str(limit)})
+    image = colour_jpeg(COLOURS["red"])
+    expected = local_scores(colour_model, [image])
+    for size in (limit - 1, limit):
+        response = s.prediction.Predict(sized_request(image, size), timeout=30)
+        np.testing.assert_allclose(scores_of(response), expected, atol=1e-5, rtol=0)
+    for size in (limit + 1, 2_000_000):
+        err = rpc_error(s.prediction.Predict, sized_request(image, size), timeout=30)
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+        assert names_limit(err.details(), limit), err.details()
+    np.testing.assert_allclose(scores_of(s.predict(image)), expected, atol=1e-5, rtol=0)
+
+
+def test_grpc_threads_bounds_the_requests_run_at_once(start_grpc, colour_model, slow_predict):
+    """GRPC_THREADS=2 and 6 slow requests sent at once: exactly 2 run at a time, never more; the
+    others wait for a thread (no error) and each is answered with its own image's scores."""
+    s = start_grpc({"MODEL_DIR": colour_model, "GRPC_THREADS": "2", **slow_predict.env(seconds=1)})
+    images = [colour_jpeg(COLOURS[name]) for name in ("red", "green", "blue") * 2]
+    calls = [s.prediction.Predict.future(predict_request(image), timeout=60) for image in images]
+    responses = [call.result() for call in calls]
+    for response, row in zip(responses, local_scores(colour_model, images)):
+        np.testing.assert_allclose(scores_of(response)[0], row, atol=1e-5, rtol=0)
+    events = slow_predict.events()
+    assert [event for event, _ in events].count("enter") == len(images), events
+    assert max(running for _, running in events) == 2, events
+
+
+def probe(s, channel=None, timeout=0.5):
+    """A new RPC to `s` (on `channel`, or its own): "served", "refused", or "no answer" (in time)."""
     try:
-        s.wait_ready()
-        assert [(v.version, v.state) for v in s.status().model_version_status] == [(1, AVAILABLE)]
-        assert s.predict(IMAGES[0]).model_spec.version.value == 1
-
-        write_colour_model(base / ".tmp-2")  # published whole, as retrain --model_base_path does
-        os.rename(base / ".tmp-2", base / "2")
-        deadline = time.monotonic() + 60
-        while [(v.version, v.state) for v in s.status().model_version_status] != [(2, AVAILABLE), (1, END)]:
-            assert time.monotonic() < deadline, f"version 2 not picked up in 60 s:\n{s.output()}"
-            time.sleep(0.3)
-
-        images = [colour_jpeg(rgb) for rgb in [(230, 20, 20), (20, 230, 20), (20, 20, 230)]]
-        response = s.predict(images)
-        assert (response.model_spec.name, response.model_spec.version.value) == (NAME, 2)
-        scores = tf.make_ndarray(response.outputs["scores"])
-        assert [[c.decode() for c in row] for row in tf.make_ndarray(response.outputs["classes"])] == \
-            [["red", "green", "blue"]] * 3
-        assert list(scores.argmax(axis=1)) == [0, 1, 2]  # each image answered by its own row
-        from classify_server.model import Classifier
-        classifier = Classifier(str(base / "2"))
-        try:  # the HTTP server's classifier on the same bytes
-            np.testing.assert_allclose(scores, classifier.predict([classifier.preprocess(d) for d in images]),
-                                       atol=1e-5, rtol=0)
-        finally:
-            classifier.close()
-
-        assert rpc_error(s.predict, images[0], version=1).code() == grpc.StatusCode.NOT_FOUND
-        assert s.predict(images[0], version=2).model_spec.version.value == 2
-        assert [v.version for v in s.status(version=2).model_version_status] == [2]
-    finally:
-        s.stop()
+        s.status(channel=channel, timeout=timeout)
+        return "served"
+    except grpc.RpcError as err:
+        # CANCELLED: refused by a server shutting down; UNAVAILABLE: no server listening any more.
+        # DEADLINE_EXCEEDED: a call that arrived as the server was shutting down, neither served nor
+        # refused (a known race in gRPC, grpc/grpc#10418): no answer either way.
+        assert err.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE,
+                              grpc.StatusCode.DEADLINE_EXCEEDED), err
+        return "no answer" if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "refused"
 
 
-def test_sigterm_finishes_requests_in_flight(server):
-    """Last in this file: it stops the module's server."""
-    in_flight = server.prediction.Predict.future(predict_request(IMAGES * 10), timeout=60)
-    time.sleep(0.3)
-    server.process.send_signal(signal.SIGTERM)
-    response = in_flight.result(timeout=60)
-    assert tf.make_ndarray(response.outputs["scores"]).shape[0] == 30
-    assert server.process.wait(timeout=40) == 0
-    log = server.output()
-    assert "SIGTERM: finishing requests in flight" in log and "stopped" in log, log
-    assert f"listening on 127.0.0.1:{server.port}, model 'model' version 1" in log, log
+def wait_until_refusing(s, in_flight):
+    """Until `s` refuses new RPCs, after a SIGTERM: the handler runs when the server's main thread next
+    gets the GIL, not necessarily at once. Fails if the request `in_flight` ends first."""
+    while probe(s) != "refused":
+        assert not in_flight.done(), f"the request in flight ended ({in_flight.code()}) before new RPCs were " \
+            f"refused:\n{s.output()}"
+        time.sleep(0.05)
+
+
+def test_sigterm_finishes_the_request_in_flight_and_refuses_new_ones(start_grpc, colour_model, slow_predict):
+    """SIGTERM while the server is running a request (its predict has started, and takes 5 s): new RPCs
+    are refused while that request runs on, it still gets its right answer, and the process exits 0
+    within GRACEFUL_TIMEOUT."""
+    grace = 20
+    s = start_grpc({"MODEL_DIR": colour_model, "GRACEFUL_TIMEOUT": str(grace), **slow_predict.env(seconds=5)})
+    images = [colour_jpeg(COLOURS[name]) for name in ("red", "green", "blue")]
+    expected = local_scores(colour_model, images)
+    in_flight = s.prediction.Predict.future(predict_request(images), timeout=60)
+    slow_predict.wait_for(1)  # the server is running it
+    assert not in_flight.done() and slow_predict.events() == [("enter", 1)]
+
+    signalled = time.monotonic()
+    s.process.send_signal(signal.SIGTERM)
+    wait_until_refusing(s, in_flight)
+    with grpc.insecure_channel(f"127.0.0.1:{s.port}") as fresh:  # and on a new connection
+        answers = []
+        while "refused" not in answers and len(answers) < 3:
+            answers.append(probe(s, fresh, timeout=1))
+        assert answers[-1] == "refused" and "served" not in answers, answers
+    assert not in_flight.done(), f"the request in flight ended ({in_flight.code()}) as new RPCs were refused"
+    assert s.process.poll() is None, f"exited ({s.process.returncode}) with a request in flight:\n{s.output()}"
+    assert slow_predict.events() == [("enter", 1)]
+
+    response = in_flight.result(timeout=30)
+    np.testing.assert_allclose(scores_of(response), expected, atol=1e-5, rtol=0)
+    assert slow_predict.events() == [("enter", 1), ("exit", 0)]
+    try:
+        assert s.process.wait(timeout=max(0.1, signalled + grace - time.monotonic())) == 0, s.output()
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running {grace} s (GRACEFUL_TIMEOUT) after SIGTERM:\n{s.output()}") from None
+
+
+@pytest.mark.parametrize("grace, signals", [(1, 1), (30, 2)], ids=["graceful-timeout-over", "second-signal"])
+def test_sigterm_stops_waiting_for_a_request_at_graceful_timeout(start_grpc, colour_model, slow_predict,
+                                                                 grace, signals):
+    """A request that outlasts GRACEFUL_TIMEOUT (1 s; its predict takes 8 s), or one in flight at a second
+    SIGTERM ("stop now"), is cancelled, and the process exits 0 then, not when the request would be over."""
+    s = start_grpc({"MODEL_DIR": colour_model, "GRACEFUL_TIMEOUT": str(grace), **slow_predict.env(seconds=8)})
+    in_flight = s.prediction.Predict.future(predict_request(colour_jpeg(COLOURS["red"])), timeout=60)
+    slow_predict.wait_for(1)
+    signalled = time.monotonic()
+    s.process.send_signal(signal.SIGTERM)
+    if signals == 2:
+        wait_until_refusing(s, in_flight)  # the first one handled
+        s.process.send_signal(signal.SIGTERM)
+    with pytest.raises(grpc.RpcError) as info:
+        in_flight.result(timeout=30)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), info.value
+    try:
+        assert s.process.wait(timeout=6) == 0, s.output()
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running 6 s after SIGTERM, waiting for the cancelled request:\n"
+                             f"{s.output()}") from None
+    assert time.monotonic() - signalled < min(grace, 1) + 5
+    assert slow_predict.events() == [("enter", 1)]  # exited without waiting for the predict to end

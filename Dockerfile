@@ -24,7 +24,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-COPY setup.py ./
+COPY setup.py pyproject.toml ./
 COPY retrain/ retrain/
 COPY classify_server/ classify_server/
 RUN --mount=type=cache,target=/root/.cache/pip pip install .

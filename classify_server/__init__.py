@@ -78,9 +78,7 @@ def create_app(test_config=None, classifier=None):
     def http_error(exc):
         if exc.code == 413 and exc.description == type(exc).description:
             # Werkzeug's own limits (body size, form parts) answer as the core's limits do.
-            stream = request.stream  # a streamed body (gunicorn) stops at the limit: exhausted there
-            at_limit = getattr(stream, "limit", None) == app.config["MAX_CONTENT_LENGTH"] and stream.is_exhausted
-            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"] or at_limit:
+            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"] or _stream_at_limit(app):
                 return errors.response(InferenceError(REQUEST_TOO_LARGE, (
                     f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes (MAX_UPLOAD_BYTES)")))
             return errors.response(InferenceError(TOO_MANY_IMAGES, (
@@ -101,6 +99,12 @@ def create_app(test_config=None, classifier=None):
                        request_id=g.get("request_id")), 500
 
     return app
+
+
+def _stream_at_limit(app):
+    """Whether werkzeug stopped a streamed body (gunicorn's, without Content-Length) at MAX_CONTENT_LENGTH."""
+    stream = request.stream
+    return getattr(stream, "limit", None) == app.config["MAX_CONTENT_LENGTH"] and stream.is_exhausted
 
 
 def build_models(config):

@@ -33,6 +33,18 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped under CI=true, where nothing may skip: {reason}"
 
 
+# End-to-end tests (`slow`): whole modules of real processes, and tests that start one through these fixtures.
+# `python -m pytest -m "not slow"` runs the rest in under a minute.
+SLOW_MODULES = {"test_deploy", "test_faults", "test_grpc", "test_page", "test_protocols", "test_stream"}
+SLOW_FIXTURES = {"server", "start_server", "broken_servers", "third_party", "foreign", "messy_run", "offline_runs"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_sessionfinish(session):
     """The same for a whole module skipped at collection (an importorskip at the top of a file)."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

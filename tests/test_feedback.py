@@ -99,6 +99,7 @@ def test_x_forwarded_for_names_the_client_only_behind_trusted_proxies(trained_mo
     assert codes == expected
 
 
+@pytest.mark.slow
 def test_retrain_refuses_a_version_worse_than_the_served_one(tmp_path, image_dir):
     base = tmp_path / "models"
     args = ["--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", "none",
@@ -123,6 +124,7 @@ def test_retrain_refuses_a_version_worse_than_the_served_one(tmp_path, image_dir
     assert sorted(os.listdir(base)) == ["1", "2"]
 
 
+@pytest.mark.slow
 def test_the_whole_loop_feedback_to_a_new_served_version(tmp_path, start_server):
     data = make_image_dir(tmp_path / "data", classes=("red_circle", "green_square"), per_class=12)
     base, feedback_dir = tmp_path / "models", tmp_path / "feedback"

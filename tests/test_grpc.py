@@ -114,11 +114,12 @@ def scores_of(response):
 
 
 def local_scores(model_dir, images):
-    """The HTTP server's classifier, in this process, on the same bytes."""
+    """The HTTP server's engine and preprocessing, in this process, on the same bytes."""
+    from classify_server.inference import preprocess
     from classify_server.model import Classifier
     classifier = Classifier(model_dir)
     try:
-        return classifier.predict([classifier.preprocess(data) for data in images])
+        return classifier.predict([preprocess(classifier.input_spec, data, None) for data in images])
     finally:
         classifier.close()
 

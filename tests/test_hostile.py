@@ -618,6 +618,7 @@ def test_fuzz_is_bounded():
     assert FUZZ.max_examples <= 10_000 and FUZZ.deadline is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, name, value, expected", [
     (["-m", "gunicorn", "classify_server:app"], "TOP_K", "abc", "must be an integer"),
     # (gunicorn reads WEB_CONCURRENCY itself before its config file: -1 is its own "Value must be positive")

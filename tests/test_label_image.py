@@ -35,6 +35,7 @@ def server_answer(client, data):
     return response.get_json()
 
 
+@pytest.mark.slow
 def test_one_image_prints_labels_with_scores(trained_model, server_client, tmp_path):
     data = shape_image("red_circle", 7, size=(96, 72))
     image = tmp_path / "red circle.jpg"  # a space in the path, as photos often have
@@ -73,6 +74,7 @@ class LineReader:
             raise AssertionError(f"no output line within {timeout} s") from None
 
 
+@pytest.mark.slow
 def test_stdin_mode_answers_each_path_as_it_arrives(trained_model, server_client, tmp_path):
     """Paths one per line, no --image: one JSON line per image, written as soon as its path arrives
     (the next path is only sent after the answer), equal to the server's answers; bad paths get an

@@ -475,6 +475,7 @@ def skew_images(folder, image_dir):
     return paths
 
 
+@pytest.mark.slow
 def test_frozen_graph_gives_the_keras_models_probabilities(tmp_path, image_dir):
     from retrain import backbones, export, train
     # Random backbone weights give features of ~1e-12 that barely depend on the image,
@@ -517,6 +518,7 @@ def test_frozen_graph_gives_the_keras_models_probabilities(tmp_path, image_dir):
 
 # --- training paths ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_augmentation_and_fine_tuning_run_end_to_end(tmp_path):
     images = make_image_dir(tmp_path / "images", classes=("red_circle", "green_square"), per_class=8)
     out = tmp_path / "model"
@@ -565,6 +567,7 @@ def test_training_on_pixels_keeps_the_epoch_best_on_validation():
     assert kept == pytest.approx(history[best]), (kept, history)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)),
                     reason=f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
 def test_real_flowers_reach_a_sane_accuracy(tmp_path):

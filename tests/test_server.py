@@ -670,6 +670,7 @@ def _test_sh(flowers_dir, work, timeout=420):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_test_sh_end_to_end(tmp_path):
     if not shutil.which("curl"):
         pytest.skip("test.sh needs curl")
@@ -679,6 +680,7 @@ def test_test_sh_end_to_end(tmp_path):
     assert os.path.isfile(tmp_path / "work" / "model" / "graph.pb")
 
 
+@pytest.mark.slow
 def test_test_sh_fails_with_one_class(tmp_path):
     result = _test_sh(make_image_dir(tmp_path / "flowers", classes=("red_circle",), per_class=4),
                       tmp_path / "work", timeout=120)

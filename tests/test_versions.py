@@ -175,6 +175,7 @@ def saved_model_images():
     return [wide, encode(tall, "PNG"), encode(gray, "PNG")]
 
 
+@pytest.mark.slow
 def test_saved_model_gives_the_graph_probabilities(tmp_path, image_dir):
     import tensorflow as tf
     from classify_server.inference import preprocess

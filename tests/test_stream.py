@@ -410,7 +410,10 @@ def test_sigkill_midway_then_restart_loses_no_message(broker, colour_model, tmp_
     place, in the same group: every message gets its prediction; those whose outputs were acknowledged
     but not committed get two (at-least-once), counted and printed. The two share the partitions."""
     broker.create_topics("kill-in", "kill-out", "kill-in.dead-letter")
-    messages = [(f"k-{i:03d}".encode(), shape_image(LABELS[i % 3], seed=5000 + i)) for i in range(IMAGE_COUNT)]
+    # Images that take ~50 ms each to decode: the consumer needs seconds for the backlog, so the kill
+    # lands midway even when this process is slow to see the first predictions (a loaded machine).
+    slow = {label: big_image(label) for label in LABELS}
+    messages = [(f"k-{i:03d}".encode(), slow[LABELS[i % 3]]) for i in range(IMAGE_COUNT)]
     produced = dict(zip([k for k, _ in messages], broker.produce("kill-in", messages)))
     env = dict(ENV, MODEL_DIR=colour_model, TF_INTRA_OP_THREADS="1")
     out = Collector(broker, "kill-out")

@@ -1,12 +1,12 @@
 """An HTTP image classifier: `gunicorn classify_server:app`, then `curl -F data=@image.jpg localhost:8000/`.
 
 `create_app` is the application factory (as in Flask's tutorial): configuration
-from the environment (classify_server.settings), the model loaded once into a
-persistent TensorFlow session (classify_server.model), and one blueprint per
-concern: classification (api), health (health), the browser page (page), and
-TensorFlow Serving's REST API (tfserving), users' corrections (feedback). Every route that
-classifies calls the inference core (classify_server.inference); model versions and hot
-reload are in classify_server.versions.
+from the environment (classify_server.settings), the model versions loaded once
+(classify_server.versions, each an engine: classify_server.engine), the inference
+core over them (classify_server.inference), and one blueprint per concern:
+classification (api), TensorFlow Serving's REST API (tfserving_rest), health,
+the browser page (page), users' corrections (feedback), metrics; HTTP's error
+statuses in one table (errors). README's "Architecture" draws the whole.
 """
 import logging
 import os
@@ -14,26 +14,18 @@ import sys
 import time
 import uuid
 
-from flask import Flask, Request, g, jsonify, request
+from flask import Flask, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from classify_server import errors, settings
+from classify_server import api, errors, settings
 from classify_server.inference import REQUEST_TOO_LARGE, TOO_MANY_IMAGES, Inference, InferenceError
 
 log = logging.getLogger("classify_server")
 
 
-class InMemoryRequest(Request):
-    """Uploads stay in memory (bounded by MAX_UPLOAD_BYTES): never written to disk."""
-
-    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
-        import io
-        return io.BytesIO()
-
-
 def create_app(test_config=None, classifier=None):
     app = Flask(__name__)
-    app.request_class = InMemoryRequest
+    app.request_class = api.InMemoryRequest
     app.config.from_mapping(settings.from_env())
     app.config["DEBUG"] = False  # never from FLASK_DEBUG: a debugger on an open port runs code
     if test_config:
@@ -44,16 +36,17 @@ def create_app(test_config=None, classifier=None):
     if app.config["TRUSTED_PROXIES"]:
         from werkzeug.middleware.proxy_fix import ProxyFix
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
-    app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is in api.py
+    app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is the core's
 
     if classifier is None:
-        models = build_models(app.config)
+        from classify_server.versions import load_models
+        models = load_models(app.config)
     else:
         from classify_server.versions import ModelManager
         models = ModelManager.static(classifier)
     app.extensions["models"] = models
 
-    from classify_server import api, feedback, health, metrics, page, tfserving
+    from classify_server import feedback, health, metrics, page, tfserving_rest
     app.extensions["inference"] = Inference(models, app.config, on_inference=metrics.INFERENCE.observe)
     metrics.init_app(app)
     errors.init_app(app)
@@ -62,7 +55,7 @@ def create_app(test_config=None, classifier=None):
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
-    app.register_blueprint(tfserving.bp)
+    app.register_blueprint(tfserving_rest.bp)
 
     @app.before_request
     def assign_request_id():
@@ -107,37 +100,11 @@ def _stream_at_limit(app):
     return getattr(stream, "limit", None) == app.config["MAX_CONTENT_LENGTH"] and stream.is_exhausted
 
 
-def build_models(config):
-    """The ModelManager over config["MODEL_DIR"], polling every MODEL_POLL_SECONDS for a new version.
-
-    Shared by create_app and the gRPC server (classify_server.grpc), so both load and version alike.
-    """
-    from classify_server.versions import ModelManager
-    models = ModelManager(config["MODEL_DIR"], lambda folder: load_engine(folder, config),
-                          config["MODEL_POLL_SECONDS"])
-    models.start_polling()
-    return models
-
-
-def load_engine(folder, config):
-    """A warmed-up engine (classify_server.engine) over one model folder, with these settings: where a
-    second kind of engine would be chosen."""
-    from classify_server.model import Classifier
-    engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
-                        config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
-    try:
-        engine.warm_up()
-    except Exception:
-        engine.close()
-        raise
-    return engine
-
-
 def __getattr__(name):
     """`gunicorn classify_server:app` builds the app in each worker, after the fork."""
     if name != "app":
         raise AttributeError(name)
-    from classify_server.model import ModelLoadError
+    from classify_server.engine import ModelLoadError
     try:
         return create_app()
     except ModelLoadError as exc:

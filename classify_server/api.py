@@ -7,10 +7,19 @@ version_not_served when they are not the ones served); `?top_k=K` for K labels.
 Every answer that ran the model carries a Server-Timing header (decode and
 inference milliseconds), which browsers' developer tools and load tests read.
 """
-from flask import Blueprint, abort, current_app, g, jsonify, request
+import io
+
+from flask import Blueprint, Request, abort, current_app, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected
 
 bp = Blueprint("api", __name__)
+
+
+class InMemoryRequest(Request):
+    """Uploads stay in memory (bounded by MAX_UPLOAD_BYTES): never written to disk."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
 
 
 def parse_top_k(default):

@@ -5,12 +5,16 @@ image with the shared preprocessing into what `input_spec` asks for, and hands t
 a batch of them; the engine only runs the model. Today's engine is the persistent
 TensorFlow session over graph.pb (classify_server.model.Classifier). Another (a TFLite
 interpreter, say) implements the members below and is chosen where versions are loaded
-(classify_server.load_engine); no adapter changes.
+(`load` below); no adapter changes.
 """
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder is missing, incomplete or corrupt: its message says which file and why."""
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,18 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free it, once no request uses it any more."""
+
+
+def load(folder, config):
+    """A warmed-up engine over one model folder, with these settings (classify_server.settings): where a
+    second kind of engine would be chosen."""
+    from classify_server import settings
+    from classify_server.model import Classifier
+    engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
+                        config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
+    try:
+        engine.warm_up()
+    except Exception:
+        engine.close()
+        raise
+    return engine

@@ -15,14 +15,10 @@ import tensorflow as tf
 from PIL import Image
 
 from classify_server.batching import Batcher
-from classify_server.engine import InputSpec
+from classify_server.engine import InputSpec, ModelLoadError
 from retrain import model_folder
 
 CLASSIC_INPUT = "DecodeJpeg/contents:0"
-
-
-class ModelLoadError(RuntimeError):
-    """The model directory is missing, incomplete or corrupt."""
 
 
 def _tensor_name(name):

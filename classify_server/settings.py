@@ -63,7 +63,7 @@ SETTINGS = (
             float, 0),
     Setting("ACCESS_LOG", "-", "access log file ('-': standard output; empty: none)"),
     Setting("LOG_LEVEL", "info", "debug, info, warning or error"),
-    # The gRPC server (python -m classify_server.grpc)
+    # The gRPC server (python -m classify_server.tfserving_grpc)
     Setting("GRPC_HOST", "0.0.0.0", "address the gRPC server listens on"),
     Setting("GRPC_PORT", 8500, "its port (0: any free port)", int, 0, 65535),
     Setting("GRPC_THREADS", 4, "RPCs it serves at once; more wait", int, 1),

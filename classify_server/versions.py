@@ -14,7 +14,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from classify_server.model import ModelLoadError
+from classify_server import engine
+from classify_server.engine import ModelLoadError
 from retrain import model_folder
 
 log = logging.getLogger("classify_server")
@@ -30,7 +31,7 @@ class Servable:
 
 class ModelManager:
     def __init__(self, model_dir, load, poll_seconds=0):
-        """`load(folder)` returns a warmed-up Classifier or raises ModelLoadError."""
+        """`load(folder)` returns a warmed-up engine or raises ModelLoadError."""
         self.model_dir, self.load, self.poll_seconds = model_dir, load, poll_seconds
         self.lock = threading.Lock()
         self.status = {}  # version -> (state, error message), TF Serving's states
@@ -132,3 +133,13 @@ class ModelManager:
         return [{"version": str(v), "state": state,
                  "status": {"error_code": "UNKNOWN" if error else "OK", "error_message": error}}
                 for v, (state, error) in items if version is None or v == version]
+
+
+def load_models(config):
+    """The ModelManager over config["MODEL_DIR"], polling every MODEL_POLL_SECONDS for a new version.
+
+    Shared by the HTTP app, the gRPC server and the Kafka consumer, so all load and version alike.
+    """
+    models = ModelManager(config["MODEL_DIR"], lambda folder: engine.load(folder, config), config["MODEL_POLL_SECONDS"])
+    models.start_polling()
+    return models

@@ -1,4 +1,4 @@
-"""TensorFlow Serving's gRPC API: `python -m classify_server.grpc` as a real subprocess on a loopback
+"""TensorFlow Serving's gRPC API: `python -m classify_server.tfserving_grpc` as a real subprocess on a loopback
 port, spoken to through tensorflow-serving-api's own client stubs."""
 import base64
 import io
@@ -29,7 +29,7 @@ MiB = 1024 * 1024
 
 
 class GrpcServer(Server):
-    """`python -m classify_server.grpc --host 127.0.0.1 --port P` and stubs to it.
+    """`python -m classify_server.tfserving_grpc --host 127.0.0.1 --port P` and stubs to it.
 
     conftest.Server's log handling (output()); the command, readiness probe and stop are gRPC's."""
 
@@ -38,7 +38,7 @@ class GrpcServer(Server):
         self.log_path = log_path
         self.log = open(log_path, "w+b")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "classify_server.grpc", "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "classify_server.tfserving_grpc", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=ROOT, env=dict(os.environ, **env), stdout=self.log, stderr=subprocess.STDOUT)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
@@ -237,7 +237,7 @@ COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 
 
 def test_import_grpc_is_grpcio():
-    from classify_server import grpc as module
+    from classify_server import tfserving_grpc as module
     assert module.grpc is grpc and hasattr(module.grpc, "server")
 
 

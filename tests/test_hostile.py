@@ -388,8 +388,8 @@ def test_debug_mode_is_off_under_gunicorn(server):
 
 @pytest.fixture(scope="module")
 def classifier(trained_model):
-    from classify_server import load_engine, settings
-    loaded = load_engine(trained_model, settings.from_env())
+    from classify_server import engine, settings
+    loaded = engine.load(trained_model, settings.from_env())
     yield loaded
     loaded.close()
 
@@ -444,7 +444,8 @@ class FileWrites:
 def test_uploads_are_never_written_to_disk(classifier):
     from flask import Request
 
-    from classify_server import InMemoryRequest, create_app
+    from classify_server import create_app
+    from classify_server.api import InMemoryRequest
     environ, data = _big_upload_environ()
     # Control: werkzeug's own request class spills this upload to a temporary file...
     with FileWrites() as writes:
@@ -625,8 +626,8 @@ def test_fuzz_is_bounded():
     (["-m", "gunicorn", "classify_server:app"], "WEB_CONCURRENCY", "0", "must be an integer at least 1"),
     (["-m", "gunicorn", "classify_server:app"], "BODY_TIMEOUT", "soon", "must be a number"),
     (["-m", "gunicorn", "classify_server:app"], "LOG_LEVEL", "loud", "must be one of debug, info"),
-    (["-m", "classify_server.grpc"], "GRPC_THREADS", "0", "must be an integer at least 1"),
-    (["-m", "classify_server.grpc"], "GRPC_PORT", "70000", "must be an integer between 0 and 65535"),
+    (["-m", "classify_server.tfserving_grpc"], "GRPC_THREADS", "0", "must be an integer at least 1"),
+    (["-m", "classify_server.tfserving_grpc"], "GRPC_PORT", "70000", "must be an integer between 0 and 65535"),
     (["-m", "classify_server.stream", "--bootstrap-servers", "h:9092", "--input-topic", "i", "--output-topic", "o"],
      "STREAM_BATCH_SIZE", "many", "must be an integer"),
     (["-m", "classify_server.label_image", "--image", "x.jpg"], "MAX_IMAGE_PIXELS", "1e6", "must be an integer"),

@@ -603,7 +603,7 @@ def test_third_party_metadata_and_model_name(third_party):
 
 
 def test_third_party_graph_without_settings_fails_to_load_clearly(third_party):
-    from classify_server.model import ModelLoadError
+    from classify_server.engine import ModelLoadError
     _, _, folder = third_party
     with pytest.raises(ModelLoadError, match="OUTPUT_LAYER"):
         make_app(str(folder))

@@ -1,4 +1,4 @@
-"""TensorFlow Serving's gRPC API, so its clients and stubs work here: `python -m classify_server.grpc`.
+"""TensorFlow Serving's gRPC API, so its clients and stubs work here: `python -m classify_server.tfserving_grpc`.
 
     PredictionService.Predict           inputs {"images": DT_STRING [N] or scalar, encoded image bytes}
                                         -> outputs {"scores": DT_FLOAT [N, classes],
@@ -7,8 +7,9 @@
     ModelService.GetModelStatus         model_version_status: version, state, status
 
 The model is loaded, versioned and hot-reloaded exactly as for the HTTP server
-(classify_server.build_models: MODEL_DIR, MODEL_NAME, MODEL_POLL_SECONDS...), and the
-signature is the REST API's (classify_server.tfserving.signature_def). Settings, as
+(classify_server.versions.load_models: MODEL_DIR, MODEL_NAME, MODEL_POLL_SECONDS...), every
+request goes through the inference core (classify_server.inference), and the signature is the
+REST API's (classify_server.tfserving_rest.signature_def). Settings, as
 environment variables or flags: GRPC_HOST / --host (0.0.0.0), GRPC_PORT / --port (8500),
 GRPC_THREADS (4, requests served at once; more wait), MAX_UPLOAD_BYTES (the largest
 request message), GRACEFUL_TIMEOUT (30 s for requests in flight after SIGTERM/SIGINT).
@@ -32,22 +33,18 @@ from concurrent import futures
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import grpc  # noqa: E402  (absolute: the grpcio package, not this module)
-
-if not hasattr(grpc, "server"):  # `python classify_server/grpc.py`: this file shadows grpcio
-    raise SystemExit("classify_server.grpc: `import grpc` did not find grpcio; run `python -m classify_server.grpc` "
-                     "from the project root (or the classify_grpc command)")
-
+import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,  # noqa: E402
                                      predict_pb2, prediction_service_pb2_grpc, status_pb2)
 
-from classify_server import build_models, inference, settings  # noqa: E402
+from classify_server import inference, settings  # noqa: E402
 from classify_server.inference import INVALID_INPUT, Inference, InferenceError  # noqa: E402
-from classify_server.model import ModelLoadError  # noqa: E402
-from classify_server.tfserving import INPUT_KEY, signature_def  # noqa: E402
+from classify_server.engine import ModelLoadError  # noqa: E402
+from classify_server.tfserving_rest import INPUT_KEY, signature_def  # noqa: E402
+from classify_server.versions import load_models  # noqa: E402
 
 log = logging.getLogger("classify_server")
 
@@ -76,7 +73,7 @@ def _shape(*dims):
 
 
 def signature_def_map(engine):
-    """The REST API's signature_def (classify_server.tfserving), as the proto GetModelMetadata packs."""
+    """The REST API's signature_def (classify_server.tfserving_rest), as the proto GetModelMetadata packs."""
     return json_format.ParseDict(signature_def(engine), get_model_metadata_pb2.SignatureDefMap())
 
 
@@ -213,7 +210,7 @@ def make_server(core, max_message_bytes, threads=4):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m classify_server.grpc",
+    parser = argparse.ArgumentParser(prog="python -m classify_server.tfserving_grpc",
                                      description="Serve MODEL_DIR over TensorFlow Serving's gRPC API.")
     config = settings.from_env()
     parser.add_argument("--host", default=config["GRPC_HOST"], help="address to listen on (GRPC_HOST, default 0.0.0.0)")
@@ -226,9 +223,9 @@ def main(argv=None):
     threads, grace = config["GRPC_THREADS"], config["GRACEFUL_TIMEOUT"]
 
     try:
-        models = build_models(config)
+        models = load_models(config)
     except ModelLoadError as exc:
-        raise SystemExit(f"classify_server.grpc: {exc}") from None
+        raise SystemExit(f"classify_server.tfserving_grpc: {exc}") from None
     server = make_server(Inference(models, config), config["MAX_UPLOAD_BYTES"], threads)
     address = f"[{args.host}]:{args.port}" if ":" in args.host and not args.host.startswith("[") else \
         f"{args.host}:{args.port}"
@@ -239,7 +236,7 @@ def main(argv=None):
     else:
         error = "address in use or not available"
     if not port:
-        raise SystemExit(f"classify_server.grpc: cannot listen on {address}: {error}")
+        raise SystemExit(f"classify_server.tfserving_grpc: cannot listen on {address}: {error}")
 
     stopping = threading.Event()
 

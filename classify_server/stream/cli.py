@@ -1,0 +1,105 @@
+"""The command line: `python -m classify_server.stream` (flags, or the settings' environment variables)."""
+import argparse
+import logging
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from classify_server.stream.consumer import DeliveryFailed, FatalKafkaError, StreamClassifier  # noqa: E402
+from classify_server.stream.engines import Embedded, Remote, RemoteUnavailable  # noqa: E402
+
+log = logging.getLogger("classify_server.stream")
+
+DLQ_SUFFIX = ".dead-letter"
+
+
+def parse_args(argv=None):
+    from classify_server import settings
+    config = settings.from_env()
+    parser = argparse.ArgumentParser(
+        prog="python -m classify_server.stream",
+        description="Classify the images of a Kafka topic into another topic (see classify_server.stream's docstring).")
+    parser.add_argument("--bootstrap-servers", default=config["KAFKA_BOOTSTRAP_SERVERS"] or None,
+                        help="Kafka brokers, HOST:PORT[,HOST:PORT] (KAFKA_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--input-topic", default=config["KAFKA_INPUT_TOPIC"] or None,
+                        help="topic of encoded images (KAFKA_INPUT_TOPIC)")
+    parser.add_argument("--output-topic", default=config["KAFKA_OUTPUT_TOPIC"] or None,
+                        help="topic for the JSON predictions (KAFKA_OUTPUT_TOPIC)")
+    parser.add_argument("--dead-letter-topic", default=config["KAFKA_DEAD_LETTER_TOPIC"] or None,
+                        help=f"topic for messages that cannot be classified (KAFKA_DEAD_LETTER_TOPIC; "
+                             f"default <input-topic>{DLQ_SUFFIX})")
+    parser.add_argument("--group-id", default=config["KAFKA_GROUP_ID"],
+                        help="consumer group: consumers sharing it share the partitions (KAFKA_GROUP_ID, "
+                             "default classify-stream)")
+    parser.add_argument("--remote", default=config["STREAM_REMOTE_URL"] or None, metavar="URL",
+                        help="call this server's TF Serving REST :predict instead of loading the model "
+                             "(STREAM_REMOTE_URL, e.g. http://classifier:8000)")
+    parser.add_argument("--batch-size", type=int, default=config["STREAM_BATCH_SIZE"],
+                        help="most messages classified together (STREAM_BATCH_SIZE, default 32)")
+    parser.add_argument("--batch-wait-ms", type=int, default=config["STREAM_BATCH_WAIT_MS"],
+                        help="after the first message, wait this long for more to fill a batch "
+                             "(STREAM_BATCH_WAIT_MS, default 0)")
+    parser.add_argument("-X", dest="kafka_config", action="append", metavar="KEY=VALUE",
+                        default=[item for item in config["KAFKA_CONFIG"].split(",") if item.strip()],
+                        help="a librdkafka property for both clients, or one with a consumer./producer. prefix "
+                             "(repeatable; KAFKA_CONFIG=k=v,k=v)")
+    args = parser.parse_args(argv)
+    for name in ("bootstrap_servers", "input_topic", "output_topic"):
+        if not getattr(args, name):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} is required (or the environment variable KAFKA_{name.upper()})")
+    args.dead_letter_topic = args.dead_letter_topic or args.input_topic + DLQ_SUFFIX
+    if len({args.input_topic, args.output_topic, args.dead_letter_topic}) < 3:
+        parser.error("the input, output and dead-letter topics must be three different topics")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.batch_wait_ms < 0:
+        parser.error(f"--batch-wait-ms must be 0 or more, got {args.batch_wait_ms}")
+    return args
+
+
+def main(argv=None):
+    from classify_server import settings
+    args = parse_args(argv)
+    config = settings.from_env()
+    settings.setup_logging(config)
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        raise SystemExit("classify_server.stream needs confluent-kafka: "
+                         "pip install 'classify-service[stream]'") from None
+
+    if args.remote:
+        engine = Remote(args.remote, config, args.batch_size)
+        try:
+            engine.refresh()
+        except RemoteUnavailable as exc:  # not fatal: the batches wait for it
+            log.warning("%s; will retry", exc)
+    else:
+        from classify_server.engine import ModelLoadError
+        try:
+            engine = Embedded(config)
+        except ModelLoadError as exc:
+            raise SystemExit(f"classify_server.stream: {exc}") from None
+
+    stream = StreamClassifier(engine, args, config)
+
+    def on_signal(signum, frame):
+        if stream.stopping.is_set():
+            return
+        log.info("%s: finishing the batch in hand, committing, leaving the group", signal.Signals(signum).name)
+        stream.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return stream.run()
+    except (DeliveryFailed, FatalKafkaError) as exc:
+        log.error("%s; exiting so that a restart reads the uncommitted batch again", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The two ways the Kafka consumer runs the model: in this process (Embedded, the inference core)
+or through a running server's TensorFlow Serving REST API (Remote, no TensorFlow here).
+
+Both answer a batch of encoded images with (model version, [top-k answer or InferenceError, one per
+image]); a model server that is down or failing raises RemoteUnavailable, and the batch is retried.
+"""
+import base64
+import http.client
+import json
+import logging
+import re
+import urllib.parse
+
+from classify_server.inference import InferenceError
+from classify_server.ranking import top_k
+
+log = logging.getLogger("classify_server.stream")
+
+
+class RemoteUnavailable(RuntimeError):
+    """The model server did not answer usefully (down, 5xx, garbled): retry the batch later."""
+
+
+# Codes a server answers about the images of a request, not about itself: each image is judged alone.
+PER_IMAGE = {"empty_image", "request_too_large", "invalid_image", "image_too_large", "invalid_input",
+             "too_many_images"}
+
+
+class Embedded:
+    """The model in this process, behind the HTTP server's inference core."""
+
+    def __init__(self, config):
+        from classify_server.inference import Inference
+        from classify_server.versions import load_models
+        self.config = config
+        self.core = Inference(load_models(config), config)
+        self.name = config["MODEL_NAME"]
+
+    def describe(self):
+        return (f"embedded model {self.name!r} version {self.core.models.current.version} "
+                f"from {self.config['MODEL_DIR']}")
+
+    def classify(self, images):
+        """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""
+        version, labels, results = self.core.classify_each(images)
+        return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.config["TOP_K"])
+                         for r in results]
+
+    def close(self):
+        pass
+
+
+class Remote:
+    """A running classify_server's TensorFlow Serving REST API (metadata.labels names the scores).
+
+    Labels and version come from GET .../metadata; :predict is asked of that version explicitly,
+    so a hot reload on the server (404 for the old version) makes us re-read the metadata and
+    never mislabels an answer.
+    """
+
+    def __init__(self, url, config, batch_size, timeout=60):
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SystemExit(f"classify_server.stream: --remote must be an http(s) URL, got {url!r}")
+        match = re.match(r"^(.*?)/v1/models/([^/:]+)", parts.path)
+        self.prefix = (match.group(1) if match else parts.path).rstrip("/")
+        self.name = urllib.parse.unquote(match.group(2)) if match else config["MODEL_NAME"]
+        self.url = f"{parts.scheme}://{parts.netloc}{self.prefix}/v1/models/{self.name}"
+        self.https, self.host, self.port = parts.scheme == "https", parts.hostname, parts.port
+        self.timeout, self.batch_size, self.top_k = timeout, batch_size, config["TOP_K"]
+        self.connection = None
+        self.labels = self.version = None
+
+    def describe(self):
+        return f"remote model {self.name!r} version {self.version} at {self.url}"
+
+    def _request(self, method, path, body=None):
+        """(status, parsed JSON body) over one kept-alive connection; RemoteUnavailable if none."""
+        where = f"{method} {self.url}{path}"
+        path = f"{self.prefix}/v1/models/{urllib.parse.quote(self.name, safe='')}{path}"
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        for attempt in (1, 2):  # a kept-alive connection the server closed: reconnect once
+            if self.connection is None:
+                kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+                self.connection = kind(self.host, self.port, timeout=self.timeout)
+            try:
+                self.connection.request(method, path, body=body, headers=headers)
+                response = self.connection.getresponse()
+                raw = response.read()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                self.connection.close()
+                self.connection = None
+                if attempt == 2:
+                    raise RemoteUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            answer = {"error": raw[:200].decode(errors="replace")}
+        return response.status, answer
+
+    def refresh(self):
+        status, answer = self._request("GET", "/metadata")
+        if status != 200:
+            raise RemoteUnavailable(f"GET {self.url}/metadata answered {status}: {answer.get('error', answer)}")
+        try:
+            self.labels = list(answer["metadata"]["labels"])
+            self.version = int(answer["model_spec"]["version"])
+        except (KeyError, TypeError, ValueError):
+            raise RemoteUnavailable(f"GET {self.url}/metadata: no metadata.labels or model_spec.version "
+                                    "in the answer") from None
+
+    def _predict(self, images):
+        body = json.dumps({"instances": [{"b64": base64.b64encode(data).decode("ascii")} for data in images]})
+        return self._request("POST", f"/versions/{self.version}:predict", body)
+
+    def classify(self, images):
+        import numpy as np
+        if self.version is None:
+            self.refresh()
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            status, answer = self._predict(chunk)
+            if answer.get("code") == "version_not_served":  # the server moved to another version: learn it
+                old = self.version
+                self.refresh()
+                log.info("remote model version %s -> %s", old, self.version)
+                if start and self.version != old:  # one version answers a whole batch: start it again
+                    return self.classify(images)
+                status, answer = self._predict(chunk)
+            if status == 200:
+                answers = self._rows(answer.get("predictions"), len(chunk))
+            elif answer.get("code") in PER_IMAGE and len(chunk) > 1:  # which image? ask for each alone
+                if answer["code"] == "too_many_images":
+                    log.warning("%s; lower --batch-size to the server's MAX_PARTS", answer.get("error"))
+                answers = [self.classify_one(data) for data in chunk]
+            elif answer.get("code") in PER_IMAGE:
+                answers = [self._rejection(answer)]
+            else:
+                raise RemoteUnavailable(f"POST {self.url}/versions/{self.version}:predict answered "
+                                        f"{status}: {answer.get('error', answer)}")
+            for row in answers:
+                results.append(row if isinstance(row, InferenceError)
+                               else top_k(self.labels, np.asarray(row, dtype=np.float32), self.top_k))
+        return self.version, results
+
+    def classify_one(self, data):
+        status, answer = self._predict([data])
+        if status == 200:
+            return self._rows(answer.get("predictions"), 1)[0]
+        if answer.get("code") in PER_IMAGE:
+            return self._rejection(answer)
+        raise RemoteUnavailable(f"POST {self.url}/versions/{self.version}:predict answered "
+                                f"{status}: {answer.get('error', answer)}")
+
+    def _rows(self, rows, count):
+        if not (isinstance(rows, list) and len(rows) == count
+                and all(isinstance(r, list) and len(r) == len(self.labels) for r in rows)):
+            raise RemoteUnavailable(f"{self.url}: :predict answered no {count} x {len(self.labels)} predictions")
+        return rows
+
+    @staticmethod
+    def _rejection(answer):
+        """The server's error for a request of one image, as the embedded core words it (no "image 1")."""
+        message = re.sub(r"^image 1(: | is )", lambda m: "" if m.group(1) == ": " else "the image is ",
+                         str(answer.get("error", answer)))
+        return InferenceError(answer["code"], message)
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from classify_server import create_app
-from conftest import CLASSES, shape_image
+from helpers import CLASSES, shape_image
 
 IMAGES = [shape_image(label, seed) for seed in range(8) for label in CLASSES]
 

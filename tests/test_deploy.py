@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import ROOT, free_port, shape_image
+from helpers import ROOT, free_port, shape_image
 
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 K8S = os.path.join(ROOT, "k8s")
@@ -444,7 +444,7 @@ def cluster(trained_model, tmp_path_factory):
 local = threading.local()
 
 
-def classify(url, image):
+def timed_post(url, image):
     """(status or None when the connection failed, the instance that answered, when it started, when it ended)."""
     if not hasattr(local, "session"):
         local.session = requests.Session()
@@ -475,7 +475,7 @@ def test_dockerfile_healthcheck_command_works(dockerfile, cluster):
 
 def test_cluster_balances_over_both_instances(cluster):
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda i: classify(cluster.url, IMAGES[i % len(IMAGES)]), range(200)))
+        results = list(pool.map(lambda i: timed_post(cluster.url, IMAGES[i % len(IMAGES)]), range(200)))
     failed = [r for r in results if r[0] != 200]
     assert not failed, f"{len(failed)} of 200 failed: {failed[:5]}\n{cluster.output()}"
     answered_by = {upstream for _, upstream, _, _ in results}
@@ -492,7 +492,7 @@ MAX_UPLOAD_BYTES = 10485760  # README's default, which local_cluster.sh gives ng
 def multipart_of_size(size):
     """(body, content type): one `data` part holding a valid PNG, padded with a private ancillary chunk (which
     decoders skip) so that the whole multipart body is exactly `size` bytes."""
-    from conftest import png_bytes, png_chunk
+    from helpers import png_bytes, png_chunk
     png = png_bytes(4, 4, raw=b"".join(b"\x00" + bytes([200, 30, 30]) * 4 for _ in range(4)))
     head = (b"--b\r\nContent-Disposition: form-data; name=\"data\"; filename=\"x.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n")
@@ -563,7 +563,7 @@ def test_cluster_routes_around_a_killed_instance(cluster):
                 done = len(results)
             if done >= 3000 or now - start > 60 or (killed_at and now > killed_at[0] + FAILOVER_WINDOW + 4):
                 return
-            result = classify(cluster.url, IMAGES[done % len(IMAGES)])
+            result = timed_post(cluster.url, IMAGES[done % len(IMAGES)])
             with lock:
                 results.append(result)
 

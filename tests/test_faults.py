@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, TEST_WEIGHTS, Server, assert_same_answer, make_image_dir, shape_image
+from helpers import ROOT, TEST_WEIGHTS, Server, assert_same_answer, classify, make_image_dir, shape_image
 
 GOOD = shape_image("red_circle", 1)
 TIMEOUT = 30  # seconds, for one request under load
@@ -70,12 +70,6 @@ def connections_of(pid, port):
     except FileNotFoundError:
         return 0
     return count
-
-
-def classify(url, data=GOOD, session=requests):
-    response = session.post(url + "/", files={"data": ("x.jpg", data)}, timeout=TIMEOUT)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def outcome_of(exc):
@@ -180,7 +174,7 @@ def servers(trained_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(servers):
-    return classify(servers["pair"].url)
+    return classify(servers["pair"].url, GOOD)
 
 
 # --- kill -9 of one worker -------------------------------------------------------------------------
@@ -238,7 +232,7 @@ def test_model_files_deleted_then_garbage_the_loaded_model_keeps_answering(serve
     figure("model_files_broken", requests=len(load.records), failed=len(load.failures()))
     assert len(load.records) > 10 and load.failures() == []
     assert probes == [200, 200, 200]
-    assert_same_answer(classify(s.url), reference)
+    assert_same_answer(classify(s.url, GOOD), reference)
     assert worker_pids(s) == workers
 
 
@@ -253,7 +247,7 @@ def test_a_worker_replaced_after_the_model_files_broke_does_not_stop_the_server(
     answered = 0
     while time.monotonic() < deadline:
         try:
-            assert_same_answer(classify(s.url), reference)
+            assert_same_answer(classify(s.url, GOOD), reference)
             answered += 1
         except (requests.RequestException, AssertionError) as exc:
             figure("replaced_worker_after_broken_model", answered=answered, error=outcome_of(exc),
@@ -335,7 +329,7 @@ def test_slow_clients_do_not_block_others_beyond_body_timeout(servers, reference
     waits = []
     for _ in range(3):
         start = time.monotonic()
-        assert_same_answer(classify(s.url), reference)
+        assert_same_answer(classify(s.url, GOOD), reference)
         waits.append(time.monotonic() - start)
     for thread in slow:
         thread.join(hold + 30)
@@ -381,7 +375,7 @@ def drip_servers(tmp_path_factory):
     """Two servers over the colour model with TIMEOUT=1, so 1 s for a body by default: 'default' without
     BODY_TIMEOUT, 'off' with BODY_TIMEOUT=0. gunicorn's own worker timeout is set apart (-t 120: a worker
     loading TensorFlow must not be killed after 1 s); the config file's TIMEOUT is what BODY_TIMEOUT takes."""
-    from conftest import write_colour_model
+    from helpers import write_colour_model
     root = tmp_path_factory.mktemp("drip")
     model = write_colour_model(root / "model")
     started = {name: Server(dict({"MODEL_DIR": model, "TIMEOUT": str(DRIP_TIMEOUT),
@@ -402,7 +396,7 @@ def test_a_slow_body_is_cut_at_the_default_and_answered_when_body_timeout_is_0(d
     it with a 408; BODY_TIMEOUT=0 waits for all of it and classifies it."""
     body = multipart_body(GOOD)
     piece = (len(body) - 100) // int(DRIP_SECONDS / 0.25) + 1  # the whole body in DRIP_SECONDS
-    reference = classify(drip_servers["off"].url)
+    reference = classify(drip_servers["off"].url, GOOD)
     results = {}
 
     def send(name):
@@ -479,7 +473,7 @@ def sigterm_run(servers, reference):
     connections are tried every PROBE_INTERVAL s, and the listening socket watched. Returns what happened."""
     from PIL import Image
 
-    from conftest import encode
+    from helpers import encode
     s = servers["single"]
     big = encode(Image.fromarray(np.random.default_rng(3).integers(0, 256, (600, 600, 3), np.uint8)), "PNG")
     big_answer = classify(s.url, big)
@@ -565,7 +559,7 @@ def test_sigterm_to_the_master_new_connections_are_refused_at_once(sigterm_run):
 # --- start-up and hot swap: models that take their time -------------------------------------------
 
 def write_sleepy_model(folder, warm_up_seconds, request_seconds, labels=("red", "green", "blue")):
-    """write_colour_model's graph (conftest) that also waits, without using a core: `warm_up_seconds` for a
+    """write_colour_model's graph (helpers) that also waits, without using a core: `warm_up_seconds` for a
     grey image (the server's warm-up run), `request_seconds` for any other (a tf.data sleep, which
     DatasetToSingleElement pays twice: once for the element, once to check there is no second)."""
     import tensorflow as tf
@@ -691,7 +685,7 @@ def test_hot_swap_closes_the_old_session_after_its_requests_in_flight(tmp_path, 
     """README: a new version is loaded and warmed up beside the old one, then swapped in; requests in flight
     finish on the old session, which is closed after them. Version 1 takes SWAP_REQUEST_SECONDS per request;
     version 2 is published while one is in flight."""
-    from conftest import write_colour_model
+    from helpers import write_colour_model
     base = tmp_path / "models"
     v1 = write_sleepy_model(base / "1", 0, SWAP_REQUEST_SECONDS, labels=("v1_red", "v1_green", "v1_blue"))
     s = start_server({"MODEL_DIR": str(base), "MODEL_POLL_SECONDS": "1",
@@ -719,7 +713,7 @@ def test_hot_swap_closes_the_old_session_after_its_requests_in_flight(tmp_path, 
         assert slow.get("status", 200) == 200, f"the request in flight on version 1 failed at the swap: {slow}"
         assert "end" not in slow, "version 1's request ended before the swap: nothing in flight to judge"
         # New requests go to version 2 at once, while version 1's session is still open for the one in flight.
-        assert {label for label, _ in classify(s.url)} <= {"v2_red", "v2_green", "v2_blue"}
+        assert {label for label, _ in classify(s.url, GOOD)} <= {"v2_red", "v2_green", "v2_blue"}
         assert "end" not in slow and spied(s, "closed", v1) == [], \
             "version 1's session was closed while a request was still running on it"
     finally:

@@ -9,7 +9,7 @@ import pytest
 import requests
 
 from classify_server import create_app
-from conftest import TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
+from helpers import TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import grpc
@@ -15,76 +14,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2)
 
-from conftest import (ROOT, Server, free_port, png_bytes, read_labels, shape_image, stop_process,
-                      write_colour_model)
+from helpers import (MODEL_NAME, GrpcServer, png_bytes, predict_request, read_labels, rpc_error,
+                     shape_image, write_colour_model)
 
-NAME = "model"  # MODEL_NAME's default
+NAME = MODEL_NAME
 IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 END = get_model_status_pb2.ModelVersionStatus.END
 MiB = 1024 * 1024
-
-
-class GrpcServer(Server):
-    """`python -m classify_server.tfserving_grpc --host 127.0.0.1 --port P` and stubs to it.
-
-    conftest.Server's log handling (output()); the command, readiness probe and stop are gRPC's."""
-
-    def __init__(self, env, log_path):
-        self.port = free_port()
-        self.log_path = log_path
-        self.log = open(log_path, "w+b")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "classify_server.tfserving_grpc", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=dict(os.environ, **env), stdout=self.log, stderr=subprocess.STDOUT)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        self.model_service = model_service_pb2_grpc.ModelServiceStub(self.channel)
-
-    def wait_ready(self, timeout=120):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"gRPC server exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                self.status()
-                return self
-            except grpc.RpcError:  # not listening yet (the model loads first)
-                time.sleep(0.3)
-        raise AssertionError(f"gRPC server not ready after {timeout}s:\n{self.output()}")
-
-    def status(self, name=NAME, version=None, channel=None, timeout=5):
-        request = get_model_status_pb2.GetModelStatusRequest()
-        request.model_spec.name = name
-        if version is not None:
-            request.model_spec.version.value = version
-        stub = model_service_pb2_grpc.ModelServiceStub(channel) if channel else self.model_service
-        return stub.GetModelStatus(request, timeout=timeout)
-
-    def predict(self, images, name=NAME, version=None, shape=None, timeout=30, **spec):
-        return self.prediction.Predict(predict_request(images, name, version, shape, **spec), timeout=timeout)
-
-    def stop(self):
-        self.channel.close()
-        stop_process(self.process)
-        self.log.close()
-
-
-def predict_request(images, name=NAME, version=None, shape=None, signature_name=""):
-    """As inception_client.py builds it: encoded bytes in a string tensor under `images`."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature_name
-    if version is not None:
-        request.model_spec.version.value = version
-    if isinstance(images, bytes):
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images, shape=shape))
-    else:
-        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images, shape=shape or [len(images)]))
-    return request
 
 
 def sized_request(image, size):
@@ -96,12 +35,6 @@ def sized_request(image, size):
         padding += size - request.ByteSize()
         request = predict_request(image + bytes(padding))
     return request
-
-
-def rpc_error(call, *args, **kwargs):
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    return info.value
 
 
 def names_limit(details, limit):

@@ -24,7 +24,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import assert_same_answer, encode, png_bytes, read_labels, shape_image
+from helpers import assert_same_answer, classify, encode, png_bytes, read_labels, shape_image
 
 TIMEOUT = 60  # seconds, for every HTTP exchange
 GOOD = shape_image("red_circle", 1)
@@ -321,12 +321,6 @@ def worker_pids(server):
         return sorted(int(pid) for pid in f.read().split())
 
 
-def classify(url, data, target="/"):
-    response = requests.post(url + target, files={"data": ("image.jpg", data)}, timeout=TIMEOUT)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
 @pytest.fixture(scope="module")
 def reference(server):
     """The answer for GOOD, and the workers serving, before any hostile request."""
@@ -367,9 +361,9 @@ def test_hostile_upload_gets_its_status_and_the_next_request_its_answer(server, 
 
 def test_the_answers_of_odd_valid_images_are_sensible(server, reference):
     """A few checks beyond 'it classified': the top_k parsing the corpus relies on."""
-    assert len(classify(server.url, GOOD, "/?top_k=1&top_k=abc")) == 1
-    assert len(classify(server.url, GOOD, "/?top_k=%EF%BC%92")) == 2
-    assert len(classify(server.url, GOOD, "/?top_k=" + "9" * 4000)) == len(reference[0])
+    assert len(classify(server.url, GOOD, "?top_k=1&top_k=abc")) == 1
+    assert len(classify(server.url, GOOD, "?top_k=%EF%BC%92")) == 2
+    assert len(classify(server.url, GOOD, "?top_k=" + "9" * 4000)) == len(reference[0])
 
 
 def test_no_traceback_in_the_server_log_after_the_corpus(server):
@@ -635,7 +629,7 @@ def test_fuzz_is_bounded():
 def test_a_bad_setting_is_one_line_naming_the_variable(trained_model, command, name, value, expected):
     """Each process reads the settings once, at start (classify_server.settings): a bad value stops it
     with one line that names the variable, before any model is loaded."""
-    from conftest import ROOT
+    from helpers import ROOT
     env = dict(os.environ, MODEL_DIR=trained_model, **{name: value})
     result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)

@@ -11,7 +11,7 @@ import threading
 import pytest
 from PIL import Image
 
-from conftest import ROOT, assert_same_answer, encode, post_images, read_labels, shape_image
+from helpers import ROOT, assert_same_answer, encode, post_images, read_labels, shape_image
 
 
 @pytest.fixture(scope="module")

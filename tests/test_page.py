@@ -10,7 +10,7 @@ import shutil
 import pytest
 import requests
 
-from conftest import Server, read_labels, shape_image
+from helpers import Server, read_labels, shape_image
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

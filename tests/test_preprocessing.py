@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shape_image
+from helpers import shape_image
 from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 
 EXIF_ORIENTATION = 0x0112

@@ -20,9 +20,8 @@ import pytest
 import requests
 import tensorflow as tf
 
-from conftest import CLASSES, ROOT, Server, png_bytes, shape_image, write_colour_model
-from test_grpc import GrpcServer, rpc_error
-from test_stream import Broker, Collector, Stream
+from helpers import (CLASSES, ROOT, Broker, Collector, GrpcServer, Server, Stream, png_bytes, rpc_error, shape_image,
+                     write_colour_model)
 
 LABELS = list(CLASSES)
 ENV = {"MAX_PARTS": "2", "MAX_IMAGE_PIXELS": "1000000", "TOP_K": "3", "MODEL_POLL_SECONDS": "0"}

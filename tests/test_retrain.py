@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (CLASSES, FLOWERS, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain,
+from helpers import (CLASSES, FLOWERS, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain,
                       shape_image)
 from retrain import atomic
 from retrain.bottlenecks import cache_path, get_bottlenecks

@@ -19,8 +19,8 @@ import pytest
 import requests
 from PIL import Image, ImageOps
 
-from conftest import (CLASSES, ROOT, TEST_WEIGHTS, Server, assert_same_answer, encode, make_app, make_image_dir,
-                      png_bytes, post_images, read_labels, shape_image)
+from helpers import (CLASSES, ROOT, TEST_WEIGHTS, Server, assert_same_answer, classify, encode, make_app,
+                     make_image_dir, png_bytes, post, post_images, read_labels, shape_image)
 
 TIMEOUT = 60  # seconds, for every HTTP request
 # With random backbone weights, the model answers (almost) the same for every image.
@@ -32,17 +32,6 @@ needs_real_weights = pytest.mark.skipif(not SENSITIVE, reason="needs trained_mod
 def rgb_image(label="red_circle", seed=3, size=(96, 72)):
     """A generated image of class `label` as an RGB PIL image (lossless source)."""
     return Image.open(io.BytesIO(shape_image(label, seed, size, fmt="PNG"))).convert("RGB")
-
-
-def post(url, images, query="", session=requests):
-    return session.post(url + "/" + query, files=[("data", (f"image{i}", data)) for i, data in enumerate(images)],
-                        timeout=TIMEOUT)
-
-
-def classify(url, data, query="", session=requests):
-    response = post(url, [data], query, session)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def assert_answer(answer, labels, count=None):

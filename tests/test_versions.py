@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from classify_server import create_app
-from conftest import TEST_WEIGHTS, encode, shape_image
+from helpers import TEST_WEIGHTS, encode, shape_image
 
 IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
 
@@ -180,7 +180,7 @@ def test_saved_model_gives_the_graph_probabilities(tmp_path, image_dir):
     import tensorflow as tf
     from classify_server.inference import preprocess
     from classify_server.model import Classifier
-    from conftest import run_retrain
+    from helpers import run_retrain
     base = tmp_path / "models"
     # Real weights (when ../shared has them, as CI does): answers that depend on the image, so a broken
     # decode, crop or alpha step in the signature shows in its scores.

@@ -8,7 +8,6 @@ consumer (`Stream`).
 """
 import importlib.resources
 import io
-import json
 import os
 import pathlib
 import re
@@ -75,13 +74,16 @@ def write_colour_model(folder, labels=("red", "green", "blue"), sharpness=32.0):
     with graph.as_default():
         pixels = tf.compat.v1.placeholder(tf.float32, [None, 32, 32, 3], name="input")
         tf.nn.softmax(tf.reduce_mean(pixels, axis=[1, 2]) / sharpness, name="final_result")
+    return write_graph_model(folder, graph, labels)
+
+
+def write_graph_model(folder, graph, labels, size=32):
+    """A model folder (retrain.model_folder) of a tf.Graph taking [None, size, size, 3] at `input` and
+    answering at `final_result`, written as retrain writes one."""
+    from retrain import export, model_folder
     os.makedirs(folder)
-    with open(os.path.join(folder, "graph.pb"), "wb") as f:
-        f.write(graph.as_graph_def().SerializeToString())
-    with open(os.path.join(folder, "labels.txt"), "w") as f:
-        f.write("".join(label + "\n" for label in labels))
-    with open(os.path.join(folder, "model.json"), "w") as f:
-        json.dump({"input": "input:0", "output": "final_result:0", "input_height": 32, "input_width": 32}, f)
+    export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
+                       graph.as_graph_def(), size, list(labels), {})
     return str(folder)
 
 

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import requests
 
-from helpers import ROOT, TEST_WEIGHTS, Server, assert_same_answer, classify, make_image_dir, shape_image
+from helpers import (ROOT, TEST_WEIGHTS, Server, assert_same_answer, classify, make_image_dir, shape_image,
+                     write_graph_model)
 
 GOOD = shape_image("red_circle", 1)
 TIMEOUT = 30  # seconds, for one request under load
@@ -577,14 +578,7 @@ def write_sleepy_model(folder, warm_up_seconds, request_seconds, labels=("red", 
                                           output_types=[tf.float32], output_shapes=[shape])
         (out,) = tf.raw_ops.DatasetToSingleElement(dataset=dataset, output_types=[tf.float32], output_shapes=[shape])
         tf.identity(out, name="final_result")
-    os.makedirs(folder)
-    with open(os.path.join(folder, "graph.pb"), "wb") as f:
-        f.write(graph.as_graph_def().SerializeToString())
-    with open(os.path.join(folder, "labels.txt"), "w") as f:
-        f.write("".join(label + "\n" for label in labels))
-    with open(os.path.join(folder, "model.json"), "w") as f:
-        json.dump({"input": "input:0", "output": "final_result:0", "input_height": 32, "input_width": 32}, f)
-    return str(folder)
+    return write_graph_model(folder, graph, labels)
 
 
 def get_outcome(url, timeout):

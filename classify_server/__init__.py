@@ -4,7 +4,8 @@
 from the environment (classify_server.settings), the model versions loaded once
 (classify_server.versions, each an engine: classify_server.engine), the inference
 core over them (classify_server.inference), and one blueprint per concern:
-classification (api), TensorFlow Serving's REST API (tfserving_rest), health,
+classification (api), TensorFlow Serving's REST API (tfserving_rest), the Open
+Inference Protocol's (v2_rest), health,
 the browser page (page), users' corrections (feedback), metrics; HTTP's error
 statuses in one table (errors). README's "Architecture" draws the whole.
 """
@@ -46,7 +47,7 @@ def create_app(test_config=None, classifier=None):
         models = ModelManager.static(classifier)
     app.extensions["models"] = models
 
-    from classify_server import feedback, health, metrics, page, tfserving_rest
+    from classify_server import feedback, health, metrics, page, tfserving_rest, v2_rest
     app.extensions["inference"] = Inference(models, app.config, on_inference=metrics.INFERENCE.observe)
     metrics.init_app(app)
     errors.init_app(app)
@@ -56,6 +57,7 @@ def create_app(test_config=None, classifier=None):
     app.register_blueprint(health.bp)
     app.register_blueprint(page.bp)
     app.register_blueprint(tfserving_rest.bp)
+    app.register_blueprint(v2_rest.bp)
 
     @app.before_request
     def assign_request_id():

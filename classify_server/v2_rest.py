@@ -1,0 +1,216 @@
+"""The Open Inference Protocol ("V2": KServe, Triton, Seldon MLServer, OpenVINO Model Server) over REST,
+so that `tritonclient.http` and KServe's REST clients work here unchanged.
+
+    GET  /v2                                          server metadata and extensions
+    GET  /v2/health/live, /v2/health/ready            200 when live / when the model is loaded and warm
+    GET  /v2/models/<name>[/versions/<v>]             model metadata: inputs and outputs (-1: any size)
+    GET  /v2/models/<name>[/versions/<v>]/ready       200 when that model (version) answers
+    POST /v2/models/<name>[/versions/<v>]/infer       one BYTES input of encoded images, shape [N]
+
+Bytes in JSON are base64 strings, as KServe's image examples send them; with the binary tensor data
+extension (header Inference-Header-Content-Length, `binary_data_size` on the input) each element is a
+4-byte little-endian length, then its bytes. Outputs: `scores` FP32 [N, classes] and `labels` BYTES
+[classes]; `"binary_data": true` on a requested output answers it in binary, and Triton's
+classification extension (`"classification": K` on `scores`) answers BYTES [N, K] "score:index:label",
+best first. Errors are {"error": message, "code": code} (the core's code): 400 for a malformed
+tensor, 404 for a model or version not served, 413 over a limit; never 500 for what a client sent.
+"""
+import base64
+import binascii
+import json
+import struct
+
+import numpy as np
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from classify_server.api import classify
+from classify_server.inference import INVALID_INPUT, InferenceError
+
+bp = Blueprint("v2", __name__, url_prefix="/v2")
+
+INPUT = "images"
+OUTPUTS = ("scores", "labels")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+
+
+def _invalid(message):
+    raise InferenceError(INVALID_INPUT, message)
+
+
+@bp.get("")
+def server_metadata():
+    return jsonify(name="classify-service", version="1", extensions=EXTENSIONS)
+
+
+@bp.get("/health/live")
+def live():
+    return jsonify(live=True)
+
+
+@bp.get("/health/ready")
+def ready():
+    models = current_app.extensions["models"]
+    is_ready = models.current is not None and models.current.engine.ready
+    return jsonify(ready=is_ready), 200 if is_ready else 503
+
+
+@bp.get("/models/<name>")
+@bp.get("/models/<name>/versions/<int:version>")
+def model_metadata(name, version=None):
+    with current_app.extensions["inference"].servable(name, version) as servable:
+        classes = len(servable.engine.labels)
+        return jsonify(name=name, versions=[str(servable.version)], platform="tensorflow_graphdef",
+                       inputs=[{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+                       outputs=[{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
+                                {"name": "labels", "datatype": "BYTES", "shape": [classes]}])
+
+
+@bp.get("/models/<name>/ready")
+@bp.get("/models/<name>/versions/<int:version>/ready")
+def model_ready(name, version=None):
+    with current_app.extensions["inference"].servable(name, version):
+        return jsonify(name=name, ready=True)
+
+
+@bp.post("/models/<name>/infer")
+@bp.post("/models/<name>/versions/<int:version>/infer")
+def infer(name, version=None):
+    with current_app.extensions["inference"].servable(name, version):
+        pass  # an unknown model or version is a 404 before anything else is read
+    header, binary = _split_body()
+    images, wanted = _parse(header, binary)
+    prediction = classify(images, name, version)
+    request_parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
+    all_binary = request_parameters.get("binary_data_output") is True  # tritonclient asks so when it names none
+    outputs, chunks = [], []
+    for output_name, parameters in wanted:
+        output = _output(output_name, parameters, prediction)
+        if parameters.get("binary_data", all_binary) is True:
+            chunk = _encode_binary(output.pop("data"), output["datatype"])
+            output["parameters"] = {"binary_data_size": len(chunk)}
+            chunks.append(chunk)
+        outputs.append(output)
+    answer = {"model_name": name, "model_version": str(prediction.version), "outputs": outputs}
+    if isinstance(header.get("id"), str):
+        answer["id"] = header["id"]
+    if not chunks:
+        return jsonify(answer)
+    head = json.dumps(answer, separators=(",", ":")).encode()
+    return Response(head + b"".join(chunks), content_type="application/octet-stream",
+                    headers={HEADER_LENGTH: str(len(head))})
+
+
+def _split_body():
+    """(the JSON inference header, the binary data after it)."""
+    body = request.get_data(cache=False)
+    length = request.headers.get(HEADER_LENGTH)
+    if length is None:
+        head, binary = body, b""
+    else:
+        if not length.isdigit() or int(length) > len(body):
+            _invalid(f"{HEADER_LENGTH} must be a length within the body ({len(body)} bytes), got {length[:40]!r}")
+        head, binary = body[:int(length)], body[int(length):]
+    try:
+        header = json.loads(head)
+    except (ValueError, RecursionError) as exc:  # nesting deeper than the parser's stack is a bad request too
+        _invalid(f"the inference request is not valid JSON: {type(exc).__name__}")
+    if not isinstance(header, dict):
+        _invalid("the inference request must be a JSON object with \"inputs\"")
+    return header, binary
+
+
+def _parse(header, binary):
+    """(encoded images, [(output name, its parameters)]) of a V2 inference request."""
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        _invalid(f"expected one input, \"{INPUT}\": a BYTES tensor of encoded images")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT:
+        _invalid(f"unknown input {str(tensor.get('name'))[:40]!r}: the model's input is \"{INPUT}\"")
+    if tensor.get("datatype") != "BYTES":
+        _invalid(f"input \"{INPUT}\" must be BYTES (encoded images), got {str(tensor.get('datatype'))[:20]}")
+    shape = tensor.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
+        _invalid(f"input \"{INPUT}\" must have shape [N], got {str(shape)[:40]}")
+    current_app.extensions["inference"].check_count(shape[0])  # before reading any element
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        _invalid("input parameters must be a JSON object")
+    if "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+            _invalid(f"binary_data_size {str(size)[:20]} is not within the {len(binary)} bytes after the header")
+        if size != len(binary):
+            _invalid(f"binary_data_size {size} does not match the {len(binary)} bytes after the header")
+        images = _decode_binary(binary)
+    else:
+        data = tensor.get("data")
+        if not isinstance(data, list):
+            _invalid(f"input \"{INPUT}\" has no data: base64 strings in \"data\", or binary_data_size")
+        images = [_b64(item, i) for i, item in enumerate(data)]
+    if len(images) != shape[0]:
+        _invalid(f"input \"{INPUT}\" has shape [{shape[0]}] but {len(images)} elements")
+    return images, _wanted(header.get("outputs"))
+
+
+def _b64(item, i):
+    if not isinstance(item, str):
+        _invalid(f"element {i} of \"{INPUT}\" must be a base64 string")
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError):
+        _invalid(f"element {i} of \"{INPUT}\" is not valid base64")
+
+
+def _decode_binary(data):
+    """BYTES elements in the binary extension's layout: a 4-byte little-endian length, then the bytes."""
+    elements, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            _invalid("binary data ends inside an element's 4-byte length")
+        (size,) = struct.unpack_from("<I", data, at)
+        if at + 4 + size > len(data):
+            _invalid(f"binary element {len(elements)} declares {size} bytes, past the end of the data")
+        elements.append(data[at + 4:at + 4 + size])
+        at += 4 + size
+    return elements
+
+
+def _wanted(requested):
+    """[(output name, parameters)]: those requested, or all of them."""
+    if requested is None:
+        return [(name, {}) for name in OUTPUTS]
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+        _invalid("\"outputs\" must be a list of objects with a \"name\"")
+    wanted = []
+    for output in requested:
+        if output.get("name") not in OUTPUTS:
+            _invalid(f"unknown output {str(output.get('name'))[:40]!r}: the outputs are {', '.join(OUTPUTS)}")
+        parameters = output.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            _invalid("output parameters must be a JSON object")
+        wanted.append((output["name"], parameters))
+    return wanted
+
+
+def _output(name, parameters, prediction):
+    rows, classes = prediction.scores.shape
+    k = parameters.get("classification")
+    if k is not None:
+        if name != "scores" or not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            _invalid("\"classification\" takes a positive number of classes, on the \"scores\" output")
+        k = min(k, classes)
+        order = np.argsort(-prediction.scores, axis=1)[:, :k]
+        data = [f"{prediction.scores[r, i]:f}:{i}:{prediction.labels[i]}" for r in range(rows) for i in order[r]]
+        return {"name": name, "datatype": "BYTES", "shape": [rows, k], "data": data}
+    if name == "scores":
+        return {"name": name, "datatype": "FP32", "shape": [rows, classes],
+                "data": prediction.scores.astype(np.float32).ravel().tolist()}
+    return {"name": name, "datatype": "BYTES", "shape": [classes], "data": list(prediction.labels)}
+
+
+def _encode_binary(data, datatype):
+    if datatype == "FP32":
+        return np.asarray(data, dtype="<f4").tobytes()
+    return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode("utf-8") for s in data))

@@ -2,10 +2,11 @@
 
 Every protocol is a thin adapter over the inference core (classify_server.inference), so an image
 must get the same scores (within 1e-6) through multipart POST /, TF Serving REST :predict and
-:classify, TF Serving gRPC Predict, the Kafka stream consumer and the label_image CLI; and each bad
-input must get the same code everywhere, as each protocol's own status (HTTP status and JSON "code",
-gRPC status, the dead-letter headers, the CLI's exit status and JSON "code"). Real processes, each on
-a loopback port, with the colour model (fast, and its scores depend on the image).
+:classify, the V2 protocol's infer, TF Serving gRPC Predict, the Kafka stream consumer and the
+label_image CLI; and each bad input must get the same code everywhere, as each protocol's own status
+(HTTP status and JSON "code", gRPC status, the dead-letter headers, the CLI's exit status and JSON
+"code"). Real processes, each on a loopback port, with the colour model (fast, and its scores depend
+on the image).
 """
 import base64
 import json
@@ -75,6 +76,13 @@ def rest(http, images, path="model"):
                          timeout=30)
 
 
+def v2(http, images, path="model"):
+    """The Open Inference Protocol's infer, JSON with base64 images."""
+    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(images)],
+                        "data": [base64.b64encode(d).decode() for d in images]}]}
+    return requests.post(f"{http.url}/v2/models/{path}/infer", json=body, timeout=30)
+
+
 def label_image(model, paths):
     """label_image's stdin mode: one JSON line per path, full-precision scores."""
     result = subprocess.run([sys.executable, "-m", "classify_server.label_image", "--graph",
@@ -113,6 +121,7 @@ def test_the_same_image_gets_the_same_scores_through_every_protocol(model, http,
     classified = requests.post(http.url + "/v1/models/model:classify", json={"examples": [{"images": b64(GOOD)}]},
                                timeout=30).json()["result"][0]
     scores["rest :classify"] = [dict(classified)[label] for label in LABELS]
+    scores["v2 infer"] = next(o for o in v2(http, [GOOD]).json()["outputs"] if o["name"] == "scores")["data"]
     scores["grpc Predict"] = tf.make_ndarray(grpc_server.predict([GOOD]).outputs["scores"])[0].tolist()
     (tmp_path / "good.jpg").write_bytes(GOOD)
     status, lines, stderr = label_image(model, [str(tmp_path / "good.jpg")])
@@ -163,6 +172,8 @@ def test_the_same_bad_inputs_get_the_same_codes_through_every_protocol(model, ht
         assert (r.status_code, r.json()["code"]) == (http_status, code), ("multipart", code, r.text)
         r = rest(http, *case["rest"])
         assert (r.status_code, r.json()["code"]) == (http_status, code), ("rest", code, r.text)
+        r = v2(http, *case["rest"])  # the same model paths: NAME[/versions/V]
+        assert (r.status_code, r.json()["code"]) == (http_status, code), ("v2", code, r.text)
         images, spec = case["grpc"]
         assert rpc_error(grpc_server.predict, images, **spec).code() == grpc_status, ("grpc", code)
         if code in one_per:

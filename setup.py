@@ -11,6 +11,9 @@ setup(
         "tensorflow>=2.16,<2.22",
         "tensorflow-serving-api>=2.16,<2.22",  # each release requires the tensorflow of its own version
         "grpcio>=1.60",
+        "grpcio-health-checking",  # grpc.health.v1 on the gRPC server
+        "grpcio-reflection",  # so grpcurl lists and calls its services
+        "tritonclient[grpc]",  # the Open Inference Protocol's generated gRPC service code
         "flask>=3.0",
         "gunicorn>=22",
         "pillow>=10.1",

@@ -6,6 +6,11 @@
     PredictionService.GetModelMetadata  metadata_field ["signature_def"] -> a SignatureDefMap in an Any
     ModelService.GetModelStatus         model_version_status: version, state, status
 
+The same port also serves the Open Inference Protocol's `inference.GRPCInferenceService`
+(classify_server.v2_grpc), `grpc.health.v1.Health` (SERVING once listening, with the model loaded
+and warm; NOT_SERVING from the stop signal on; per service name and for "") and server
+reflection (grpcurl lists and calls every service).
+
 The model is loaded, versioned and hot-reloaded exactly as for the HTTP server
 (classify_server.versions.load_models: MODEL_DIR, MODEL_NAME, MODEL_POLL_SECONDS...), every
 request goes through the inference core (classify_server.inference), and the signature is the
@@ -37,10 +42,15 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,  # noqa: E402
-                                     predict_pb2, prediction_service_pb2_grpc, status_pb2)
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2,  # noqa: E402
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
+                                     prediction_service_pb2_grpc, status_pb2)
 
-from classify_server import inference, settings  # noqa: E402
+from grpc_health.v1 import health as health_lib  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+from grpc_reflection.v1alpha import reflection  # noqa: E402
+
+from classify_server import inference, settings, v2_grpc  # noqa: E402
 from classify_server.inference import INVALID_INPUT, Inference, InferenceError  # noqa: E402
 from classify_server.engine import ModelLoadError  # noqa: E402
 from classify_server.tfserving_rest import INPUT_KEY, signature_def  # noqa: E402
@@ -104,18 +114,29 @@ class _Abort(Exception):
         self.code, self.message = code, message
 
 
-def _rpc(method):
-    """Turn _Abort into its status, and any other exception into INTERNAL (logged)."""
-    def wrapper(self, request, context):
+def rpc(call, name=None):
+    """call(request, context) with the core's errors as their gRPC statuses (GRPC_STATUS), _Abort as its
+    own, and anything else as INTERNAL (logged): what every RPC of the gRPC server goes through."""
+    name = name or call.__name__
+
+    def wrapper(request, context):
         try:
-            return method(self, request, context)
+            return call(request, context)
         except InferenceError as exc:
             context.abort(GRPC_STATUS[exc.code], exc.message)
         except _Abort as exc:
             context.abort(exc.code, exc.message)
         except Exception:
-            log.exception("gRPC %s failed", method.__name__)
+            log.exception("gRPC %s failed", name)
             context.abort(grpc.StatusCode.INTERNAL, "internal error; the server log has the details")
+    wrapper.__name__ = name
+    return wrapper
+
+
+def _rpc(method):
+    """rpc() for a method of the servicer below."""
+    def wrapper(self, request, context):
+        return rpc(lambda r, c: method(self, r, c), method.__name__)(request, context)
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -206,7 +227,23 @@ def make_server(core, max_message_bytes, threads=4):
     servicer = Servicer(core)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
+    services = [prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+                model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+                v2_grpc.add_to_server(core, rpc, server)]
+    # grpc.health.v1.Health, per service name and for the server (""): SERVING once started with a model
+    # loaded and warm (main loads before it listens), NOT_SERVING from the stop signal on.
+    health = health_lib.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                                    reflection.SERVICE_NAME], server)
+    server.health, server.services = health, services
     return server
+
+
+def set_health(server, status):
+    """Every service's health, and the server's (the empty name), to `status` (a ServingStatus)."""
+    for name in ["", *server.services]:
+        server.health.set(name, status)
 
 
 def main(argv=None):
@@ -246,11 +283,13 @@ def main(argv=None):
             server.stop(0)
             return
         log.info("%s: finishing requests in flight (up to %ss), then stopping", signal.Signals(signum).name, grace)
+        set_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
         stopping.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
+    set_health(server, health_pb2.HealthCheckResponse.SERVING)
     log.info("gRPC (TensorFlow Serving API) listening on %s:%s, model %r version %s from %s, %s threads",
              args.host, port, config["MODEL_NAME"], models.current.version, config["MODEL_DIR"], threads)
     while not stopping.wait(1):

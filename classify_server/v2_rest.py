@@ -18,20 +18,17 @@ tensor, 404 for a model or version not served, 413 over a limit; never 500 for w
 import base64
 import binascii
 import json
-import struct
 
-import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from classify_server import v2_tensors
 from classify_server.api import classify
 from classify_server.inference import INVALID_INPUT, InferenceError
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
 
-INPUT = "images"
-OUTPUTS = ("scores", "labels")
+INPUT = v2_tensors.INPUT
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ["binary_tensor_data", "classification"]
 
 
 def _invalid(message):
@@ -40,7 +37,7 @@ def _invalid(message):
 
 @bp.get("")
 def server_metadata():
-    return jsonify(name="classify-service", version="1", extensions=EXTENSIONS)
+    return jsonify(name=v2_tensors.SERVER, version="1", extensions=v2_tensors.EXTENSIONS)
 
 
 @bp.get("/health/live")
@@ -59,11 +56,7 @@ def ready():
 @bp.get("/models/<name>/versions/<int:version>")
 def model_metadata(name, version=None):
     with current_app.extensions["inference"].servable(name, version) as servable:
-        classes = len(servable.engine.labels)
-        return jsonify(name=name, versions=[str(servable.version)], platform="tensorflow_graphdef",
-                       inputs=[{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
-                       outputs=[{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
-                                {"name": "labels", "datatype": "BYTES", "shape": [classes]}])
+        return jsonify(v2_tensors.model_metadata(name, servable))
 
 
 @bp.get("/models/<name>/ready")
@@ -85,9 +78,9 @@ def infer(name, version=None):
     all_binary = request_parameters.get("binary_data_output") is True  # tritonclient asks so when it names none
     outputs, chunks = [], []
     for output_name, parameters in wanted:
-        output = _output(output_name, parameters, prediction)
+        output = v2_tensors.output(output_name, parameters, prediction)
         if parameters.get("binary_data", all_binary) is True:
-            chunk = _encode_binary(output.pop("data"), output["datatype"])
+            chunk = v2_tensors.encode(output.pop("data"), output["datatype"])
             output["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         outputs.append(output)
@@ -126,14 +119,8 @@ def _parse(header, binary):
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         _invalid(f"expected one input, \"{INPUT}\": a BYTES tensor of encoded images")
     tensor = inputs[0]
-    if tensor.get("name") != INPUT:
-        _invalid(f"unknown input {str(tensor.get('name'))[:40]!r}: the model's input is \"{INPUT}\"")
-    if tensor.get("datatype") != "BYTES":
-        _invalid(f"input \"{INPUT}\" must be BYTES (encoded images), got {str(tensor.get('datatype'))[:20]}")
     shape = tensor.get("shape")
-    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
-        _invalid(f"input \"{INPUT}\" must have shape [N], got {str(shape)[:40]}")
-    current_app.extensions["inference"].check_count(shape[0])  # before reading any element
+    v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, current_app.extensions["inference"])
     parameters = tensor.get("parameters") or {}
     if not isinstance(parameters, dict):
         _invalid("input parameters must be a JSON object")
@@ -143,7 +130,7 @@ def _parse(header, binary):
             _invalid(f"binary_data_size {str(size)[:20]} is not within the {len(binary)} bytes after the header")
         if size != len(binary):
             _invalid(f"binary_data_size {size} does not match the {len(binary)} bytes after the header")
-        images = _decode_binary(binary)
+        images = v2_tensors.decode_bytes(binary)
     else:
         data = tensor.get("data")
         if not isinstance(data, list):
@@ -163,54 +150,10 @@ def _b64(item, i):
         _invalid(f"element {i} of \"{INPUT}\" is not valid base64")
 
 
-def _decode_binary(data):
-    """BYTES elements in the binary extension's layout: a 4-byte little-endian length, then the bytes."""
-    elements, at = [], 0
-    while at < len(data):
-        if at + 4 > len(data):
-            _invalid("binary data ends inside an element's 4-byte length")
-        (size,) = struct.unpack_from("<I", data, at)
-        if at + 4 + size > len(data):
-            _invalid(f"binary element {len(elements)} declares {size} bytes, past the end of the data")
-        elements.append(data[at + 4:at + 4 + size])
-        at += 4 + size
-    return elements
-
-
 def _wanted(requested):
     """[(output name, parameters)]: those requested, or all of them."""
     if requested is None:
-        return [(name, {}) for name in OUTPUTS]
+        return v2_tensors.wanted(None)
     if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
         _invalid("\"outputs\" must be a list of objects with a \"name\"")
-    wanted = []
-    for output in requested:
-        if output.get("name") not in OUTPUTS:
-            _invalid(f"unknown output {str(output.get('name'))[:40]!r}: the outputs are {', '.join(OUTPUTS)}")
-        parameters = output.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            _invalid("output parameters must be a JSON object")
-        wanted.append((output["name"], parameters))
-    return wanted
-
-
-def _output(name, parameters, prediction):
-    rows, classes = prediction.scores.shape
-    k = parameters.get("classification")
-    if k is not None:
-        if name != "scores" or not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            _invalid("\"classification\" takes a positive number of classes, on the \"scores\" output")
-        k = min(k, classes)
-        order = np.argsort(-prediction.scores, axis=1)[:, :k]
-        data = [f"{prediction.scores[r, i]:f}:{i}:{prediction.labels[i]}" for r in range(rows) for i in order[r]]
-        return {"name": name, "datatype": "BYTES", "shape": [rows, k], "data": data}
-    if name == "scores":
-        return {"name": name, "datatype": "FP32", "shape": [rows, classes],
-                "data": prediction.scores.astype(np.float32).ravel().tolist()}
-    return {"name": name, "datatype": "BYTES", "shape": [classes], "data": list(prediction.labels)}
-
-
-def _encode_binary(data, datatype):
-    if datatype == "FP32":
-        return np.asarray(data, dtype="<f4").tobytes()
-    return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode("utf-8") for s in data))
+    return v2_tensors.wanted([(o.get("name"), o.get("parameters") or {}) for o in requested])

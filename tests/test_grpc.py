@@ -431,3 +431,55 @@ def test_sigterm_stops_waiting_for_a_request_at_graceful_timeout(start_grpc, col
                              f"{s.output()}") from None
     assert time.monotonic() - signalled < min(grace, 1) + 5
     assert slow_predict.events() == [("enter", 1)]  # exited without waiting for the predict to end
+
+
+# --- the Open Inference Protocol (V2), health and reflection on the same port ------------------------
+
+def test_v2_grpc_through_tritonclient(server, flask_app):
+    """tritonclient.grpc against the same port: readiness, metadata, infer (binary), classification, errors."""
+    tritongrpc = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]: pip install -e '.[test]'")
+    from tritonclient.utils import InferenceServerException
+    client = tritongrpc.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
+        assert not client.is_model_ready("other") and not client.is_model_ready(NAME, "7")
+        assert "classification" in client.get_server_metadata().extensions
+        meta = client.get_model_metadata(NAME, as_json=True)
+        assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": ["-1"]}]
+        images = tritongrpc.InferInput("images", [len(IMAGES)], "BYTES")
+        images.set_data_from_numpy(np.array(IMAGES, dtype=np.object_))
+        result = client.infer(NAME, [images])
+        scores = result.as_numpy("scores")
+        http = flask_app.test_client().post(f"/v1/models/{NAME}:predict",
+                                            json={"instances": [{"b64": base64.b64encode(d).decode()} for d in IMAGES]})
+        np.testing.assert_allclose(scores, http.get_json()["predictions"], atol=1e-5, rtol=0)
+        labels = [label.decode() for label in result.as_numpy("labels")]
+        top = client.infer(NAME, [images], outputs=[tritongrpc.InferRequestedOutput("scores", class_count=1)])
+        assert [row[0].decode().split(":")[2] for row in top.as_numpy("scores")] == \
+            [labels[i] for i in np.argmax(scores, axis=1)]
+        for call, code in [(lambda: client.infer("other", [images]), grpc.StatusCode.NOT_FOUND),
+                           (lambda: client.infer(NAME, [images], model_version="7"), grpc.StatusCode.NOT_FOUND)]:
+            with pytest.raises(InferenceServerException) as info:
+                call()
+            assert info.value.status() == str(code), info.value
+        bad = tritongrpc.InferInput("images", [1], "BYTES")
+        bad.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(NAME, [bad])
+        assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT) and "readable" in info.value.message()
+    finally:
+        client.close()
+
+
+def test_health_and_reflection(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    health = health_pb2_grpc.HealthStub(server.channel)
+    for service in ("", "tensorflow.serving.PredictionService", "inference.GRPCInferenceService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING, service
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel)
+    answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    listed = {s.name for answer in answers for s in answer.list_services_response.service}
+    assert {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+            "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= listed

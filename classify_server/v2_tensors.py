@@ -1,0 +1,86 @@
+"""The Open Inference Protocol's tensors for this model, shared by its REST and gRPC adapters:
+the input and outputs, the metadata, the BYTES layout of the binary extension, and each output's
+data (Triton's classification extension included)."""
+import struct
+
+import numpy as np
+
+from classify_server.inference import INVALID_INPUT, InferenceError
+
+SERVER = "classify-service"
+INPUT = "images"
+OUTPUTS = ("scores", "labels")
+EXTENSIONS = ["binary_tensor_data", "classification"]
+
+
+def _invalid(message):
+    raise InferenceError(INVALID_INPUT, message)
+
+
+def model_metadata(name, servable):
+    classes = len(servable.engine.labels)
+    return {"name": name, "versions": [str(servable.version)], "platform": "tensorflow_graphdef",
+            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
+                        {"name": "labels", "datatype": "BYTES", "shape": [classes]}]}
+
+
+def check_input(name, datatype, shape, core):
+    """Raise unless this is the model's input: BYTES `images` of shape [N], N within the core's limit."""
+    if name != INPUT:
+        _invalid(f"unknown input {str(name)[:40]!r}: the model's input is \"{INPUT}\"")
+    if datatype != "BYTES":
+        _invalid(f"input \"{INPUT}\" must be BYTES (encoded images), got {str(datatype)[:20]}")
+    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
+        _invalid(f"input \"{INPUT}\" must have shape [N], got {str(shape)[:40]}")
+    core.check_count(shape[0])  # before reading any element
+
+
+def decode_bytes(data):
+    """BYTES elements in the binary layout: a 4-byte little-endian length, then the bytes."""
+    elements, at = [], 0
+    while at < len(data):
+        if at + 4 > len(data):
+            _invalid("binary data ends inside an element's 4-byte length")
+        (size,) = struct.unpack_from("<I", data, at)
+        if at + 4 + size > len(data):
+            _invalid(f"binary element {len(elements)} declares {size} bytes, past the end of the data")
+        elements.append(data[at + 4:at + 4 + size])
+        at += 4 + size
+    return elements
+
+
+def wanted(requested):
+    """[(output name, parameters)] of requested [(name, parameters)], checked; all outputs when None."""
+    if requested is None:
+        return [(name, {}) for name in OUTPUTS]
+    for name, parameters in requested:
+        if name not in OUTPUTS:
+            _invalid(f"unknown output {str(name)[:40]!r}: the outputs are {', '.join(OUTPUTS)}")
+        if not isinstance(parameters, dict):
+            _invalid("output parameters must be a JSON object")
+    return requested
+
+
+def output(name, parameters, prediction):
+    """{"name", "datatype", "shape", "data"} of one output."""
+    rows, classes = prediction.scores.shape
+    k = parameters.get("classification")
+    if k is not None:
+        if name != "scores" or not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            _invalid("\"classification\" takes a positive number of classes, on the \"scores\" output")
+        k = min(k, classes)
+        order = np.argsort(-prediction.scores, axis=1)[:, :k]
+        data = [f"{prediction.scores[r, i]:f}:{i}:{prediction.labels[i]}" for r in range(rows) for i in order[r]]
+        return {"name": name, "datatype": "BYTES", "shape": [rows, k], "data": data}
+    if name == "scores":
+        return {"name": name, "datatype": "FP32", "shape": [rows, classes],
+                "data": prediction.scores.astype(np.float32).ravel().tolist()}
+    return {"name": name, "datatype": "BYTES", "shape": [classes], "data": list(prediction.labels)}
+
+
+def encode(data, datatype):
+    """An output's data in the binary layout (FP32 little-endian; BYTES length-prefixed)."""
+    if datatype == "FP32":
+        return np.asarray(data, dtype="<f4").tobytes()
+    return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode("utf-8") for s in data))

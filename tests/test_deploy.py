@@ -623,3 +623,53 @@ def test_cluster_stops_cleanly(cluster):
             requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
     assert "stopped" in cluster.output()
     print(f"stopped in {elapsed:.1f} s")
+
+
+# --- KServe ---------------------------------------------------------------------------------------------
+
+def kserve_manifests():
+    yaml = pytest.importorskip("yaml", reason="needs PyYAML (comes with kubernetes-validate)")
+    docs = {}
+    for path in sorted(glob.glob(os.path.join(K8S, "kserve", "*.yaml"))):
+        with open(path, encoding="utf-8") as f:
+            docs.update({doc["kind"]: doc for doc in yaml.safe_load_all(f) if doc})
+    return docs
+
+
+def test_kserve_runtime_container_matches_the_kubernetes_schemas():
+    """KServe's CRDs have no schema here; the runtime's container is a Kubernetes Container, validated as one."""
+    kv = kubernetes_validate()
+    from kubernetes_validate.utils import latest_version
+    docs = kserve_manifests()
+    assert set(docs) == {"ServingRuntime", "InferenceService"}
+    assert docs["ServingRuntime"]["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert docs["InferenceService"]["apiVersion"] == "serving.kserve.io/v1beta1"
+    (container,) = docs["ServingRuntime"]["spec"]["containers"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kserve-runtime"},
+           "spec": {"containers": [container]}}
+    kv.validate(pod, latest_version(), strict=True)
+
+
+def test_kserve_runtime_agrees_with_the_deployment_and_the_server(flask_app):
+    docs = kserve_manifests()
+    runtime, service = docs["ServingRuntime"], docs["InferenceService"]
+    (container,) = runtime["spec"]["containers"]
+    deployment = by_kind()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == deployment["image"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    port = int(env["PORT"])
+    assert [p["containerPort"] for p in container["ports"]] == [port] == [8080]  # KServe's port
+    assert env["MODEL_DIR"] == "/mnt/models"  # where KServe's storage initializer puts storageUri
+    assert container["command"][:2] == ["gunicorn", "classify_server:app"]
+    assert "MODEL_NAME={{.Name}}" in container["command"]  # KServe's model name, the V2 paths' <name>
+    for name in ("WEB_CONCURRENCY", "THREADS", "TF_INTRA_OP_THREADS", "TF_INTER_OP_THREADS"):
+        assert env[name] == {e["name"]: e["value"] for e in deployment["env"]}[name], name
+    assert container["resources"] == deployment["resources"]
+    client = flask_app.test_client()
+    for probe in ("readinessProbe", "livenessProbe"):
+        http = container[probe]["httpGet"]
+        assert http["port"] == port and client.get(http["path"]).status_code == 200, (probe, http)
+    model = service["spec"]["predictor"]["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in [f["name"] for f in runtime["spec"]["supportedModelFormats"]]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]

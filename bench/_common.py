@@ -324,3 +324,28 @@ def make_model(work, architecture, steps, env=None):
     if code != 0:
         raise SystemExit("retrain failed:\n" + "\n".join(line for _, _, line in lines[-30:]))
     return out
+
+
+def start_gunicorn(cwd, env, log_path, timeout=180):
+    """`gunicorn classify_server:app` from `cwd` (its code and gunicorn.conf.py) on a free loopback port,
+    its output in `log_path`: (process, port), once /readyz answers 200."""
+    import http.client
+    port = free_port()
+    with open(log_path, "wb") as log:
+        process = start([sys.executable, "-m", "gunicorn", "classify_server:app", "-b", f"127.0.0.1:{port}"],
+                        cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return process, port
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        if process.poll() is not None or time.monotonic() > deadline:
+            with open(log_path, errors="replace") as f:
+                raise SystemExit(f"gunicorn from {cwd} did not start:\n{f.read()[-3000:]}")
+        time.sleep(0.5)

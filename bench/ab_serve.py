@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
@@ -45,20 +44,10 @@ def checkout(commit, folder):
 
 
 def serve(checkout_dir, model_dir, log_path):
-    """gunicorn from `checkout_dir` (its code, its gunicorn.conf.py): (process, port), ready."""
-    port = C.free_port()
+    """gunicorn from `checkout_dir` (its code, its gunicorn.conf.py), ready: its port."""
     env = serve_bench.caller_env()
     env.update(MODEL_DIR=model_dir, MODEL_POLL_SECONDS="0", ACCESS_LOG="")
-    with open(log_path, "wb") as log:
-        process = C.start([sys.executable, "-m", "gunicorn", "classify_server:app", "-b", f"127.0.0.1:{port}"],
-                          cwd=checkout_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while serve_bench.get_status(port, "/readyz") != 200:
-        if process.poll() is not None or time.monotonic() > deadline:
-            with open(log_path, errors="replace") as f:
-                raise SystemExit(f"server from {checkout_dir} did not start:\n{f.read()[-3000:]}")
-        time.sleep(0.5)
-    return process, port
+    return C.start_gunicorn(checkout_dir, env, log_path)[1]
 
 
 def main(argv=None):
@@ -73,7 +62,7 @@ def main(argv=None):
         model_dir = C.make_model(work, flags.architecture, 200)
         image = flags.image or serve_bench.default_image()
         _, lua = serve_bench.write_body(image, work)
-        ports = {side: serve(folder, model_dir, os.path.join(work, f"{side}.log"))[1]
+        ports = {side: serve(folder, model_dir, os.path.join(work, f"{side}.log"))
                  for side, (folder, _) in trees.items()}
         for side, port in ports.items():  # warm both: first runs of each shape, connection set-up
             serve_bench.wrk(f"http://127.0.0.1:{port}/", lua, max(concurrency), 3)

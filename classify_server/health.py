@@ -12,6 +12,6 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     models = current_app.extensions["models"]
-    if models.current is None or not models.current.engine.ready:
+    if not models.ready:
         return jsonify(status="loading"), 503
     return jsonify(status="ready", version=models.current.version)

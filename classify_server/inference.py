@@ -87,7 +87,7 @@ class Inference:
                                                   f"this server serves {self.name!r}")
         if label is not None:
             raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
-        if self.models.current is None or not self.models.current.engine.ready:
+        if not self.models.ready:
             raise InferenceError(NOT_READY, "the model is still loading; retry shortly")
         with self.models.acquire() as servable:
             if version is not None and version != servable.version:

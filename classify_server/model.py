@@ -18,9 +18,6 @@ from classify_server.batching import Batcher
 from classify_server.engine import InputSpec, ModelLoadError
 from retrain import model_folder
 
-CLASSIC_INPUT = "DecodeJpeg/contents:0"
-
-
 def _tensor_name(name):
     return name if ":" in name else name + ":0"
 

@@ -24,8 +24,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerLiveResponse(live=True)
 
     def ServerReady(self, request, context):
-        models = self.core.models
-        return service_pb2.ServerReadyResponse(ready=models.current is not None and models.current.engine.ready)
+        return service_pb2.ServerReadyResponse(ready=self.core.models.ready)
 
     def ModelReady(self, request, context):
         try:

@@ -47,8 +47,7 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
-    models = current_app.extensions["models"]
-    is_ready = models.current is not None and models.current.engine.ready
+    is_ready = current_app.extensions["models"].ready
     return jsonify(ready=is_ready), 200 if is_ready else 503
 
 

@@ -14,8 +14,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from classify_server import engine
-from classify_server.engine import ModelLoadError
+from classify_server.engine import ModelLoadError, load
 from retrain import model_folder
 
 log = logging.getLogger("classify_server")
@@ -50,6 +49,11 @@ class ModelManager:
                 errors.append(str(exc))
         if self.current is None:
             raise ModelLoadError("; ".join(errors) or f"no model in {model_dir}")
+
+    @property
+    def ready(self):
+        """Whether a version is loaded and warmed up: what every readiness probe asks."""
+        return self.current is not None and self.current.engine.ready
 
     @classmethod
     def static(cls, engine, version=1):
@@ -140,6 +144,6 @@ def load_models(config):
 
     Shared by the HTTP app, the gRPC server and the Kafka consumer, so all load and version alike.
     """
-    models = ModelManager(config["MODEL_DIR"], lambda folder: engine.load(folder, config), config["MODEL_POLL_SECONDS"])
+    models = ModelManager(config["MODEL_DIR"], lambda folder: load(folder, config), config["MODEL_POLL_SECONDS"])
     models.start_polling()
     return models

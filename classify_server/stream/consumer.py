@@ -5,6 +5,7 @@ import logging
 import threading
 import time
 
+from classify_server import inference
 from classify_server.inference import CODES, InferenceError, check_size
 from classify_server.stream.engines import RemoteUnavailable
 
@@ -13,15 +14,15 @@ log = logging.getLogger("classify_server.stream")
 
 # The dead-letter `error.type` of each inference error code (the names this header has always had).
 DEAD_LETTER_TYPE = {
-    "empty_image": "EmptyMessage",
-    "request_too_large": "MessageTooLarge",
-    "invalid_image": "InvalidImage",
-    "image_too_large": "ImageTooLarge",
-    "invalid_input": "InvalidInput",
-    "too_many_images": "TooManyImages",
-    "model_not_found": "ModelNotFound",
-    "version_not_served": "VersionNotServed",
-    "not_ready": "NotReady",
+    inference.EMPTY_IMAGE: "EmptyMessage",
+    inference.REQUEST_TOO_LARGE: "MessageTooLarge",
+    inference.INVALID_IMAGE: "InvalidImage",
+    inference.IMAGE_TOO_LARGE: "ImageTooLarge",
+    inference.INVALID_INPUT: "InvalidInput",
+    inference.TOO_MANY_IMAGES: "TooManyImages",
+    inference.MODEL_NOT_FOUND: "ModelNotFound",
+    inference.VERSION_NOT_SERVED: "VersionNotServed",
+    inference.NOT_READY: "NotReady",
 }
 assert set(DEAD_LETTER_TYPE) == set(CODES)
 

@@ -11,6 +11,7 @@ import logging
 import re
 import urllib.parse
 
+from classify_server import inference
 from classify_server.inference import InferenceError
 from classify_server.ranking import top_k
 
@@ -22,8 +23,8 @@ class RemoteUnavailable(RuntimeError):
 
 
 # Codes a server answers about the images of a request, not about itself: each image is judged alone.
-PER_IMAGE = {"empty_image", "request_too_large", "invalid_image", "image_too_large", "invalid_input",
-             "too_many_images"}
+PER_IMAGE = {inference.EMPTY_IMAGE, inference.REQUEST_TOO_LARGE, inference.INVALID_IMAGE, inference.IMAGE_TOO_LARGE,
+             inference.INVALID_INPUT, inference.TOO_MANY_IMAGES}
 
 
 class Embedded:
@@ -124,7 +125,7 @@ class Remote:
         for start in range(0, len(images), self.batch_size):
             chunk = images[start:start + self.batch_size]
             status, answer = self._predict(chunk)
-            if answer.get("code") == "version_not_served":  # the server moved to another version: learn it
+            if answer.get("code") == inference.VERSION_NOT_SERVED:  # the server moved to another version: learn it
                 old = self.version
                 self.refresh()
                 log.info("remote model version %s -> %s", old, self.version)
@@ -134,7 +135,7 @@ class Remote:
             if status == 200:
                 answers = self._rows(answer.get("predictions"), len(chunk))
             elif answer.get("code") in PER_IMAGE and len(chunk) > 1:  # which image? ask for each alone
-                if answer["code"] == "too_many_images":
+                if answer["code"] == inference.TOO_MANY_IMAGES:
                     log.warning("%s; lower --batch-size to the server's MAX_PARTS", answer.get("error"))
                 answers = [self.classify_one(data) for data in chunk]
             elif answer.get("code") in PER_IMAGE:

@@ -31,7 +31,7 @@ setup(
     entry_points={"console_scripts": [
         "retrain=retrain.cli:main",
         "label_image=classify_server.label_image:main",
-        "classify_grpc=classify_server.tfserving_grpc:main",
+        "classify_grpc=classify_server.grpc:main",
         "classify_stream=classify_server.stream.cli:main",
     ]},
 )

@@ -39,12 +39,8 @@ def create_app(test_config=None, classifier=None):
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
     app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is the core's
 
-    if classifier is None:
-        from classify_server.versions import load_models
-        models = load_models(app.config)
-    else:
-        from classify_server.versions import ModelManager
-        models = ModelManager.static(classifier)
+    from classify_server.registry import Models, load_models
+    models = load_models(app.config) if classifier is None else Models.static(classifier, app.config["MODEL_NAME"])
     app.extensions["models"] = models
 
     from classify_server import feedback, health, metrics, page, tfserving_rest, v2_rest

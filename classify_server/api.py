@@ -58,9 +58,9 @@ def add_server_timing(response):
     return response
 
 
-def classify(images, model=None, version=None, names=None):
+def classify(images, model=None, version=None, names=None, label=None):
     """The core's Prediction, its timing kept for the Server-Timing header."""
-    prediction = current_app.extensions["inference"].classify(images, model, version, names)
+    prediction = current_app.extensions["inference"].classify(images, model, version, names, label)
     g.server_timing = prediction.timing
     return prediction
 

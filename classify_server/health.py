@@ -14,4 +14,6 @@ def readyz():
     models = current_app.extensions["models"]
     if not models.ready:
         return jsonify(status="loading"), 503
-    return jsonify(status="ready", version=models.current.version)
+    versions = {name: manager.latest and manager.latest.version for name, manager in models.managers.items()}
+    # `version`: the default model's, as before there were several
+    return jsonify(status="ready", version=next(iter(versions.values())), models=versions)

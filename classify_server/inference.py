@@ -1,11 +1,11 @@
 """The inference core: what happens to an image, whichever protocol brought it.
 
-    adapters: multipart POST / (api)   TF Serving REST (tfserving)   TF Serving gRPC (grpc)
+    adapters: multipart POST / (api)   TF Serving REST and gRPC   V2 REST and gRPC
               Kafka consumer (stream)   label_image CLI   corrections (feedback)
                  |  parse the request; format the answer; map InferenceError.code to a status
                  v
     Inference.classify(images, model, version)
-        choose the model version (versions.ModelManager), enforce the limits (images per
+        choose the model (registry.Models) and version (versions.ModelManager), enforce the limits (images per
         request, bytes, pixels), decode each image with the shared preprocessing
         (retrain.preprocessing, via the engine's input spec), run the engine (batched when
         BATCH_MAX_SIZE is on), time decode and inference
@@ -67,40 +67,59 @@ class Prediction:
 
 
 class Inference:
-    """The one path from encoded images to scores, over a ModelManager's served versions."""
+    """The one path from encoded images to scores, over the served models (registry.Models)."""
 
     def __init__(self, models, config, on_inference=None):
-        self.models, self.name = models, config["MODEL_NAME"]
+        self.models = models
         self.max_images, self.max_bytes = config["MAX_PARTS"], config["MAX_UPLOAD_BYTES"]
         self.max_pixels = config["MAX_IMAGE_PIXELS"]
         self.on_inference = on_inference  # e.g. a Prometheus histogram's observe(seconds)
 
+    def manager(self, model=None):
+        """The versions.ModelManager of `model` (None: the default model)."""
+        if not self.models.ready:
+            raise InferenceError(NOT_READY, "the models are still loading; retry shortly")
+        manager = self.models.get(model)
+        if manager is None:
+            raise InferenceError(MODEL_NOT_FOUND, f"Servable not found for request: Latest({model}); this server "
+                                                  f"serves {', '.join(map(repr, self.models.names))}")
+        return manager
+
     @contextmanager
     def servable(self, model=None, version=None, label=None):
-        """The served version of `model` (None: the default model), held for one request.
+        """The served version of `model` (None: the default model; `version` or `label` None: its newest),
+        held for one request.
 
         The version is checked on the version acquired, so a hot swap in between cannot answer
         from another version than the one asked for.
         """
-        if model is not None and model != self.name:
-            raise InferenceError(MODEL_NOT_FOUND, f"Servable not found for request: Latest({model}); "
-                                                  f"this server serves {self.name!r}")
+        manager = self.manager(model)
         if label is not None:
-            raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
-        if not self.models.ready:
-            raise InferenceError(NOT_READY, "the model is still loading; retry shortly")
-        with self.models.acquire() as servable:
-            if version is not None and version != servable.version:
+            version = manager.label_version(label)
+            if version is None:
+                raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
+        with manager.acquire(version) as servable:
+            if servable is None and version is None:
+                raise InferenceError(MODEL_NOT_FOUND, f"Servable not found for request: Latest({manager.name}); "
+                                                      f"no version loaded: {manager.error}")
+            if servable is None:
+                served = sorted(manager.served)
                 raise InferenceError(VERSION_NOT_SERVED,
-                                     f"Servable not found for request: Specific({self.name}, {version}); "
-                                     f"version {servable.version} is served")
+                                     f"Servable not found for request: Specific({manager.name}, {version}); "
+                                     f"version{'s' if len(served) > 1 else ''} "
+                                     f"{', '.join(map(str, served)) or 'none'} served")
             yield servable
 
-    def status(self, model=None, version=None):
-        """TF Serving's model_version_status entries of `model`, of one version or all."""
-        if model is not None and model != self.name:
+    def status(self, model=None, version=None, label=None):
+        """TF Serving's model_version_status entries of `model`, of one version (or label) or all."""
+        manager = self.models.get(model)
+        if manager is None:
             raise InferenceError(MODEL_NOT_FOUND, f"Could not find any versions of model {model}")
-        entries = self.models.version_status(version)
+        if label is not None:
+            version = manager.label_version(label)
+            if version is None:
+                raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
+        entries = manager.version_status(version)
         if not entries:
             raise InferenceError(VERSION_NOT_SERVED, f"Could not find version {version} of model {model}")
         return entries
@@ -127,7 +146,7 @@ class Inference:
             inputs = [self._decode(engine, data, _which(i, names)) for i, data in enumerate(images)]
             decoded = time.perf_counter()
             scores = self._run(engine, inputs)
-            return Prediction(self.name, servable.version, engine.labels, scores,
+            return Prediction(servable.model, servable.version, engine.labels, scores,
                               {"decode": decoded - start, "inference": time.perf_counter() - decoded})
 
     def classify_each(self, images, model=None, version=None):

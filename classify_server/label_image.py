@@ -14,7 +14,7 @@ import sys
 from classify_server import inference, settings
 from classify_server.inference import Inference, InferenceError
 from classify_server.model import Classifier, ModelLoadError
-from classify_server.versions import ModelManager
+from classify_server.registry import Models
 
 # The exit status of each inference error code: 1 for an image that cannot be classified, 2 for
 # the command's own setup (which model), as for a model that does not load.
@@ -58,7 +58,7 @@ def main(argv=None):
         config = settings.from_env()  # MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES: the server's limits
         classifier = load(flags)
         classifier.warm_up()  # also checks that the graph answers as many scores as there are labels
-        core = Inference(ModelManager.static(classifier), config)
+        core = Inference(Models.static(classifier), config)
     except (ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,13 +18,13 @@ LATENCY = Histogram("classify_request_latency_seconds", "HTTP request latency by
                     buckets=(.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5, 10))
 INFERENCE = Histogram("classify_inference_seconds", "session.run time per batch",
                       buckets=(.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5))
-MODEL_VERSION = Gauge("classify_model_version", "model version served by each worker",
+MODEL_VERSION = Gauge("classify_model_version", "newest version of each model served by each worker", ["model"],
                       multiprocess_mode="liveall")
 
 
 def init_app(app):
     app.register_blueprint(bp)
-    MODEL_VERSION.set(app.extensions["models"].current.version)
+    set_versions(app.extensions["models"])
 
     @app.before_request
     def start_timer():
@@ -32,12 +32,19 @@ def init_app(app):
 
     @app.after_request
     def record(response):
-        MODEL_VERSION.set(current_app.extensions["models"].current.version)  # follows hot reloads
+        set_versions(current_app.extensions["models"])  # follows hot reloads
         route = request.url_rule.rule if request.url_rule else "unmatched"
         if route != "/metrics":
             REQUESTS.labels(route, str(response.status_code)).inc()
             LATENCY.labels(route).observe(time.perf_counter() - g.get("start_time", time.perf_counter()))
         return response
+
+
+def set_versions(models):
+    for name, manager in models.managers.items():
+        latest = manager.latest
+        if latest is not None:
+            MODEL_VERSION.labels(name).set(latest.version)
 
 
 @bp.get("/metrics")

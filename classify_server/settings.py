@@ -27,6 +27,10 @@ SETTINGS = (
     Setting("MODEL_DIR", "model", "model folder, or a base folder of numbered versions (retrain.model_folder)"),
     Setting("MODEL_NAME", "model", "the name clients address the model by (TF Serving's model name)"),
     Setting("MODEL_POLL_SECONDS", 10, "seconds between looks for a new numbered version (0: never)", int, 0),
+    Setting("MODEL_CONFIG_FILE", "", "several models: TF Serving's model_config_list file (then MODEL_DIR, "
+                                     "MODEL_NAME and INPUT_* are not used; classify_server.model_config)"),
+    Setting("MODEL_CONFIG_POLL_SECONDS", 10, "seconds between reads of MODEL_CONFIG_FILE for models added, "
+                                             "removed or changed (0: never)", int, 0),
     Setting("INPUT_LAYER", "", "a third-party graph's input tensor, when it has no model.json sidecar"),
     Setting("OUTPUT_LAYER", "", "its output tensor"),
     Setting("INPUT_HEIGHT", None, "its input height in pixels", int, 1),
@@ -63,7 +67,7 @@ SETTINGS = (
             float, 0),
     Setting("ACCESS_LOG", "-", "access log file ('-': standard output; empty: none)"),
     Setting("LOG_LEVEL", "info", "debug, info, warning or error"),
-    # The gRPC server (python -m classify_server.tfserving_grpc)
+    # The gRPC server (python -m classify_server.grpc)
     Setting("GRPC_HOST", "0.0.0.0", "address the gRPC server listens on"),
     Setting("GRPC_PORT", 8500, "its port (0: any free port)", int, 0, 65535),
     Setting("GRPC_THREADS", 4, "RPCs it serves at once; more wait", int, 1),
@@ -93,6 +97,11 @@ def from_env(environ=None):
     for setting in SETTINGS:
         raw = environ.get(setting.name, "").strip()
         config[setting.name] = _parse(setting, raw) if raw else setting.default
+    if config["MODEL_CONFIG_FILE"]:
+        for name in GRAPH_SETTINGS:
+            if config[name] not in (None, ""):
+                raise SystemExit(f"error: environment variable {name} describes MODEL_DIR's graph; with "
+                                 "MODEL_CONFIG_FILE each model's model.json describes its own (README: Several models)")
     if config["LOG_LEVEL"].lower() not in LOG_LEVELS:
         _bad("LOG_LEVEL", config["LOG_LEVEL"], f"one of {', '.join(LOG_LEVELS)}")
     return config
@@ -117,10 +126,12 @@ def _bad(name, raw, what):
     raise SystemExit(f"error: environment variable {name}={raw!r} must be {what}")
 
 
+GRAPH_SETTINGS = ("INPUT_LAYER", "OUTPUT_LAYER", "INPUT_HEIGHT", "INPUT_WIDTH", "INPUT_MEAN", "INPUT_STD")
+
+
 def graph_overrides(config):
     """The third-party graph settings that are set, as read_spec's overrides (label_image's flag names)."""
-    names = ("INPUT_LAYER", "OUTPUT_LAYER", "INPUT_HEIGHT", "INPUT_WIDTH", "INPUT_MEAN", "INPUT_STD")
-    return {name.lower(): config[name] for name in names if config[name] not in (None, "")}
+    return {name.lower(): config[name] for name in GRAPH_SETTINGS if config[name] not in (None, "")}
 
 
 def setup_logging(config):

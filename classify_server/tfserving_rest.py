@@ -1,10 +1,11 @@
 """TensorFlow Serving's REST API, same paths and JSON shapes, so its clients work here.
 
-    GET  /v1/models/<name>[/versions/<v>]            model_version_status
-    GET  /v1/models/<name>[/versions/<v>]/metadata   signature_def, plus labels and sizes
-    POST /v1/models/<name>[/versions/<v>]:predict    {"instances": [{"b64": ...}, ...]}
-                                                     or {"inputs": {"images": [{"b64": ...}]}}
-    POST /v1/models/<name>[/versions/<v>]:classify   {"examples": [{"images": {"b64": ...}}]}
+    GET  /v1/models                                   {"models": [names]}, as KServe's V1 protocol lists them
+    GET  /v1/models/<name>[/versions/<v>|/labels/<l>]            model_version_status
+    GET  /v1/models/<name>[/versions/<v>|/labels/<l>]/metadata   signature_def, plus labels and sizes
+    POST /v1/models/<name>[/versions/<v>|/labels/<l>]:predict    {"instances": [{"b64": ...}, ...]}
+                                                                 or {"inputs": {"images": [{"b64": ...}]}}
+    POST /v1/models/<name>[/versions/<v>|/labels/<l>]:classify   {"examples": [{"images": {"b64": ...}}]}
 
 An image is its encoded bytes in base64, under the input key `images` (as the
 classic inception_client.py sends it). Errors are {"error": "..."} with TF
@@ -36,16 +37,28 @@ def signature_def(engine):
         "method_name": "tensorflow/serving/predict"}}}
 
 
-@bp.get("/<name>")
-@bp.get("/<name>/versions/<int:version>")
-def model_status(name, version=None):
-    return jsonify(model_version_status=current_app.extensions["inference"].status(name, version))
+def routes(method, suffix):
+    """The decorator of one endpoint on a model, a version of it, or a version label of it."""
+    def decorate(view):
+        for prefix in ("/<name>", "/<name>/versions/<int:version>", "/<name>/labels/<label>"):
+            view = bp.route(prefix + suffix, methods=[method], endpoint=view.__name__)(view)
+        return view
+    return decorate
 
 
-@bp.get("/<name>/metadata")
-@bp.get("/<name>/versions/<int:version>/metadata")
-def metadata(name, version=None):
-    with current_app.extensions["inference"].servable(name, version) as servable:
+@bp.get("")
+def model_list():
+    return jsonify(models=current_app.extensions["models"].names)
+
+
+@routes("GET", "")
+def model_status(name, version=None, label=None):
+    return jsonify(model_version_status=current_app.extensions["inference"].status(name, version, label))
+
+
+@routes("GET", "/metadata")
+def metadata(name, version=None, label=None):
+    with current_app.extensions["inference"].servable(name, version, label) as servable:
         engine = servable.engine
         return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
                        # TF Serving nests the SignatureDefMap: metadata.signature_def.signature_def
@@ -93,20 +106,18 @@ def _images_from(items, what):
     return [_decode_b64(item, f"{what} {i}") for i, item in enumerate(items)]
 
 
-@bp.post("/<name>:predict")
-@bp.post("/<name>/versions/<int:version>:predict")
-def predict(name, version=None):
+@routes("POST", ":predict")
+def predict(name, version=None, label=None):
     images, columnar = _request_images()
-    scores = run_classify(images, name, version).scores.tolist()
+    scores = run_classify(images, name, version, label=label).scores.tolist()
     return jsonify(outputs=scores) if columnar else jsonify(predictions=scores)
 
 
-@bp.post("/<name>:classify")
-@bp.post("/<name>/versions/<int:version>:classify")
-def classify(name, version=None):
+@routes("POST", ":classify")
+def classify(name, version=None, label=None):
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or "examples" not in body:
         _invalid("JSON Parse error: the body must be a JSON object with \"examples\"")
-    prediction = run_classify(_images_from(body["examples"], "example"), name, version)
+    prediction = run_classify(_images_from(body["examples"], "example"), name, version, label=label)
     return jsonify(result=[[[label, score] for label, score in zip(prediction.labels, row)]
                            for row in prediction.scores.tolist()])

@@ -6,19 +6,19 @@ ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfe
 `images` [N] in `bytes_contents` or `raw_input_contents` (each element a 4-byte little-endian length,
 then its bytes); outputs `scores` FP32 [N, classes] and `labels` BYTES [classes] in
 `raw_output_contents`, as Triton answers, or the classification extension's BYTES [N, K]
-("classification" on `scores`). The core's errors become the gRPC statuses of tfserving_grpc's table.
+("classification" on `scores`). The core's errors become the gRPC statuses of grpc_errors' table.
 """
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from classify_server import v2_tensors
+from classify_server.grpc_errors import rpc_methods
 from classify_server.inference import INVALID_INPUT, InferenceError
 
 
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core, rpc):
+    def __init__(self, core):
         self.core = core
-        for name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"):
-            setattr(self, name, rpc(getattr(self, name)))  # the core's errors as gRPC statuses
+        rpc_methods(self, ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"))
 
     def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -81,6 +81,6 @@ def _version(text):
     return int(text)
 
 
-def add_to_server(core, rpc, server):
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(core, rpc), server)
+def add_to_server(core, server):
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(core), server)
     return service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

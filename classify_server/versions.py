@@ -1,99 +1,154 @@
-"""Model versions and hot reload, as TensorFlow Serving does them.
+"""One model's versions and their hot reload, as TensorFlow Serving does them.
 
-MODEL_DIR is either one model folder (graph.pb, labels.txt, model.json) or a base
-folder of numbered versions, TF Serving's layout: MODEL_DIR/1/, MODEL_DIR/2/...
-(retrain.model_folder defines both).
-The newest complete version is served. With polling on, a newer version is loaded
-beside the current one and warmed up, then swapped in: requests in flight finish
-on the old session, which is closed after the last of them. A version that fails
-to load is reported in its status and the current one keeps serving.
+A model's base path is either one model folder (graph.pb, labels.txt, model.json: served as
+version 1) or a base folder of numbered versions, TF Serving's layout: BASE/1/, BASE/2/...
+(retrain.model_folder defines both). Its version policy (model_config.ModelSpec: the newest by
+default, or the latest N, all, specific ones) says which versions are loaded; version labels
+name some of them. On each poll a newly wanted version is loaded beside those served and warmed
+up, then swapped in; versions no longer wanted are retired: requests in flight finish on them,
+and each is closed after the last. A version that fails to load is reported in its status, never
+retried, and the versions served keep serving; the last one served is never dropped for nothing.
 """
 import logging
 import os
 import threading
-import time
 from contextlib import contextmanager
 
-from classify_server.engine import ModelLoadError, load
+from classify_server.engine import ModelLoadError
 from retrain import model_folder
 
 log = logging.getLogger("classify_server")
 
 
 class Servable:
-    """One loaded version and the number of requests using it."""
+    """One loaded version of a model and the number of requests using it."""
 
-    def __init__(self, version, engine):
-        self.version, self.engine = version, engine
+    def __init__(self, model, version, engine):
+        self.model, self.version, self.engine = model, version, engine
         self.users, self.retired = 0, False
 
 
 class ModelManager:
-    def __init__(self, model_dir, load, poll_seconds=0):
-        """`load(folder)` returns a warmed-up engine or raises ModelLoadError."""
-        self.model_dir, self.load, self.poll_seconds = model_dir, load, poll_seconds
+    def __init__(self, spec, load):
+        """`spec` is a model_config.ModelSpec; `load(folder)` returns a warmed-up engine or raises
+        ModelLoadError. Loads what the policy wants; `error` says why when nothing loaded."""
+        self.spec, self.load = spec, load
         self.lock = threading.Lock()
         self.status = {}  # version -> (state, error message), TF Serving's states
-        self.versioned = model_folder.is_base(model_dir)
-        self.current = None
-        if not self.versioned:
-            self.current = Servable(1, load(model_dir))
-            self.status[1] = ("AVAILABLE", "")
-            return
-        errors = []
-        for version in reversed(model_folder.versions(model_dir)):  # the newest that loads
-            try:
-                self._load_version(version)
-                break
-            except ModelLoadError as exc:
-                errors.append(str(exc))
-        if self.current is None:
-            raise ModelLoadError("; ".join(errors) or f"no model in {model_dir}")
+        self.served = {}  # version -> Servable
+        self.versioned = model_folder.is_base(spec.base_path)
+        self.error = ""
+        self.sync()
+        if not self.served:
+            self.error = "; ".join(e for _, e in self.status.values() if e) or (
+                f"model {spec.name!r}: no version in {spec.base_path} that its version policy serves")
+
+    @property
+    def name(self):
+        return self.spec.name
+
+    @classmethod
+    def static(cls, engine, name="model"):
+        """A manager around one already loaded engine (no folder, no polling)."""
+        from classify_server.model_config import ModelSpec
+        manager = cls.__new__(cls)
+        manager.spec, manager.versioned, manager.error = ModelSpec(name, engine.model_dir), False, ""
+        manager.lock, manager.served = threading.Lock(), {1: Servable(name, 1, engine)}
+        manager.status = {1: ("AVAILABLE", "")}
+        return manager
 
     @property
     def ready(self):
-        """Whether a version is loaded and warmed up: what every readiness probe asks."""
-        return self.current is not None and self.current.engine.ready
+        """Whether a version is loaded and warmed up."""
+        latest = self.latest
+        return latest is not None and latest.engine.ready
 
-    @classmethod
-    def static(cls, engine, version=1):
-        """A manager around one already loaded engine (no folder, no polling)."""
-        manager = cls.__new__(cls)
-        manager.model_dir, manager.poll_seconds, manager.versioned = engine.model_dir, 0, False
-        manager.lock, manager.current = threading.Lock(), Servable(version, engine)
-        manager.status = {version: ("AVAILABLE", "")}
-        return manager
-
-    def _load_version(self, version):
-        self.status[version] = ("LOADING", "")
-        try:
-            engine = self.load(os.path.join(self.model_dir, str(version)))
-        except ModelLoadError as exc:
-            self.status[version] = ("END", str(exc))
-            log.error("model version %s failed to load, keeping version %s: %s",
-                      version, self.current and self.current.version, exc)
-            raise
-        self._swap(Servable(version, engine))
-        log.info("serving model version %s from %s", version, self.model_dir)
-
-    def _swap(self, new):
+    @property
+    def latest(self):
+        """The newest version served (None when none is)."""
         with self.lock:
-            old, self.current = self.current, new
-            self.status[new.version] = ("AVAILABLE", "")
-            if old is None:
-                return
-            old.retired = True
-            self.status[old.version] = ("END", "")
-            close_now = old.users == 0
+            return self.served[max(self.served)] if self.served else None
+
+    def label_version(self, label):
+        """The version a label names, or None when it names none."""
+        return self.spec.labels.get(label)
+
+    def sync(self):
+        """Load the versions the policy wants that are not served; retire those it no longer wants."""
+        if not self.versioned:
+            if not self.served and not self.status:
+                self._load(1, self.spec.base_path)
+            return
+        available = model_folder.versions(self.spec.base_path)
+        while True:  # a version that fails leaves its place to the next one the policy wants
+            wanted = self.spec.wanted([v for v in available if not self._failed(v)])
+            todo = [v for v in reversed(wanted) if v not in self.served]
+            if not todo:
+                break
+            for version in todo:
+                if not self._load(version, os.path.join(self.spec.base_path, str(version))):
+                    break
+        with self.lock:
+            if not any(v in self.served for v in wanted):
+                return  # nothing wanted is served: keep what is, rather than serve nothing
+            retired = [self.served.pop(v) for v in list(self.served) if v not in wanted]
+        for servable in retired:
+            self._retire(servable)
+
+    def _failed(self, version):
+        state, error = self.status.get(version, ("", ""))
+        return state == "END" and bool(error)
+
+    def _load(self, version, folder):
+        with self.lock:
+            self.status[version] = ("LOADING", "")
+        try:
+            engine = self.load(folder)
+        except ModelLoadError as exc:
+            with self.lock:
+                self.status[version] = ("END", str(exc))
+            if self.served:  # else the caller reports the model's `error`
+                log.error("model %r version %s failed to load, still serving %s: %s", self.name, version,
+                          ", ".join(map(str, sorted(self.served))), exc)
+            return False
+        with self.lock:
+            self.served[version] = Servable(self.name, version, engine)
+            self.error = ""
+            self.status[version] = ("AVAILABLE", "")
+        log.info("serving model %r version %s from %s", self.name, version, folder)
+        return True
+
+    def _retire(self, servable):
+        with self.lock:
+            servable.retired = True
+            if self.status.get(servable.version, ("", ""))[0] == "AVAILABLE":
+                self.status[servable.version] = ("END", "")
+            close_now = servable.users == 0
         if close_now:
-            old.engine.close()
+            servable.engine.close()
+        log.info("model %r version %s retired", self.name, servable.version)
+
+    def close(self):
+        """Retire every version (the model is no longer configured): each closes after its last request."""
+        with self.lock:
+            retired, self.served = list(self.served.values()), {}
+        for servable in retired:
+            self._retire(servable)
 
     @contextmanager
-    def acquire(self):
-        """The servable to use for one request; its session stays open until released."""
+    def acquire(self, version=None):
+        """The servable of `version` (None: the newest served), held for one request, or None when that
+        version is not served; its session stays open until released."""
         with self.lock:
-            servable = self.current
-            servable.users += 1
+            if version is None:
+                servable = self.served[max(self.served)] if self.served else None
+            else:
+                servable = self.served.get(version)
+            if servable is not None:
+                servable.users += 1
+        if servable is None:
+            yield None
+            return
         try:
             yield servable
         finally:
@@ -103,47 +158,10 @@ class ModelManager:
             if close:
                 servable.engine.close()
 
-    def poll(self):
-        """Load the newest version if it is newer than the one served and not known bad."""
-        if not self.versioned:
-            return
-        for version in reversed(model_folder.versions(self.model_dir)):
-            if version <= self.current.version:
-                return
-            if self.status.get(version, ("", ""))[0] != "END":
-                try:
-                    self._load_version(version)
-                except ModelLoadError:
-                    continue  # reported; try the next older one that is still newer
-                return
-
-    def start_polling(self):
-        if not (self.versioned and self.poll_seconds > 0):
-            return
-
-        def loop():
-            while True:
-                time.sleep(self.poll_seconds)
-                try:
-                    self.poll()
-                except Exception:  # never let the poller die: log and poll again
-                    log.exception("model version poll failed")
-
-        threading.Thread(target=loop, name="model-poller", daemon=True).start()
-
     def version_status(self, version=None):
-        """TF Serving's model_version_status list."""
-        items = sorted(self.status.items(), reverse=True)
+        """TF Serving's model_version_status list, newest first."""
+        with self.lock:
+            items = sorted(self.status.items(), reverse=True)
         return [{"version": str(v), "state": state,
                  "status": {"error_code": "UNKNOWN" if error else "OK", "error_message": error}}
                 for v, (state, error) in items if version is None or v == version]
-
-
-def load_models(config):
-    """The ModelManager over config["MODEL_DIR"], polling every MODEL_POLL_SECONDS for a new version.
-
-    Shared by the HTTP app, the gRPC server and the Kafka consumer, so all load and version alike.
-    """
-    models = ModelManager(config["MODEL_DIR"], lambda folder: load(folder, config), config["MODEL_POLL_SECONDS"])
-    models.start_polling()
-    return models

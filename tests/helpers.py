@@ -246,27 +246,31 @@ MODEL_NAME = "model"  # MODEL_NAME's default
 
 
 class GrpcServer(Process):
-    """`python -m classify_server.tfserving_grpc --host 127.0.0.1 --port P`, and stubs to it."""
+    """`python -m classify_server.grpc --host 127.0.0.1 --port P`, and stubs to it."""
 
     what = "gRPC server"
 
     def __init__(self, env, log_path):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
         self.port = free_port()
-        super().__init__([sys.executable, "-m", "classify_server.tfserving_grpc", "--host", "127.0.0.1",
+        super().__init__([sys.executable, "-m", "classify_server.grpc", "--host", "127.0.0.1",
                           "--port", str(self.port)], log_path, env)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.model_service = model_service_pb2_grpc.ModelServiceStub(self.channel)
 
     def wait_ready(self, timeout=120):
-        def ready():
-            try:
-                self.status()
-                return True
-            except grpc.RpcError:  # not listening yet (the model loads first)
-                return False
-        return self.wait_until(ready, timeout, "GetModelStatus answered")
+        return self.wait_until(lambda: self.health() == "SERVING", timeout, "health SERVING")
+
+    def health(self, service=""):
+        """grpc.health.v1's status name for `service`, or None while the port does not answer."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        try:
+            status = health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        except grpc.RpcError:
+            return None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
 
     def status(self, name=MODEL_NAME, version=None, channel=None, timeout=5):
         from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc

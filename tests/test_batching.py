@@ -22,7 +22,7 @@ def answers(app, images, workers):
 def test_batched_answers_equal_unbatched_ones(trained_model):
     plain = create_app({"MODEL_DIR": trained_model, "BATCH_MAX_SIZE": 0})
     batched = create_app({"MODEL_DIR": trained_model, "BATCH_MAX_SIZE": 8, "BATCH_TIMEOUT_MS": 50})
-    batcher = batched.extensions["models"].current.engine.batcher
+    batcher = batched.extensions["models"].get().latest.engine.batcher
     runs = []
     run = batcher.run
     batcher.run = lambda inputs: runs.append(len(inputs)) or run(inputs)  # count the session runs

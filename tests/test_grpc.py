@@ -1,4 +1,4 @@
-"""TensorFlow Serving's gRPC API: `python -m classify_server.tfserving_grpc` as a real subprocess on a loopback
+"""The gRPC server (TensorFlow Serving's API): `python -m classify_server.grpc` as a real subprocess on a loopback
 port, spoken to through tensorflow-serving-api's own client stubs."""
 import base64
 import io
@@ -90,7 +90,7 @@ def colour_model(tmp_path_factory):
 
 SLOW_PREDICT = '''\
 """Imported by the gRPC server under test at start-up (sitecustomize, through PYTHONPATH): makes
-Classifier.predict slow, and observable, for requests (not the warm-up, in the main thread). Each
+Classifier.predict slow, and observable, for requests (not the start-up warm-up, unless SLOW_WARM_UP). Each
 takes SLOW_PREDICT_SECONDS more, then answers as before, and appends to SLOW_PREDICT_LOG
 "enter N" when it starts and "exit N" when it ends, N the predicts running at that moment."""
 import os
@@ -111,7 +111,8 @@ def _note(event):
 
 def predict(self, inputs):
     global _running
-    if threading.current_thread() is threading.main_thread():
+    start_up = threading.current_thread().name == "load-models"  # the gRPC server's first warm-up
+    if threading.current_thread() is threading.main_thread() or start_up and not os.environ.get("SLOW_WARM_UP"):
         return _predict(self, inputs)
     with _lock:
         _running += 1
@@ -137,10 +138,11 @@ class SlowPredict:
         (folder / "site" / "sitecustomize.py").write_text(SLOW_PREDICT)
         self.site, self.log = str(folder / "site"), folder / "predicts.log"
 
-    def env(self, seconds):
+    def env(self, seconds, warm_up=False):
+        """Slow predicts; with `warm_up`, the gRPC server's first warm-up too."""
         path = [self.site] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         return {"PYTHONPATH": os.pathsep.join(path), "SLOW_PREDICT_SECONDS": str(seconds),
-                "SLOW_PREDICT_LOG": str(self.log)}
+                "SLOW_PREDICT_LOG": str(self.log), **({"SLOW_WARM_UP": "1"} if warm_up else {})}
 
     def events(self):
         """[("enter" or "exit", predicts running), ...] in order."""
@@ -170,7 +172,7 @@ COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
 
 
 def test_import_grpc_is_grpcio():
-    from classify_server import tfserving_grpc as module
+    from classify_server import grpc as module
     assert module.grpc is grpc and hasattr(module.grpc, "server")
 
 
@@ -277,7 +279,7 @@ def test_model_status(server):
     assert rpc_error(server.status, version=2).code() == grpc.StatusCode.NOT_FOUND
     assert rpc_error(server.status, name="other").code() == grpc.StatusCode.NOT_FOUND
     log = server.output()
-    assert f"listening on 127.0.0.1:{server.port}, model 'model' version 1" in log, log
+    assert f"serving on 127.0.0.1:{server.port}: model 'model' version 1" in log, log
 
 
 def test_new_version_is_picked_up(trained_model, tmp_path, start_grpc):
@@ -469,6 +471,23 @@ def test_v2_grpc_through_tritonclient(server, flask_app):
         assert info.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT) and "readable" in info.value.message()
     finally:
         client.close()
+
+
+def test_health_not_serving_until_the_model_is_warm(trained_model, tmp_path, slow_predict):
+    """The port opens first, so probes see NOT_SERVING (not a refused connection) while the model warms up."""
+    server = GrpcServer({"MODEL_DIR": trained_model, **slow_predict.env(3, warm_up=True)}, tmp_path / "grpc.log")
+    try:
+        slow_predict.wait_for(1, timeout=120)  # the warm-up's run has begun: 3 s to go
+        assert server.wait_until(lambda: server.health() is not None, 2, "an answer").health() == "NOT_SERVING"
+        assert server.health("inference.GRPCInferenceService") == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as info:
+            server.predict(IMAGES[0])
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.details()
+        server.wait_ready(timeout=60)
+        assert slow_predict.events()[:2] == [("enter", 1), ("exit", 0)]  # SERVING only after the warm-up's run
+        assert server.health("tensorflow.serving.PredictionService") == "SERVING"
+    finally:
+        server.stop()
 
 
 def test_health_and_reflection(server):

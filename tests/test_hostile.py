@@ -598,8 +598,8 @@ def test_fuzz_inference_classify(classifier, images):
     """The core every protocol calls; good images also run through the model."""
     from classify_server import settings
     from classify_server.inference import Inference, InferenceError
-    from classify_server.versions import ModelManager
-    core = Inference(ModelManager.static(classifier), settings.from_env())
+    from classify_server.registry import Models
+    core = Inference(Models.static(classifier), settings.from_env())
     try:
         prediction = core.classify(images)
     except InferenceError as exc:
@@ -620,8 +620,8 @@ def test_fuzz_is_bounded():
     (["-m", "gunicorn", "classify_server:app"], "WEB_CONCURRENCY", "0", "must be an integer at least 1"),
     (["-m", "gunicorn", "classify_server:app"], "BODY_TIMEOUT", "soon", "must be a number"),
     (["-m", "gunicorn", "classify_server:app"], "LOG_LEVEL", "loud", "must be one of debug, info"),
-    (["-m", "classify_server.tfserving_grpc"], "GRPC_THREADS", "0", "must be an integer at least 1"),
-    (["-m", "classify_server.tfserving_grpc"], "GRPC_PORT", "70000", "must be an integer between 0 and 65535"),
+    (["-m", "classify_server.grpc"], "GRPC_THREADS", "0", "must be an integer at least 1"),
+    (["-m", "classify_server.grpc"], "GRPC_PORT", "70000", "must be an integer between 0 and 65535"),
     (["-m", "classify_server.stream", "--bootstrap-servers", "h:9092", "--input-topic", "i", "--output-topic", "o"],
      "STREAM_BATCH_SIZE", "many", "must be an integer"),
     (["-m", "classify_server.label_image", "--image", "x.jpg"], "MAX_IMAGE_PIXELS", "1e6", "must be an integer"),

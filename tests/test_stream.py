@@ -525,7 +525,7 @@ def test_new_model_version_is_hot_reloaded(broker, tmp_path):
     versions = [a["model_version"] for a in answers]
     assert versions[0] == 1 and versions == sorted(versions), versions
     assert answers[-1]["labels"] != answers[0]["labels"]  # the same image, answered by the new graph
-    assert "serving model version 2" in stream.output()
+    assert "serving model 'model' version 2" in stream.output()
 
 
 # ---------------------------------------------------------------- --batch-wait-ms, a smaller output topic

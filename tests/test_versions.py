@@ -95,7 +95,7 @@ def test_broken_version_is_reported_and_old_keeps_serving(trained_model, tmp_pat
     shutil.copytree(trained_model, broken)
     (broken / "graph.pb").write_bytes(b"not a graph")
     broken.rename(base / "2")
-    app.extensions["models"].poll()
+    app.extensions["models"].poll_versions()
     c = app.test_client()
     status = {s["version"]: s for s in c.get("/v1/models/model").get_json()["model_version_status"]}
     assert status["1"]["state"] == "AVAILABLE"

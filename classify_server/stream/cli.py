@@ -36,6 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--remote", default=config["STREAM_REMOTE_URL"] or None, metavar="URL",
                         help="call this server's TF Serving REST :predict instead of loading the model "
                              "(STREAM_REMOTE_URL, e.g. http://classifier:8000)")
+    parser.add_argument("--model", default=None, metavar="NAME",
+                        help="the model to classify with (default: MODEL_NAME's, or the first of MODEL_CONFIG_FILE; "
+                             "with --remote, the one in its URL, else MODEL_NAME)")
     parser.add_argument("--batch-size", type=int, default=config["STREAM_BATCH_SIZE"],
                         help="most messages classified together (STREAM_BATCH_SIZE, default 32)")
     parser.add_argument("--batch-wait-ms", type=int, default=config["STREAM_BATCH_WAIT_MS"],
@@ -72,16 +75,17 @@ def main(argv=None):
                          "pip install 'classify-service[stream]'") from None
 
     if args.remote:
-        engine = Remote(args.remote, config, args.batch_size)
+        engine = Remote(args.remote, config, args.batch_size, args.model)
         try:
             engine.refresh()
         except RemoteUnavailable as exc:  # not fatal: the batches wait for it
             log.warning("%s; will retry", exc)
     else:
         from classify_server.engine import ModelLoadError
+        from classify_server.inference import InferenceError
         try:
-            engine = Embedded(config)
-        except ModelLoadError as exc:
+            engine = Embedded(config, args.model)
+        except (ModelLoadError, InferenceError) as exc:
             raise SystemExit(f"classify_server.stream: {exc}") from None
 
     stream = StreamClassifier(engine, args, config)

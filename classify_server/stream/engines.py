@@ -30,20 +30,20 @@ PER_IMAGE = {inference.EMPTY_IMAGE, inference.REQUEST_TOO_LARGE, inference.INVAL
 class Embedded:
     """The model in this process, behind the HTTP server's inference core."""
 
-    def __init__(self, config):
+    def __init__(self, config, model=None):
         from classify_server.inference import Inference
-        from classify_server.versions import load_models
+        from classify_server.registry import load_models
         self.config = config
         self.core = Inference(load_models(config), config)
-        self.name = config["MODEL_NAME"]
+        self.name = self.core.manager(model).name  # an unknown model stops here
 
     def describe(self):
-        return (f"embedded model {self.name!r} version {self.core.models.current.version} "
-                f"from {self.config['MODEL_DIR']}")
+        manager = self.core.models.get(self.name)
+        return f"embedded model {self.name!r} version {manager.latest.version} from {manager.spec.base_path}"
 
     def classify(self, images):
         """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""
-        version, labels, results = self.core.classify_each(images)
+        version, labels, results = self.core.classify_each(images, self.name)
         return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.config["TOP_K"])
                          for r in results]
 
@@ -59,13 +59,13 @@ class Remote:
     never mislabels an answer.
     """
 
-    def __init__(self, url, config, batch_size, timeout=60):
+    def __init__(self, url, config, batch_size, model=None, timeout=60):
         parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SystemExit(f"classify_server.stream: --remote must be an http(s) URL, got {url!r}")
         match = re.match(r"^(.*?)/v1/models/([^/:]+)", parts.path)
         self.prefix = (match.group(1) if match else parts.path).rstrip("/")
-        self.name = urllib.parse.unquote(match.group(2)) if match else config["MODEL_NAME"]
+        self.name = model or (urllib.parse.unquote(match.group(2)) if match else config["MODEL_NAME"])
         self.url = f"{parts.scheme}://{parts.netloc}{self.prefix}/v1/models/{self.name}"
         self.https, self.host, self.port = parts.scheme == "https", parts.hostname, parts.port
         self.timeout, self.batch_size, self.top_k = timeout, batch_size, config["TOP_K"]

@@ -1,0 +1,137 @@
+"""The models one server serves, by name, and the thread that keeps them current.
+
+The models come from classify_server.model_config (MODEL_CONFIG_FILE, TF Serving's model config, or
+MODEL_DIR and MODEL_NAME as one model), each a versions.ModelManager. At start every model must
+load, or the server does not start (as TF Serving). Then one poller thread looks for new versions
+every MODEL_POLL_SECONDS and reads MODEL_CONFIG_FILE again every MODEL_CONFIG_POLL_SECONDS (TF
+Serving's --model_config_file_poll_wait_seconds): a model added is loaded and then served, one
+removed is retired (its requests in flight finish), one whose base_path or version policy changed is
+loaded anew beside the old and then swapped in, its version labels change in place. A model that
+fails to load is reported in its status and harms no other; a config file that does not parse keeps
+the models served and says why in the log.
+"""
+import logging
+import threading
+import time
+
+from classify_server import model_config
+from classify_server.engine import ModelLoadError, load
+from classify_server.versions import ModelManager
+
+log = logging.getLogger("classify_server")
+
+
+class Models:
+    def __init__(self, load, specs=(), config_file="", poll_seconds=0, config_poll_seconds=0):
+        """`load(folder)` returns a warmed-up engine or raises ModelLoadError; `specs` are the
+        model_config.ModelSpecs to serve, loaded by `start`."""
+        self.load, self.specs, self.config_file = load, list(specs), config_file
+        self.poll_seconds, self.config_poll_seconds = poll_seconds, config_poll_seconds
+        self.managers = {}  # name -> ModelManager, in the config's order; replaced whole, never changed in place
+        self.started = False
+
+    @classmethod
+    def static(cls, engine, name="model"):
+        """One already loaded engine as the only model (no folder, no polling)."""
+        models = cls(None)
+        models.managers, models.started = {name: ModelManager.static(engine, name)}, True
+        return models
+
+    def start(self):
+        """Load every model, then poll; ModelLoadError, naming each model that did not load, when any did not."""
+        managers = {spec.name: ModelManager(spec, self.load) for spec in self.specs}
+        failed = [m for m in managers.values() if m.error]
+        if failed:
+            for manager in managers.values():
+                manager.close()
+            raise ModelLoadError("; ".join(f"model {m.name!r}: {m.error}" if self.config_file else m.error
+                                           for m in failed))
+        self.managers, self.started = managers, True
+        self._start_polling()
+
+    @property
+    def ready(self):
+        """Whether the models are loaded and warmed up: what every readiness probe asks. A model added
+        later that failed to load does not count (it is reported in its own status and readiness):
+        an unready server would stop serving every other model too."""
+        return self.started and all(m.ready or m.error for m in self.managers.values())
+
+    def get(self, name=None):
+        """The ModelManager of `name` (None: the default, the config's first), or None."""
+        managers = self.managers
+        if name is None:
+            return next(iter(managers.values()), None)
+        return managers.get(name)
+
+    @property
+    def names(self):
+        return list(self.managers)
+
+    def poll_versions(self):
+        for manager in list(self.managers.values()):
+            manager.sync()
+
+    def reload_config(self):
+        """Read MODEL_CONFIG_FILE again and serve what it says; keep the models served if it is not usable."""
+        try:
+            specs = model_config.read(self.config_file)
+        except model_config.ConfigError as exc:
+            log.error("%s; still serving %s", exc, ", ".join(self.managers) or "nothing")
+            return
+        old, new = self.managers, {}
+        for spec in specs:
+            manager = old.get(spec.name)
+            if manager is not None and manager.spec == spec:  # same folder and policy
+                manager.spec = spec  # the version labels may have changed
+            else:
+                log.info("model %r %s: loading from %s", spec.name, "changed" if manager else "added", spec.base_path)
+                fresh = ModelManager(spec, self.load)
+                if fresh.error and not (manager and manager.ready):
+                    log.error("model %r failed to load: %s", spec.name, fresh.error)
+                elif fresh.error:
+                    log.error("model %r: its new config does not load, the old one keeps serving: %s",
+                              spec.name, fresh.error)
+                    fresh.close()
+                    fresh = manager
+                manager = fresh
+            new[spec.name] = manager
+        self.managers = new
+        for name, manager in old.items():
+            if new.get(name) is not manager:
+                log.info("model %r %s", name, "replaced" if name in new else "removed")
+                manager.close()
+
+    def _start_polling(self):
+        """One daemon thread: versions every poll_seconds, the config file every config_poll_seconds (0: never)."""
+        tasks = [(seconds, job) for seconds, job in (
+            (self.poll_seconds, self.poll_versions),
+            (self.config_poll_seconds, self.reload_config if self.config_file else None)) if seconds > 0 and job]
+        if not tasks:
+            return
+        due = [time.monotonic() + seconds for seconds, _ in tasks]
+
+        def loop():
+            while True:
+                time.sleep(max(0.0, min(due) - time.monotonic()))
+                for i, (seconds, job) in enumerate(tasks):
+                    if time.monotonic() >= due[i]:
+                        try:
+                            job()
+                        except Exception:  # never let the poller die: log and poll again
+                            log.exception("model poll failed")
+                        due[i] = time.monotonic() + seconds
+
+        threading.Thread(target=loop, name="model-poller", daemon=True).start()
+
+
+def load_models(config, start=True):
+    """The Models of these settings (classify_server.settings), loaded and polled; with start=False
+    not loaded yet (the gRPC server listens first, answering NOT_SERVING, then calls start()).
+
+    Shared by the HTTP app, the gRPC server and the Kafka consumer, so all load and version alike.
+    """
+    models = Models(lambda folder: load(folder, config), model_config.from_settings(config),
+                    config["MODEL_CONFIG_FILE"], config["MODEL_POLL_SECONDS"], config["MODEL_CONFIG_POLL_SECONDS"])
+    if start:
+        models.start()
+    return models

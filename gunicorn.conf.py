@@ -41,11 +41,19 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    # Fail at once, before the workers spend seconds importing TensorFlow, when there is no model at all.
-    model_dir = service["MODEL_DIR"]
-    if not (model_folder.is_model(model_dir) or model_folder.versions(model_dir)):
-        sys.exit(f"classify_server: model not found: {' and '.join(model_folder.missing(model_dir))} missing, and "
-                 f"no numbered version folders (set MODEL_DIR, or run: python -m retrain --output_dir {model_dir})")
+    # Fail at once, before the workers spend seconds importing TensorFlow, when a model is not there at all.
+    from classify_server import model_config
+    try:
+        specs = model_config.from_settings(service)
+    except model_config.ConfigError as exc:
+        sys.exit(f"classify_server: {exc}")
+    for spec in specs:
+        path = spec.base_path
+        if not (model_folder.is_model(path) or model_folder.versions(path)):
+            where = f"model {spec.name!r} of {service['MODEL_CONFIG_FILE']}: " if service["MODEL_CONFIG_FILE"] else ""
+            fix = "fix its base_path" if where else "set MODEL_DIR"
+            sys.exit(f"classify_server: {where}model not found: {' and '.join(model_folder.missing(path))} missing, "
+                     f"and no numbered version folders ({fix}, or run: python -m retrain --output_dir {path})")
     for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):  # stale counts of an earlier run
         os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))
 

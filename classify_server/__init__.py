@@ -25,6 +25,7 @@ log = logging.getLogger("classify_server")
 
 
 def create_app(test_config=None, classifier=None):
+    _log_through_gunicorn()
     app = Flask(__name__)
     app.request_class = api.InMemoryRequest
     app.config.from_mapping(settings.from_env())
@@ -90,6 +91,14 @@ def create_app(test_config=None, classifier=None):
                        request_id=g.get("request_id")), 500
 
     return app
+
+
+def _log_through_gunicorn():
+    """Under gunicorn, our log lines (models loaded, swapped, failed) go where gunicorn's own go, at its level."""
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    if gunicorn_log.handlers and not log.handlers:
+        log.handlers, log.propagate = gunicorn_log.handlers, False
+        log.setLevel(gunicorn_log.level)
 
 
 def _stream_at_limit(app):

@@ -70,7 +70,10 @@ def parse(text, folder, where="model config"):
     try:
         server_config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     except text_format.ParseError as exc:
-        raise ConfigError(f"{where}: not a model_config_list in TensorFlow Serving's text format: {exc}") from None
+        at = f"line {exc.GetLine()}, column {exc.GetColumn()}: " if exc.GetLine() else ""
+        message = str(exc).split(" : ", 1)[-1]
+        raise ConfigError(f"{where}: not a model_config_list in TensorFlow Serving's text format: "
+                          f"{at}{message}") from None
     if server_config.WhichOneof("config") != "model_config_list" or not server_config.model_config_list.config:
         raise ConfigError(f"{where}: no model: expected model_config_list {{ config {{ name: ... base_path: ... }} }}")
     specs = [_spec(c, folder, where) for c in server_config.model_config_list.config]

@@ -8,6 +8,7 @@ consumer (`Stream`).
 """
 import importlib.resources
 import io
+import json
 import os
 import pathlib
 import re
@@ -85,6 +86,43 @@ def write_graph_model(folder, graph, labels, size=32):
     export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
                        graph.as_graph_def(), size, list(labels), {})
     return str(folder)
+
+
+IMAGENET_LABELS = ["background", "tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
+IMAGENET_SIDECAR = {"input": "input", "output": "InceptionV3/Predictions/Reshape_1", "input_height": 40,
+                    "input_width": 40, "input_mean": 128.0, "input_std": 128.0}
+IMAGENET_WEIGHTS = [[3.0, -2.0, 0.5, 1.0, -1.0, 0.0], [-1.0, 2.5, 0.0, -2.0, 1.5, 0.5],
+                    [0.5, 0.0, -3.0, 2.0, 1.0, -0.5]]
+
+
+def write_third_party_model(folder):
+    """A frozen graph as third parties publish them (slim's Inception names: `input`, pixels scaled
+    to [-1, 1] by the caller, `InceptionV3/Predictions/Reshape_1`), its labels and the model.json a
+    user writes for it (IMAGENET_SIDECAR). Its scores (third_party_scores) depend on the colours."""
+    import tensorflow as tf
+    graph = tf.Graph()
+    with graph.as_default():
+        pixels = tf.compat.v1.placeholder(tf.float32, [None, 40, 40, 3], name="input")
+        logits = tf.matmul(tf.reduce_mean(pixels, axis=[1, 2]), tf.constant(IMAGENET_WEIGHTS))
+        tf.nn.softmax(logits, name="InceptionV3/Predictions/Reshape_1")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "graph.pb"), "wb") as f:
+        f.write(graph.as_graph_def().SerializeToString())
+    with open(os.path.join(folder, "labels.txt"), "w") as f:
+        f.write("".join(label + "\n" for label in IMAGENET_LABELS))
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        json.dump(IMAGENET_SIDECAR, f)
+    return str(folder)
+
+
+def third_party_scores(data):
+    """What write_third_party_model's graph must answer for encoded image `data`, worked out here
+    with the shared decoding and numpy."""
+    from retrain.preprocessing import decode_image
+    x = (decode_image(data, (40, 40)) - 128.0) / 128.0
+    logits = x.mean(axis=(0, 1)) @ np.array(IMAGENET_WEIGHTS)
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
 
 
 def make_image_dir(root, classes=tuple(CLASSES), per_class=12, start=0):

@@ -7,10 +7,12 @@ is an HTML injection attempt, so every page test also checks that labels stay te
 import os
 import shutil
 
+import numpy as np
 import pytest
 import requests
 
-from helpers import Server, read_labels, shape_image
+from helpers import (IMAGENET_LABELS, Server, read_labels, shape_image, third_party_scores, write_colour_model,
+                     write_third_party_model)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -165,3 +167,43 @@ def test_a_correction_sent_from_the_page_is_stored(browser, page_server, tmp_pat
     names = os.listdir(stored)
     assert status.get_attribute("textContent") == f"Thanks: stored as green_square/{names[0]}"
     assert len(names) == 1 and (stored / names[0]).read_bytes() == data
+
+
+def test_the_page_picks_the_model_and_shows_its_classes(browser, tmp_path):
+    """With several models (MODEL_CONFIG_FILE) the page lists them; picking one shows its classes and
+    classifies with it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    write_colour_model(tmp_path / "colours", ["red", "green", "blue"])
+    write_third_party_model(tmp_path / "imagenet")
+    (tmp_path / "models.config").write_text('model_config_list { config { name: "colours" base_path: "colours" } '
+                                            'config { name: "imagenet" base_path: "imagenet" } }')
+    s = Server({"MODEL_CONFIG_FILE": str(tmp_path / "models.config")}, log_path=tmp_path / "gunicorn.log")
+    try:
+        s.wait_ready()
+        (tmp_path / "red.jpg").write_bytes(shape_image("red_circle", 8))
+        browser.get(s.url + "/")
+        classes = browser.find_element(By.ID, "classes")
+        WebDriverWait(browser, TIMEOUT).until(lambda d: classes.text)
+        picker = Select(browser.find_element(By.ID, "model"))
+        assert [o.text for o in picker.options] == ["colours", "imagenet"] and picker.first_selected_option.text == \
+            "colours"
+        assert classes.text == "3 classes: red, green, blue"
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "red.jpg"))
+        WebDriverWait(browser, TIMEOUT).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results .row")) == 3)
+        assert browser.find_element(By.CSS_SELECTOR, "#results .label").text == "red"
+        picker.select_by_visible_text("imagenet")  # the same photo again, through the other model
+        WebDriverWait(browser, TIMEOUT).until(lambda d: classes.text.startswith("6 classes"))
+        assert classes.text == "6 classes: " + ", ".join(IMAGENET_LABELS)
+        WebDriverWait(browser, TIMEOUT).until(
+            lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "#results .label")][:1] in
+            ([label] for label in IMAGENET_LABELS))
+        shown = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#results .label")]
+        want = third_party_scores(shape_image("red_circle", 8))
+        assert shown == [IMAGENET_LABELS[i] for i in np.argsort(-want)[:5]]
+        browser.save_screenshot(str(tmp_path / "models.png"))
+        if os.environ.get("PAGE_SCREENSHOT"):  # to look at it: PAGE_SCREENSHOT=path pytest -k picks_the_model
+            shutil.copy(tmp_path / "models.png", os.environ["PAGE_SCREENSHOT"])
+    finally:
+        s.stop()

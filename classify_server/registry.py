@@ -28,6 +28,7 @@ class Models:
         self.load, self.specs, self.config_file = load, list(specs), config_file
         self.poll_seconds, self.config_poll_seconds = poll_seconds, config_poll_seconds
         self.managers = {}  # name -> ModelManager, in the config's order; replaced whole, never changed in place
+        self.rejected = {}  # name -> the changed ModelSpec that did not load (not tried again on every poll)
         self.started = False
 
     @classmethod
@@ -83,6 +84,8 @@ class Models:
             manager = old.get(spec.name)
             if manager is not None and manager.spec == spec:  # same folder and policy
                 manager.spec = spec  # the version labels may have changed
+            elif manager is not None and self.rejected.get(spec.name) == spec:
+                pass  # that change failed already: the old one keeps serving
             else:
                 log.info("model %r %s: loading from %s", spec.name, "changed" if manager else "added", spec.base_path)
                 fresh = ModelManager(spec, self.load)
@@ -92,7 +95,7 @@ class Models:
                     log.error("model %r: its new config does not load, the old one keeps serving: %s",
                               spec.name, fresh.error)
                     fresh.close()
-                    fresh = manager
+                    fresh, self.rejected[spec.name] = manager, spec
                 manager = fresh
             new[spec.name] = manager
         self.managers = new

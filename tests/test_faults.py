@@ -623,7 +623,7 @@ def start_up(tmp_path_factory):
 def test_readyz_is_not_200_before_the_warm_up_has_run(start_up):
     seen = start_up["seen"]
     assert seen and seen[-1][1] == 200, f"never ready: {seen[-5:]}\n{start_up['output'][-2000:]}"
-    assert start_up["ready"] == {"status": "ready", "version": 1}
+    assert start_up["ready"] == {"status": "ready", "version": 1, "models": {"model": 1}}
     # The first 200 comes after the worker started and its warm-up run (WARM_UP_SECONDS) was over.
     assert start_up["worker_seen"] is not None
     assert seen[-1][0] >= start_up["worker_seen"] + WARM_UP_SECONDS - 0.1, (start_up["worker_seen"], seen[-1])

@@ -222,6 +222,10 @@ def test_a_changed_model_that_does_not_load_leaves_the_old_one_serving(tmp_path,
     with caplog.at_level(logging.ERROR, logger="classify_server"):
         app.extensions["models"].reload_config()
     assert "its new config does not load, the old one keeps serving" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="classify_server"):
+        app.extensions["models"].reload_config()  # the same config again: not tried again on every poll
+    assert caplog.text == ""
     r = app.test_client().post("/?model=m", data={"data": (io.BytesIO(IMAGES[0]), "x.jpg")})
     assert r.status_code == 200 and {label for label, _ in r.get_json()} == {"a", "b", "c"}
 

@@ -14,6 +14,7 @@ setup(
         "grpcio-health-checking",  # grpc.health.v1 on the gRPC server
         "grpcio-reflection",  # so grpcurl lists and calls its services
         "tritonclient[grpc]",  # the Open Inference Protocol's generated gRPC service code
+        "ai-edge-litert",  # LiteRT, TensorFlow Lite's maintained runtime (MODEL_ENGINE=tflite, retrain.tflite)
         "flask>=3.0",
         "gunicorn>=22",
         "pillow>=10.1",

@@ -3,10 +3,11 @@
 An engine is one loaded model version. The core (classify_server.inference) decodes each
 image with the shared preprocessing into what `input_spec` asks for, and hands the engine
 a batch of them; the engine only runs the model. Today's engine is the persistent
-TensorFlow session over graph.pb (classify_server.model.Classifier). Another (a TFLite
-interpreter, say) implements the members below and is chosen where versions are loaded
-(`load` below); no adapter changes.
+TensorFlow session over graph.pb (classify_server.model.Classifier, MODEL_ENGINE=tf) and LiteRT's
+interpreters over model.tflite (classify_server.tflite, MODEL_ENGINE=tflite). Each implements the
+members below and is chosen where versions are loaded (`load` below); no adapter changes.
 """
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -46,12 +47,17 @@ class Engine(Protocol):
 
 
 def load(folder, config):
-    """A warmed-up engine over one model folder, with these settings (classify_server.settings): where a
-    second kind of engine would be chosen."""
-    from classify_server import settings
-    from classify_server.model import Classifier
-    engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
-                        config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
+    """A warmed-up engine over one model folder, with these settings (classify_server.settings): the
+    kind MODEL_ENGINE names."""
+    if config["MODEL_ENGINE"] == "tflite":
+        from classify_server.tflite import TFLiteClassifier
+        engine = TFLiteClassifier(folder, config["TF_INTRA_OP_THREADS"] or os.cpu_count() or 1,
+                                  config["TF_INTER_OP_THREADS"] or os.cpu_count() or 1)
+    else:
+        from classify_server import settings
+        from classify_server.model import Classifier
+        engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
+                            config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
     try:
         engine.warm_up()
     except Exception:

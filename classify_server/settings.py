@@ -31,6 +31,7 @@ SETTINGS = (
                                      "MODEL_NAME and INPUT_* are not used; classify_server.model_config)"),
     Setting("MODEL_CONFIG_POLL_SECONDS", 10, "seconds between reads of MODEL_CONFIG_FILE for models added, "
                                              "removed or changed (0: never)", int, 0),
+    Setting("MODEL_ENGINE", "tf", "tf: a TensorFlow session over graph.pb; tflite: LiteRT over model.tflite"),
     Setting("INPUT_LAYER", "", "a third-party graph's input tensor, when it has no model.json sidecar"),
     Setting("OUTPUT_LAYER", "", "its output tensor"),
     Setting("INPUT_HEIGHT", None, "its input height in pixels", int, 1),
@@ -102,6 +103,8 @@ def from_env(environ=None):
             if config[name] not in (None, ""):
                 raise SystemExit(f"error: environment variable {name} describes MODEL_DIR's graph; with "
                                  "MODEL_CONFIG_FILE each model's model.json describes its own (README: Several models)")
+    if config["MODEL_ENGINE"] not in ("tf", "tflite"):
+        _bad("MODEL_ENGINE", config["MODEL_ENGINE"], "tf or tflite")
     if config["LOG_LEVEL"].lower() not in LOG_LEVELS:
         _bad("LOG_LEVEL", config["LOG_LEVEL"], f"one of {', '.join(LOG_LEVELS)}")
     return config

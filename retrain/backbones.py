@@ -18,13 +18,14 @@ class Architecture:
     size: int              # input height = width
     scale: float           # pixels are fed to the backbone as x * scale + offset
     offset: float
+    quantization: str      # --tflite_quantization's default: the fastest within 0.5 points of float (README)
 
 
 ARCHITECTURES = {
     a.name: a for a in (
         # Both scale to [-1, 1], as keras.applications' preprocess_input does for them.
-        Architecture("inception_v3", "InceptionV3", 299, 1 / 127.5, -1.0),
-        Architecture("mobilenet_v2", "MobileNetV2", 224, 1 / 127.5, -1.0),
+        Architecture("inception_v3", "InceptionV3", 299, 1 / 127.5, -1.0, "dynamic"),
+        Architecture("mobilenet_v2", "MobileNetV2", 224, 1 / 127.5, -1.0, "float16"),
     )
 }
 

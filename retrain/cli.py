@@ -38,6 +38,7 @@ import numpy as np
 from retrain import atomic, model_folder
 from retrain.images import create_image_lists, maybe_download_flowers
 from retrain.preprocessing import PREPROCESSING_VERSION
+from retrain.tflite import QUANTIZATIONS as TFLITE_QUANTIZATIONS
 
 
 def parse_args(argv=None):
@@ -61,6 +62,11 @@ def parse_args(argv=None):
     p.add_argument("--max_accuracy_drop", type=float, default=0.02,
                    help="with --model_base_path, refuse to publish a version whose test accuracy is lower "
                         "than the newest version's by more than this")
+    p.add_argument("--tflite_quantization", default="auto", choices=("auto",) + TFLITE_QUANTIZATIONS,
+                   help="model.tflite beside graph.pb, for MODEL_ENGINE=tflite: int8, dynamic, float16, float32 or "
+                        "none (default auto: float16 for mobilenet_v2, dynamic for inception_v3; README)")
+    p.add_argument("--max_quantization_drop", type=float, default=0.01,
+                   help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more")
     p.add_argument("--bottleneck_dir", default="/tmp/bottleneck", help="bottleneck cache")
     p.add_argument("--summaries_dir", default="/tmp/retrain_logs", help="TensorBoard summaries")
     p.add_argument("--how_many_training_steps", type=int, default=4000)
@@ -186,17 +192,24 @@ def main(argv=None):
     info = {"architecture": arch.name, "weights": flags.weights, "labels_count": len(labels),
             "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "image_dir": os.path.abspath(image_dir),
             "training_seconds": round(time.time() - start, 1)}
+    frozen = graph_def()
+    quantization = arch.quantization if flags.tflite_quantization == "auto" else flags.tflite_quantization
+    tflite_model = None
+    if quantization != "none":
+        from retrain import tflite
+        tflite_model, info["tflite"] = tflite.export(frozen, arch.size, quantization, train_paths, test_paths, test_y,
+                                                     accuracy.get("test"), flags.max_quantization_drop)
     if flags.model_base_path:
-        return publish_version(flags, export, graph_def(), model, arch.size, labels, info)
-    export.write_model(flags.output_graph, flags.output_labels, graph_def(), arch.size, labels, info)
-    print(f"wrote {flags.output_graph} and {flags.output_labels}")
+        return publish_version(flags, export, frozen, model, arch.size, labels, info, tflite_model)
+    export.write_model(flags.output_graph, flags.output_labels, frozen, arch.size, labels, info, tflite_model)
+    print(f"wrote {flags.output_graph} and {flags.output_labels}" + (" and model.tflite" if tflite_model else ""))
     if flags.saved_model_dir:
         export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, model(), arch.size))
         print(f"wrote SavedModel {flags.saved_model_dir}")
     return 0
 
 
-def publish_version(flags, export, graph_def, model, size, labels, info):
+def publish_version(flags, export, graph_def, model, size, labels, info, tflite_model=None):
     """Write MODEL_BASE_PATH/N+1 complete, or refuse if it is worse than version N."""
     existing = model_folder.versions(flags.model_base_path)
     if existing:
@@ -214,7 +227,7 @@ def publish_version(flags, export, graph_def, model, size, labels, info):
 
     def write(folder):
         export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
-                           graph_def, size, labels, info)
+                           graph_def, size, labels, info, tflite_model)
         export.write_saved_model(folder, model(), size)  # saved_model.pb beside graph.pb, for TF Serving
 
     target = os.path.join(flags.model_base_path, str(version))

@@ -16,7 +16,7 @@ import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
 from retrain import atomic
-from retrain.model_folder import SIDECAR
+from retrain.model_folder import SIDECAR, TFLITE
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "final_result"
@@ -65,9 +65,14 @@ def _rename(graph_def, old, new):
             node.name = new
 
 
-def write_model(output_graph, output_labels, graph_def, size, labels, info):
-    """Write graph.pb, labels.txt and the sidecar beside graph.pb, each atomically."""
+def write_model(output_graph, output_labels, graph_def, size, labels, info, tflite_model=None):
+    """Write graph.pb, labels.txt, the sidecar and model.tflite (when given) beside graph.pb, each atomically."""
     atomic.write_bytes(output_graph, graph_def.SerializeToString())
+    tflite_path = os.path.join(os.path.dirname(os.path.abspath(output_graph)), TFLITE)
+    if tflite_model is not None:
+        atomic.write_bytes(tflite_path, tflite_model)
+    elif os.path.exists(tflite_path):  # an earlier run's, of another model: never leave it beside this one
+        os.unlink(tflite_path)
     atomic.write_text(output_labels, "".join(label + "\n" for label in labels))
     sidecar = dict(info, input=INPUT_NAME + ":0", output=OUTPUT_NAME + ":0", input_height=size,
                    input_width=size, input_mean=0.0, input_std=1.0,

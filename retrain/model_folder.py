@@ -9,6 +9,8 @@ A model folder holds:
     model.json   the sidecar: `input`, `output` (tensor names), `input_height`, `input_width`,
                  `input_mean`, `input_std`; and what made it (architecture, weights, accuracy...)
     saved_model.pb, variables/   optional: the same model as a SavedModel, for TensorFlow Serving
+    model.tflite optional: the same model for TensorFlow Lite (LiteRT), maybe quantized (retrain.tflite);
+                 what the server's MODEL_ENGINE=tflite runs
 
 A base folder holds numbered versions of one model, TensorFlow Serving's layout: BASE/1/, BASE/2/...
 A version is complete when it holds graph.pb and labels.txt: retrain writes each version in a
@@ -20,6 +22,7 @@ import os
 GRAPH = "graph.pb"
 LABELS = "labels.txt"
 SIDECAR = "model.json"
+TFLITE = "model.tflite"
 
 
 def is_model(folder):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import TEST_WEIGHTS, Server, make_app, make_image_dir, run_retrain
+from helpers import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS, Server, make_app, make_image_dir, run_retrain
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -24,7 +24,8 @@ def pytest_runtest_makereport(item, call):
 # End-to-end tests (`slow`): whole modules of real processes, and tests that start one through these fixtures.
 # `python -m pytest -m "not slow"` runs the rest in under a minute.
 SLOW_MODULES = {"test_deploy", "test_faults", "test_grpc", "test_page", "test_protocols", "test_stream", "test_v2"}
-SLOW_FIXTURES = {"server", "start_server", "broken_servers", "third_party", "foreign", "messy_run", "offline_runs"}
+SLOW_FIXTURES = {"flower_model", "server", "start_server", "broken_servers", "third_party", "foreign", "messy_run",
+                 "offline_runs"}
 
 
 def pytest_collection_modifyitems(items):
@@ -59,6 +60,30 @@ def trained_model(tmp_path_factory, image_dir):
                 "--how_many_training_steps", 1000, "--output_dir", out,
                 "--bottleneck_dir", tmp_path_factory.mktemp("bottlenecks"), "--summaries_dir", "")
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def flower_model(tmp_path_factory):
+    """(model folder, retrain's CompletedProcess): MobileNetV2 with the real ImageNet weights, retrained on
+    150 real flower photos a class (linked in place, ../shared is never copied), 30 % held out for testing;
+    with its model.tflite (int8, the default for mobilenet_v2)."""
+    if not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)):
+        pytest.skip(f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
+    root = tmp_path_factory.mktemp("flowers")
+    images = root / "flowers"
+    for label in sorted(os.listdir(FLOWERS)):
+        folder = os.path.join(FLOWERS, label)
+        if not os.path.isdir(folder):
+            continue
+        os.makedirs(images / label)
+        for name in sorted(os.listdir(folder))[:150]:
+            os.symlink(os.path.join(folder, name), images / label / name)
+    out = root / "model"
+    result = run_retrain("--image_dir", images, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+                         "--how_many_training_steps", 300, "--testing_percentage", 30,
+                         "--validation_percentage", 10, "--output_dir", out,
+                         "--bottleneck_dir", root / "bottlenecks", "--summaries_dir", "")
+    return out, result
 
 
 @pytest.fixture

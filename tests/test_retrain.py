@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import (CLASSES, FLOWERS, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain,
+from helpers import (CLASSES, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain,
                       shape_image)
 from retrain import atomic
 from retrain.bottlenecks import cache_path, get_bottlenecks
@@ -567,26 +567,11 @@ def test_training_on_pixels_keeps_the_epoch_best_on_validation():
     assert kept == pytest.approx(history[best]), (kept, history)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)),
-                    reason=f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
-def test_real_flowers_reach_a_sane_accuracy(tmp_path):
+def test_real_flowers_reach_a_sane_accuracy(flower_model):
     # 150 photos a class, linked in place (../shared is never copied); 30% for testing gives 216 test
     # images. The run is deterministic (hash split, seeded head): 0.838 in each of two runs. The floor
     # leaves 8 images for other CPUs' numerics: a drop of 4 points fails; chance is 0.2.
-    images = tmp_path / "flowers"
-    for label in sorted(os.listdir(FLOWERS)):
-        folder = os.path.join(FLOWERS, label)
-        if not os.path.isdir(folder):
-            continue
-        os.makedirs(images / label)
-        for name in sorted(os.listdir(folder))[:150]:
-            os.symlink(os.path.join(folder, name), images / label / name)
-    out = tmp_path / "model"
-    result = run_retrain("--image_dir", images, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
-                         "--how_many_training_steps", 300, "--testing_percentage", 30,
-                         "--validation_percentage", 10, "--output_dir", out,
-                         "--bottleneck_dir", tmp_path / "bottlenecks", "--summaries_dir", "")
+    out, result = flower_model
     tested = re.search(r"^test accuracy = ([\d.]+) \(N=(\d+)\)", result.stdout, re.M)
     assert tested, result.stdout
     accuracy, count = float(tested.group(1)), int(tested.group(2))

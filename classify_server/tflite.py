@@ -1,0 +1,93 @@
+"""The TFLite engine (MODEL_ENGINE=tflite): model.tflite in LiteRT's interpreter, no TensorFlow session.
+
+retrain writes model.tflite beside graph.pb (retrain.tflite: the same model, quantized as
+--tflite_quantization says). An interpreter is not thread-safe, so each engine keeps a pool of
+them: one per request running at once (TF_INTER_OP_THREADS, as for the session's concurrent runs),
+made when first needed, each with XNNPACK on TF_INTRA_OP_THREADS threads. A batch is run image by
+image on one interpreter (its input is one image; resizing it per request would cost more).
+"""
+import os
+import queue
+import threading
+import time
+
+import numpy as np
+
+from classify_server.engine import InputSpec, ModelLoadError
+from retrain import model_folder
+from retrain import tflite as tflite_format
+
+
+class TFLiteClassifier:
+    """The TFLite engine (classify_server.engine)."""
+
+    def __init__(self, model_dir, threads=1, runners=1):
+        self.model_dir = os.path.abspath(model_dir)
+        self.path = os.path.join(model_dir, model_folder.TFLITE)
+        labels_path = os.path.join(model_dir, model_folder.LABELS)
+        if not os.path.isfile(self.path):
+            raise ModelLoadError(f"model not found: {self.path} is missing (MODEL_ENGINE=tflite serves the "
+                                 "model.tflite that retrain writes unless --tflite_quantization none; or set "
+                                 "MODEL_ENGINE=tf to serve graph.pb)")
+        if not os.path.isfile(labels_path):
+            raise ModelLoadError(f"model not found: {labels_path} is missing")
+        self.labels = model_folder.read_labels(labels_path)
+        try:
+            self.sidecar = model_folder.read_sidecar(model_dir)
+            with open(self.path, "rb") as f:
+                self.content = f.read()
+            first = tflite_format.interpreter(self.content, threads)
+        except (OSError, ValueError, RuntimeError) as exc:  # LiteRT raises ValueError on a bad flatbuffer
+            raise ModelLoadError(f"corrupt model: cannot load {self.path} ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]})") from None
+        detail = first.get_input_details()[0]
+        if len(detail["shape"]) != 4 or detail["dtype"] != np.float32:
+            raise ModelLoadError(f"{self.path}: expected float32 images [1, H, W, 3] in, got "
+                                 f"{detail['dtype'].__name__} {list(detail['shape'])}")
+        self.input_spec = InputSpec(height=int(detail["shape"][1]), width=int(detail["shape"][2]))
+        self.threads, self.runners = threads, max(1, runners)
+        self.idle, self.made, self.lock = queue.LifoQueue(), 1, threading.Lock()
+        self.idle.put(first)
+        self.ready = False
+
+    def _take(self):
+        try:
+            return self.idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self.lock:
+            make = self.made < self.runners
+            self.made += make
+        return tflite_format.interpreter(self.content, self.threads) if make else self.idle.get()
+
+    def predict(self, inputs):
+        """Preprocessed images (a list of float32 [H, W, 3]) -> probabilities [len(inputs), classes]."""
+        runner = self._take()
+        try:
+            return np.stack([tflite_format.run(runner, x).copy() for x in inputs])
+        finally:
+            self.idle.put(runner)
+
+    def warm_up(self):
+        spec = self.input_spec
+        probabilities = self.predict([np.full((spec.height, spec.width, 3), 128.0, np.float32)])
+        if probabilities.shape[-1] != len(self.labels):
+            raise ModelLoadError(f"{self.path} answers {probabilities.shape[-1]} scores but "
+                                 f"{len(self.labels)} labels are listed in {model_folder.LABELS}")
+        self.ready = True
+        self.loaded_at = time.time()
+
+    def metadata(self):
+        spec = self.input_spec
+        return {"labels": self.labels, "input_height": spec.height, "input_width": spec.width,
+                "input_mean": spec.mean, "input_std": spec.std, "engine": "tflite", "model_dir": self.model_dir,
+                "graph": self.path, "weights": self.sidecar.get("weights"),
+                "architecture": self.sidecar.get("architecture"), "accuracy": self.sidecar.get("accuracy"),
+                "tflite": self.sidecar.get("tflite"), "created": self.sidecar.get("created")}
+
+    def close(self):
+        while True:  # the interpreters in use are dropped when their requests put them back
+            try:
+                self.idle.get_nowait()
+            except queue.Empty:
+                return

@@ -5,7 +5,8 @@ model.tflite in each quantization, for MobileNetV2 and Inception-v3, in this pro
 
 MobileNetV2 is retrained on the real ImageNet weights (../shared) over `--per_class` flower photos a
 class, 30 % of them held out as its test split, so its accuracies mean something; Inception-v3 has
-random weights (no ImageNet weights offline), so only its speed does. Each model.tflite is converted
+random weights (no ImageNet weights offline), so only its speed does. "TF session bf16" is the session
+with TensorFlow's oneDNN auto-mixed-precision rewrite (TF_BFLOAT16=1). Each model.tflite is converted
 from that graph.pb (retrain.tflite.convert, int8 calibrated on training photos). Every variant is
 judged on the same held-out photos, decoded once by the shared preprocessing, as the server feeds
 them. Speed: images per second, sustained over `--seconds`, alternating the variants round after
@@ -69,7 +70,8 @@ def engines(model_dir, lists, size, config):
     with open(os.path.join(model_dir, model_folder.GRAPH), "rb") as f:
         graph_def.ParseFromString(f.read())
     train_paths = [p for paths in lists.training.values() for p in paths]
-    built = {"TF session fp32": load(model_dir, dict(config, MODEL_ENGINE="tf"))}
+    built = {"TF session fp32": load(model_dir, dict(config, MODEL_ENGINE="tf")),
+             "TF session bf16": load(model_dir, dict(config, MODEL_ENGINE="tf", TF_BFLOAT16=1))}
     for variant in VARIANTS:
         folder = f"{model_dir}-{variant}"
         os.makedirs(folder)

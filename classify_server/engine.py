@@ -57,7 +57,8 @@ def load(folder, config):
         from classify_server import settings
         from classify_server.model import Classifier
         engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
-                            config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"])
+                            config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"],
+                            bfloat16=config["TF_BFLOAT16"])
     try:
         engine.warm_up()
     except Exception:

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import tensorflow as tf
 from PIL import Image
+from tensorflow.core.protobuf import rewriter_config_pb2
 
 from classify_server.batching import Batcher
 from classify_server.engine import InputSpec, ModelLoadError
@@ -55,7 +56,7 @@ class Classifier:
     """The TensorFlow session engine (classify_server.engine): graph.pb in one persistent session."""
 
     def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, batch_max_size=0,
-                 batch_timeout_ms=5, graph_path=None, labels_path=None):
+                 batch_timeout_ms=5, graph_path=None, labels_path=None, bfloat16=False):
         self.model_dir = os.path.abspath(model_dir)
         graph_path, self.labels, spec, self.sidecar = read_spec(model_dir, overrides, graph_path, labels_path)
         graph_def = tf.compat.v1.GraphDef()
@@ -84,6 +85,9 @@ class Classifier:
         self.graph_path = graph_path
         config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_threads,
                                           inter_op_parallelism_threads=inter_threads)
+        if bfloat16:  # TF_BFLOAT16: oneDNN computes in bfloat16 where it is safe, on CPUs that have it
+            config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = \
+                rewriter_config_pb2.RewriterConfig.ON
         self.session = tf.compat.v1.Session(graph=graph, config=config)
         self.ready = False
         self.batcher = None

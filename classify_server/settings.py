@@ -48,6 +48,8 @@ SETTINGS = (
                                       "sets cores / workers)", int, 0),
     Setting("TF_INTER_OP_THREADS", 0, "ops (and requests) run at once in the session (0: TensorFlow decides)",
             int, 0),
+    Setting("TF_BFLOAT16", 0, "1: the tf engine lets oneDNN compute in bfloat16 where safe (CPUs with AVX512_BF16 "
+                              "or AMX; README: Engines)", int, 0, 1),
     Setting("BATCH_MAX_SIZE", 0, "dynamic batching of concurrent requests, most images per run (0: off)", int, 0),
     Setting("BATCH_TIMEOUT_MS", 5, "how long a batch waits for more requests", int, 0),
     # Corrections from users (POST /feedback)

@@ -24,7 +24,7 @@ import pytest
 import requests
 from PIL import Image
 
-from helpers import assert_same_answer, classify, encode, png_bytes, read_labels, shape_image
+from helpers import Server, assert_same_answer, classify, encode, png_bytes, read_labels, shape_image
 
 TIMEOUT = 60  # seconds, for every HTTP exchange
 GOOD = shape_image("red_circle", 1)
@@ -315,6 +315,15 @@ def answered_by(case):
 
 
 # --- through gunicorn ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["tf", "tflite"])
+def server(request, trained_model, tmp_path_factory):
+    """conftest's server, once with each engine (MODEL_ENGINE): bad input is the core's to refuse, whichever runs."""
+    s = Server({"MODEL_DIR": trained_model, "MODEL_ENGINE": request.param}, workers=2,
+               log_path=tmp_path_factory.mktemp("server") / "gunicorn.log")
+    yield s.wait_ready()
+    s.stop()
+
 
 def worker_pids(server):
     with open(f"/proc/{server.process.pid}/task/{server.process.pid}/children") as f:

@@ -9,7 +9,8 @@ the shared preprocessing), the float conversion an engine's input needs, each en
 (MODEL_ENGINE=tf and tflite, threads as the server's defaults), ranking and the JSON answer; then the
 whole request through Flask's test client (all of the above plus Flask's own work, no socket). CPU
 milliseconds per call (process CPU time, so an engine's helper threads count). The gunicorn side (the
-socket, the worker's threads) is what serve_bench.py measures on top.
+socket, the worker's threads) is what serve_bench.py measures on top. Last, the in-process ceiling a
+server's req/s is judged against: decode + engine, 1, 4 and 16 threads at once, images per second.
 """
 import argparse
 import io
@@ -40,6 +41,25 @@ def cost(call, seconds):
         call()
         count += 1
     return 1000 * (time.process_time() - cpu) / count, 1000 * (time.perf_counter() - wall) / count
+
+
+def rate(call, callers, seconds):
+    """Calls per second of `callers` threads each calling `call()` for `seconds`."""
+    import threading
+    counts, deadline = [0] * callers, time.perf_counter() + seconds
+
+    def loop(i):
+        while time.perf_counter() < deadline:
+            call()
+            counts[i] += 1
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
 
 
 def main(argv=None):
@@ -96,9 +116,17 @@ def main(argv=None):
     for name, call in stages:
         cpu, wall = cost(call, flags.seconds)
         rows.append([name, f"{cpu:.3f}", f"{wall:.3f}"])
+    ceiling = []
+    for kind in ("tf", "tflite"):
+        def decode_and_run(engine=engines[kind]):
+            engine.predict([decode_image(jpeg, (spec.height, spec.width))])
+        ceiling.append([f"decode + engine {kind}"] + [C.fmt(rate(decode_and_run, callers, flags.seconds))
+                                                      for callers in (1, 4, 16)])
     C.print_machine(cores, C.revision(), C.other_busy_processes())
     print(f"image: {flags.image or serve_bench.default_image()}, {len(jpeg)} bytes; model {flags.model_dir}\n")
     print(C.table(["stage", "CPU ms per call", "wall ms per call"], rows, "Stages of one request, in process"))
+    print(C.table(["in process", "1 caller", "4 callers", "16 callers"], ceiling,
+                  "The ceiling a server's req/s compares with: decode + engine, images/s, threads at once"))
 
 
 if __name__ == "__main__":

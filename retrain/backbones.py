@@ -25,7 +25,7 @@ ARCHITECTURES = {
     a.name: a for a in (
         # Both scale to [-1, 1], as keras.applications' preprocess_input does for them.
         Architecture("inception_v3", "InceptionV3", 299, 1 / 127.5, -1.0, "dynamic"),
-        Architecture("mobilenet_v2", "MobileNetV2", 224, 1 / 127.5, -1.0, "float16"),
+        Architecture("mobilenet_v2", "MobileNetV2", 224, 1 / 127.5, -1.0, "int8"),
     )
 }
 

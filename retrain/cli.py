@@ -64,7 +64,7 @@ def parse_args(argv=None):
                         "than the newest version's by more than this")
     p.add_argument("--tflite_quantization", default="auto", choices=("auto",) + TFLITE_QUANTIZATIONS,
                    help="model.tflite beside graph.pb, for MODEL_ENGINE=tflite: int8, dynamic, float16, float32 or "
-                        "none (default auto: float16 for mobilenet_v2, dynamic for inception_v3; README)")
+                        "none (default auto: int8 for mobilenet_v2, dynamic for inception_v3; README)")
     p.add_argument("--max_quantization_drop", type=float, default=0.01,
                    help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more")
     p.add_argument("--bottleneck_dir", default="/tmp/bottleneck", help="bottleneck cache")

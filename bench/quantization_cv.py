@@ -1,0 +1,98 @@
+"""Does quantization cost accuracy? k-fold cross-validation over all the shared flower photos, so that a
+default is chosen on more than one lucky split.
+
+    .venv/bin/python bench/quantization_cv.py [--folds 5] [--quantizations float16,int8]
+
+MobileNetV2 on the real ImageNet weights (../shared). Every photo's bottleneck is computed once
+(cached as retrain caches them, in a temp folder); for each fold, the new layer is trained with
+retrain's default flags on the other folds, stitched onto the frozen backbone as retrain builds
+graph.pb, and converted to model.tflite in each quantization (retrain.tflite.convert, int8 calibrated
+on that fold's training photos). The float graph and every model.tflite are judged on the held-out
+fold's photos, decoded by the shared preprocessing as served. Prints each fold's accuracies and, per
+quantization, the mean and spread of (quantized - float) over the folds.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+sys.path.insert(0, C.ROOT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--quantizations", default="float16,int8")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    flags = parse_args(argv)
+    if not (os.path.isdir(C.FLOWERS) and os.path.isfile(C.MOBILENET_WEIGHTS)):
+        raise SystemExit(f"needs {C.FLOWERS} and {C.MOBILENET_WEIGHTS}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from retrain import backbones, bottlenecks, cli, export, tflite, train
+    from retrain.preprocessing import decode_image
+    arch = backbones.ARCHITECTURES["mobilenet_v2"]
+    retrain_flags = cli.parse_args(["--summaries_dir", ""])  # retrain's defaults for the new layer
+    labels = sorted(d for d in os.listdir(C.FLOWERS) if os.path.isdir(os.path.join(C.FLOWERS, d)))
+    photos = [(os.path.join(C.FLOWERS, label, name), i) for i, label in enumerate(labels)
+              for name in sorted(os.listdir(os.path.join(C.FLOWERS, label)))]
+    rng = np.random.default_rng(0)
+    fold_of = rng.permutation(len(photos)) % flags.folds  # stratification is left to the shuffle
+    work = tempfile.mkdtemp(prefix="quantization-cv-")
+    try:
+        backbone_def = cli.backbone_graph_def(work, lambda: backbones.build_backbone(arch, C.MOBILENET_WEIGHTS),
+                                              arch.size)
+        C.log(f"bottlenecks of {len(photos)} photos")
+        features, skipped = bottlenecks.get_bottlenecks([p for p, _ in photos],
+                                                        lambda: bottlenecks.frozen_forward(backbone_def),
+                                                        arch.size, work)
+        kept = [i for i, (p, _) in enumerate(photos) if p in features]
+        x_all = np.stack([features[photos[i][0]] for i in kept])
+        y_all = np.array([photos[i][1] for i in kept])
+        folds_all = fold_of[kept]
+        pixels = {}
+        rows, deltas = [], {q: [] for q in flags.quantizations.split(",")}
+        for fold in range(flags.folds):
+            train_rows, test_rows = np.where(folds_all != fold)[0], np.where(folds_all == fold)[0]
+            head = train.train_head(x_all[train_rows], y_all[train_rows], None, len(labels), retrain_flags)
+            graph_def = export.stitched_graph_def(backbone_def,
+                                                  export.frozen_graph_def(head, [None, x_all.shape[1]]))
+            float_accuracy = float(np.mean(np.argmax(head.predict(x_all[test_rows], verbose=0), 1)
+                                           == y_all[test_rows]))
+            test_paths = [photos[kept[i]][0] for i in test_rows]
+            for path in test_paths:
+                if path not in pixels:
+                    pixels[path] = decode_image(path, (arch.size, arch.size)).astype(np.uint8)
+            row = [str(fold + 1), str(len(test_rows)), f"{float_accuracy:.4f}"]
+            for quantization in deltas:
+                content = tflite.convert(graph_def, arch.size, quantization,
+                                         [photos[kept[i]][0] for i in train_rows])
+                runner = tflite.interpreter(content, os.cpu_count() or 1)
+                predicted = [int(np.argmax(tflite.run(runner, pixels[p].astype(np.float32)))) for p in test_paths]
+                accuracy = float(np.mean(np.array(predicted) == y_all[test_rows]))
+                deltas[quantization].append(accuracy - float_accuracy)
+                row.append(f"{accuracy:.4f} ({accuracy - float_accuracy:+.4f})")
+            rows.append(row)
+            C.log(f"fold {fold + 1}: " + "  ".join(row))
+        C.print_machine(os.cpu_count(), C.revision(), C.other_busy_processes())
+        print(C.table(["fold", "test photos", "float (graph.pb)"] + list(deltas), rows,
+                      f"{flags.folds}-fold accuracy, MobileNetV2 (real weights), retrain's default flags"))
+        summary = [[q, f"{statistics.mean(d):+.4f}", f"{min(d):+.4f} .. {max(d):+.4f}",
+                    f"{statistics.stdev(d):.4f}" if len(d) > 1 else "-"] for q, d in deltas.items()]
+        print(C.table(["quantization", "mean (quantized - float)", "range over folds", "stdev"], summary,
+                      "Accuracy cost of quantization"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

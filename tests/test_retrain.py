@@ -27,7 +27,7 @@ from retrain.preprocessing import decode_image
 
 # The cheapest real configuration; --summaries_dir "" skips TensorBoard logs.
 FAST = ("--architecture", "mobilenet_v2", "--weights", "none", "--summaries_dir", "")
-MODEL_FILES = {"graph.pb", "labels.txt", "model.json"}
+MODEL_FILES = {"graph.pb", "labels.txt", "model.json", "model.tflite"}
 # A proxy nobody listens on: downloads fail at once, online or not, so no test
 # ever fetches flower_photos (218 MB) or ImageNet weights.
 DEAD_PROXY = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
@@ -432,7 +432,7 @@ def test_corrupt_and_non_image_files_are_skipped(messy_run):
 def test_old_output_flags_still_work(messy_run):
     root, out, result = messy_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert set(os.listdir(out)) == {"retrained_graph.pb", "retrained_labels.txt", "model.json"}
+    assert set(os.listdir(out)) == {"retrained_graph.pb", "retrained_labels.txt", "model.json", "model.tflite"}
     assert (out / "retrained_labels.txt").read_text().splitlines() == sorted(CLASSES)
     info = json.loads((out / "model.json").read_text())
     assert info["graph"] == "retrained_graph.pb" and info["labels"] == "retrained_labels.txt"

@@ -321,8 +321,11 @@ def server(request, trained_model, tmp_path_factory):
     """conftest's server, once with each engine (MODEL_ENGINE): bad input is the core's to refuse, whichever runs."""
     s = Server({"MODEL_DIR": trained_model, "MODEL_ENGINE": request.param}, workers=2,
                log_path=tmp_path_factory.mktemp("server") / "gunicorn.log")
-    yield s.wait_ready()
-    s.stop()
+    try:
+        # A tflite worker is ready before gunicorn has forked the second one: wait for both.
+        yield s.wait_ready().wait_until(lambda: len(worker_pids(s)) == 2, 30, "both workers forked")
+    finally:
+        s.stop()
 
 
 def worker_pids(server):

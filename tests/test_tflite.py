@@ -151,6 +151,11 @@ def test_the_server_with_the_tflite_engine(trained_model, start_server):
         r = requests.post(server.url + "/v1/models/model:predict",
                           json={"instances": [{"b64": base64.b64encode(image).decode()}]}, timeout=30)
         np.testing.assert_allclose(r.json()["predictions"][0], want, atol=1e-6)
+    several = requests.post(server.url + "/", files=[("data", (f"{i}.jpg", image)) for i, image in enumerate(IMAGES)],
+                            timeout=30).json()  # one request of three images: run one by one, the same answers
+    for image, answer in zip(IMAGES, several):
+        want = local.predict([preprocess(local.input_spec, image, None)])[0]
+        assert dict(answer) == pytest.approx(dict(zip(local.labels, want.tolist())), abs=1e-6)
     r = requests.post(server.url + "/", files={"data": ("bad.jpg", IMAGES[0][:300])}, timeout=30)
     assert r.status_code == 400 and r.json()["code"] == "invalid_image"
     assert requests.post(server.url + "/", files={"data": ("x.jpg", IMAGES[1])}, timeout=30).status_code == 200

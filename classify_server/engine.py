@@ -8,10 +8,13 @@ interpreters over model.tflite (classify_server.tflite, MODEL_ENGINE=tflite). Ea
 members below and is chosen where versions are loaded (`load` below); no adapter changes.
 """
 import os
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from retrain import model_folder
 
 
 class ModelLoadError(RuntimeError):
@@ -44,6 +47,24 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free it, once no request uses it any more."""
+
+
+def warmed_up(engine, probabilities, path):
+    """Mark `engine` ready once its warm-up run answered `probabilities`; ModelLoadError when the model
+    at `path` answers another number of scores than it has labels."""
+    if probabilities.shape[-1] != len(engine.labels):
+        raise ModelLoadError(f"{path} answers {probabilities.shape[-1]} scores but "
+                             f"{len(engine.labels)} labels are listed in {model_folder.LABELS}")
+    engine.ready, engine.loaded_at = True, time.time()
+
+
+def metadata(served, path, sidecar, **extra):
+    """What every engine tells clients of itself: labels, input size and scaling, its file, and what made it
+    (the sidecar); `extra` adds the engine's own."""
+    spec = served.input_spec
+    return {"labels": served.labels, "input_height": spec.height, "input_width": spec.width,
+            "input_mean": spec.mean, "input_std": spec.std, **extra, "model_dir": served.model_dir, "graph": path,
+            **{key: sidecar.get(key) for key in ("weights", "architecture", "accuracy", "tflite", "created")}}
 
 
 def load(folder, config):

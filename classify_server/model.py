@@ -8,7 +8,6 @@ third-party one configured by label_image.py-style settings.
 """
 import io
 import os
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -16,6 +15,7 @@ from PIL import Image
 from tensorflow.core.protobuf import rewriter_config_pb2
 
 from classify_server.batching import Batcher
+from classify_server import engine
 from classify_server.engine import InputSpec, ModelLoadError
 from retrain import model_folder
 
@@ -116,21 +116,11 @@ class Classifier:
             sample = blank.getvalue()
         else:
             sample = np.full((spec.height, spec.width, 3), (128.0 - spec.mean) / spec.std, np.float32)
-        probabilities = self.predict([sample])
-        if probabilities.shape[-1] != len(self.labels):
-            raise ModelLoadError(f"{self.graph_path} answers {probabilities.shape[-1]} scores but "
-                                 f"{len(self.labels)} labels are listed in {model_folder.LABELS}")
-        self.ready = True
-        self.loaded_at = time.time()
+        engine.warmed_up(self, self.predict([sample]), self.graph_path)
 
     def metadata(self):
-        spec = self.input_spec
-        return {"labels": self.labels, "input_height": spec.height, "input_width": spec.width,
-                "input_mean": spec.mean, "input_std": spec.std, "input_tensor": self.input.name,
-                "output_tensor": self.output.name, "input_dtype": self.input.dtype.name,
-                "model_dir": self.model_dir, "graph": self.graph_path, "weights": self.sidecar.get("weights"),
-                "architecture": self.sidecar.get("architecture"), "accuracy": self.sidecar.get("accuracy"),
-                "created": self.sidecar.get("created")}
+        return engine.metadata(self, self.graph_path, self.sidecar, engine="tf", input_tensor=self.input.name,
+                               output_tensor=self.output.name, input_dtype=self.input.dtype.name)
 
     def close(self):
         if self.batcher:

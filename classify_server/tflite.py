@@ -9,10 +9,10 @@ image on one interpreter (its input is one image; resizing it per request would 
 import os
 import queue
 import threading
-import time
 
 import numpy as np
 
+from classify_server import engine
 from classify_server.engine import InputSpec, ModelLoadError
 from retrain import model_folder
 from retrain import tflite as tflite_format
@@ -70,20 +70,10 @@ class TFLiteClassifier:
 
     def warm_up(self):
         spec = self.input_spec
-        probabilities = self.predict([np.full((spec.height, spec.width, 3), 128.0, np.float32)])
-        if probabilities.shape[-1] != len(self.labels):
-            raise ModelLoadError(f"{self.path} answers {probabilities.shape[-1]} scores but "
-                                 f"{len(self.labels)} labels are listed in {model_folder.LABELS}")
-        self.ready = True
-        self.loaded_at = time.time()
+        engine.warmed_up(self, self.predict([np.full((spec.height, spec.width, 3), 128.0, np.float32)]), self.path)
 
     def metadata(self):
-        spec = self.input_spec
-        return {"labels": self.labels, "input_height": spec.height, "input_width": spec.width,
-                "input_mean": spec.mean, "input_std": spec.std, "engine": "tflite", "model_dir": self.model_dir,
-                "graph": self.path, "weights": self.sidecar.get("weights"),
-                "architecture": self.sidecar.get("architecture"), "accuracy": self.sidecar.get("accuracy"),
-                "tflite": self.sidecar.get("tflite"), "created": self.sidecar.get("created")}
+        return engine.metadata(self, self.path, self.sidecar, engine="tflite")
 
     def close(self):
         while True:  # the interpreters in use are dropped when their requests put them back

@@ -15,6 +15,7 @@ LiteRT (`ai-edge-litert`, TensorFlow Lite's maintained runtime: tf.lite.Interpre
 runs it here to measure its accuracy on the test split, and in the server (MODEL_ENGINE=tflite).
 """
 import random
+import warnings
 
 import numpy as np
 
@@ -52,7 +53,9 @@ def convert(graph_def, size, quantization, calibration_paths=()):
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    return converter.convert()
+    with warnings.catch_warnings():  # "Statistics for quantized inputs were expected": our inputs stay float32
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+        return converter.convert()
 
 
 def interpreter(content, threads=1):

@@ -38,8 +38,9 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                                   extensions=v2_tensors.EXTENSIONS)
 
     def ModelMetadata(self, request, context):
-        with self.core.servable(request.name, _version(request.version)) as servable:
-            meta = v2_tensors.model_metadata(request.name, servable)
+        version = _version(request.version)
+        with self.core.servable(request.name, version) as servable:
+            meta = v2_tensors.model_metadata(request.name, servable, self.core, version)
         tensors = {key: [service_pb2.ModelMetadataResponse.TensorMetadata(**t) for t in meta[key]]
                    for key in ("inputs", "outputs")}
         return service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],

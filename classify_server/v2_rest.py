@@ -55,7 +55,7 @@ def ready():
 @bp.get("/models/<name>/versions/<int:version>")
 def model_metadata(name, version=None):
     with current_app.extensions["inference"].servable(name, version) as servable:
-        return jsonify(v2_tensors.model_metadata(name, servable))
+        return jsonify(v2_tensors.model_metadata(name, servable, current_app.extensions["inference"], version))
 
 
 @bp.get("/models/<name>/ready")

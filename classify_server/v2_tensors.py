@@ -17,9 +17,11 @@ def _invalid(message):
     raise InferenceError(INVALID_INPUT, message)
 
 
-def model_metadata(name, servable):
+def model_metadata(name, servable, core, version):
+    """The model's metadata; its `versions`: the one asked for, or every version served."""
     classes = len(servable.engine.labels)
-    return {"name": name, "versions": [str(servable.version)], "platform": "tensorflow_graphdef",
+    versions = [servable.version] if version is not None else sorted(core.manager(name).served) or [servable.version]
+    return {"name": name, "versions": [str(v) for v in versions], "platform": "tensorflow_graphdef",
             "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
                         {"name": "labels", "datatype": "BYTES", "shape": [classes]}]}

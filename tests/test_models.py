@@ -128,6 +128,8 @@ def served(client, name):
 def test_version_policies_load_the_versions_they_name(colour_versions, tmp_path, policy, versions):
     c = app_with(tmp_path, ("colours", colour_versions, policy)).test_client()
     assert served(c, "colours") == versions
+    assert c.get("/v2/models/colours").get_json()["versions"] == [str(v) for v in versions]  # what may be asked for
+    assert c.get(f"/v2/models/colours/versions/{versions[0]}").get_json()["versions"] == [str(versions[0])]
     image = {"data": (io.BytesIO(IMAGES[0]), "x.jpg")}
     assert version_of(c.post("/?model=colours", data=image).get_json()) == max(versions)  # the newest by default
     for version in (1, 2, 3):

@@ -475,9 +475,9 @@ def test_v2_grpc_through_tritonclient(server, flask_app):
 
 def test_health_not_serving_until_the_model_is_warm(trained_model, tmp_path, slow_predict):
     """The port opens first, so probes see NOT_SERVING (not a refused connection) while the model warms up."""
-    server = GrpcServer({"MODEL_DIR": trained_model, **slow_predict.env(3, warm_up=True)}, tmp_path / "grpc.log")
+    server = GrpcServer({"MODEL_DIR": trained_model, **slow_predict.env(6, warm_up=True)}, tmp_path / "grpc.log")
     try:
-        slow_predict.wait_for(1, timeout=120)  # the warm-up's run has begun: 3 s to go
+        slow_predict.wait_for(1, timeout=120)  # the warm-up's run has begun: 6 s to go
         assert server.wait_until(lambda: server.health() is not None, 2, "an answer").health() == "NOT_SERVING"
         assert server.health("inference.GRPCInferenceService") == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as info:

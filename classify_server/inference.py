@@ -94,10 +94,7 @@ class Inference:
         from another version than the one asked for.
         """
         manager = self.manager(model)
-        if label is not None:
-            version = manager.label_version(label)
-            if version is None:
-                raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
+        version = _labelled(manager, version, label)
         with manager.acquire(version) as servable:
             if servable is None and version is None:
                 raise InferenceError(MODEL_NOT_FOUND, f"Servable not found for request: Latest({manager.name}); "
@@ -115,11 +112,7 @@ class Inference:
         manager = self.models.get(model)
         if manager is None:
             raise InferenceError(MODEL_NOT_FOUND, f"Could not find any versions of model {model}")
-        if label is not None:
-            version = manager.label_version(label)
-            if version is None:
-                raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
-        entries = manager.version_status(version)
+        entries = manager.version_status(_labelled(manager, version, label))
         if not entries:
             raise InferenceError(VERSION_NOT_SERVED, f"Could not find version {version} of model {model}")
         return entries
@@ -230,6 +223,16 @@ def check_size(data, max_bytes, which=""):
     if len(data) > max_bytes:
         raise InferenceError(REQUEST_TOO_LARGE, f"{which or 'the image'} is {len(data)} bytes, over the limit "
                                                 f"of {max_bytes} (MAX_UPLOAD_BYTES)")
+
+
+def _labelled(manager, version, label):
+    """`version`, or the version that `label` names (MODEL_CONFIG_FILE's version_labels)."""
+    if label is None:
+        return version
+    named = manager.label_version(label)
+    if named is None:
+        raise InferenceError(VERSION_NOT_SERVED, f"Unrecognized servable version label: {label}")
+    return named
 
 
 def _which(i, names):

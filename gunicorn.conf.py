@@ -93,13 +93,12 @@ os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, cores // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", os.environ["TF_INTRA_OP_THREADS"])
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# A client trickling its request body would otherwise hold one of a worker's THREADS
-# for as long as it likes: gunicorn's gthread worker reads the body with a blocking,
-# timeout-less socket, and its TIMEOUT only watches the worker's main loop. So the
-# body must arrive within BODY_TIMEOUT seconds (default TIMEOUT; 0: no limit), else
-# the read fails, the client gets a 408 and the thread is free. (Headers are not
-# covered: for slow clients at scale put nginx, which buffers requests, in front;
-# RELIABILITY.md has the figures.)
+# The default worker (classify_server.worker) reads each request whole on its event loop, under
+# HEADER_TIMEOUT, BODY_TIMEOUT and BODY_MIN_RATE, before a thread runs it. What still reaches a thread
+# before its body has arrived (a body over MAX_UPLOAD_BYTES, framing gunicorn's parser must judge, TLS,
+# another WORKER_CLASS) is bounded here: gunicorn reads the body with a blocking, timeout-less socket,
+# so the body must arrive within BODY_TIMEOUT seconds (default TIMEOUT; 0: no limit), else the read
+# fails, the client gets a 408 and the thread is free.
 body_timeout = timeout if service["BODY_TIMEOUT"] is None else service["BODY_TIMEOUT"]
 
 

@@ -176,6 +176,24 @@ def run_timed(cmd, timeout, env=None, cwd=ROOT, echo=False, cpu_log=None):
     return process.returncode, wall, sorted(lines)
 
 
+def rate(call, callers, seconds):
+    """Calls per second, sustained: `callers` threads each calling `call(i)` (i: the caller's number)
+    for `seconds`; `call` returns how many items it did."""
+    counts, deadline = [0] * callers, time.perf_counter() + seconds
+
+    def loop(i):
+        while time.perf_counter() < deadline:
+            counts[i] += call(i)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     p.add_argument("--concurrency", default="1,4", help="comma-separated wrk connection counts (default 1,4)")
     p.add_argument("--architecture", default="inception_v3")
+    p.add_argument("--model_dir", help="serve this model folder instead of training one of --architecture")
+    p.add_argument("--env", default="", help="settings of both servers, NAME=VALUE,NAME=VALUE (e.g. MODEL_ENGINE=tflite)")
     p.add_argument("--image", help="the JPEG to send (default: the first 500x375 flower photo)")
     return p.parse_args(argv)
 
@@ -43,10 +45,10 @@ def checkout(commit, folder):
                           text=True).stdout.strip()
 
 
-def serve(checkout_dir, model_dir, log_path):
+def serve(checkout_dir, model_dir, log_path, settings=()):
     """gunicorn from `checkout_dir` (its code, its gunicorn.conf.py), ready: its port."""
     env = serve_bench.caller_env()
-    env.update(MODEL_DIR=model_dir, MODEL_POLL_SECONDS="0", ACCESS_LOG="")
+    env.update(MODEL_DIR=model_dir, MODEL_POLL_SECONDS="0", ACCESS_LOG="", **dict(settings))
     return C.start_gunicorn(checkout_dir, env, log_path)[1]
 
 
@@ -59,10 +61,11 @@ def main(argv=None):
         for side, commit in (("old", flags.old), ("new", flags.new)):
             folder = os.path.join(work, side)
             trees[side] = (folder, checkout(commit, folder))
-        model_dir = C.make_model(work, flags.architecture, 200)
+        model_dir = flags.model_dir or C.make_model(work, flags.architecture, 200)
+        settings = [item.split("=", 1) for item in flags.env.split(",") if item]
         image = flags.image or serve_bench.default_image()
         _, lua = serve_bench.write_body(image, work)
-        ports = {side: serve(folder, model_dir, os.path.join(work, f"{side}.log"))
+        ports = {side: serve(folder, model_dir, os.path.join(work, f"{side}.log"), settings)
                  for side, (folder, _) in trees.items()}
         for side, port in ports.items():  # warm both: first runs of each shape, connection set-up
             serve_bench.wrk(f"http://127.0.0.1:{port}/", lua, max(concurrency), 3)

@@ -21,7 +21,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -85,24 +84,15 @@ def engines(model_dir, lists, size, config):
     return built
 
 
-def rate(engine, pixels, seconds, callers=1, batch=1):
+def images_per_second(engine, pixels, seconds, callers=1, batch=1):
     """Images per second, sustained: `callers` threads each predicting batches of `batch` for `seconds`."""
-    counts = [0] * callers
-    deadline = time.perf_counter() + seconds
+    inputs = [[pixels[(i + j) % len(pixels)] for j in range(batch)] for i in range(callers)]
 
-    def work(i):
-        inputs = [pixels[(i + j) % len(pixels)] for j in range(batch)]
-        while time.perf_counter() < deadline:
-            engine.predict(inputs)
-            counts[i] += batch
+    def predict(i):
+        engine.predict(inputs[i])
+        return batch
 
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
+    return C.rate(predict, callers, seconds)
 
 
 def accuracy(engine, pixels, y):
@@ -139,7 +129,7 @@ def main(argv=None):
                     for mode, callers, batch in modes:
                         if batch > 1 and not name.startswith("TF session"):
                             continue  # an interpreter runs one image at a time: batch 8 is 8 runs
-                        runs[(name, mode)].append(rate(built[name], pixels, flags.seconds, callers, batch))
+                        runs[(name, mode)].append(images_per_second(built[name], pixels, flags.seconds, callers, batch))
                 C.log(f"{architecture}: round {round_ + 1} of {flags.rounds} done")
             base = statistics.median(runs[("TF session fp32", "1 caller")])
             base2 = statistics.median(runs[("TF session fp32", "2 callers")])

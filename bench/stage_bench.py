@@ -43,25 +43,6 @@ def cost(call, seconds):
     return 1000 * (time.process_time() - cpu) / count, 1000 * (time.perf_counter() - wall) / count
 
 
-def rate(call, callers, seconds):
-    """Calls per second of `callers` threads each calling `call()` for `seconds`."""
-    import threading
-    counts, deadline = [0] * callers, time.perf_counter() + seconds
-
-    def loop(i):
-        while time.perf_counter() < deadline:
-            call()
-            counts[i] += 1
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
-
-
 def main(argv=None):
     flags = parse_args(argv)
     import numpy as np
@@ -118,9 +99,10 @@ def main(argv=None):
         rows.append([name, f"{cpu:.3f}", f"{wall:.3f}"])
     ceiling = []
     for kind in ("tf", "tflite"):
-        def decode_and_run(engine=engines[kind]):
+        def decode_and_run(_, engine=engines[kind]):
             engine.predict([decode_image(jpeg, (spec.height, spec.width))])
-        ceiling.append([f"decode + engine {kind}"] + [C.fmt(rate(decode_and_run, callers, flags.seconds))
+            return 1
+        ceiling.append([f"decode + engine {kind}"] + [C.fmt(C.rate(decode_and_run, callers, flags.seconds))
                                                       for callers in (1, 4, 16)])
     C.print_machine(cores, C.revision(), C.other_busy_processes())
     print(f"image: {flags.image or serve_bench.default_image()}, {len(jpeg)} bytes; model {flags.model_dir}\n")

@@ -12,8 +12,9 @@ warm up. The models are loaded, versioned and hot-reloaded exactly as for the HT
 (classify_server.registry.load_models: MODEL_CONFIG_FILE, or MODEL_DIR and MODEL_NAME...), and every
 request goes through the inference core; the core's errors become gRPC statuses in one table
 (grpc_errors). Settings, as environment variables or flags: GRPC_HOST / --host (0.0.0.0),
-GRPC_PORT / --port (8500), GRPC_THREADS (4, requests served at once; more wait), MAX_UPLOAD_BYTES
-(the largest request message), GRACEFUL_TIMEOUT (30 s for requests in flight after SIGTERM/SIGINT).
+GRPC_PORT / --port (8500), GRPC_THREADS (4, requests served at once), MAX_QUEUE (64 more may wait; beyond,
+RESOURCE_EXHAUSTED at once), MAX_UPLOAD_BYTES (the largest request message), GRACEFUL_TIMEOUT (30 s for
+requests in flight after SIGTERM/SIGINT). A request whose deadline passed while it waited is not run.
 
 (This module's name is the protocol's; `import grpc` below is grpcio, imports being absolute.)
 """
@@ -40,9 +41,12 @@ from classify_server.registry import load_models  # noqa: E402
 log = logging.getLogger("classify_server")
 
 
-def make_server(core, max_message_bytes, threads=4):
-    """A grpc.Server with every service, not yet bound or started; health NOT_SERVING."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"), options=[
+def make_server(core, max_message_bytes, threads=4, max_queue=64):
+    """A grpc.Server with every service, not yet bound or started; health NOT_SERVING. `threads` RPCs run at
+    once and `max_queue` more wait; beyond those gRPC itself answers RESOURCE_EXHAUSTED at once (health
+    checks count too: a probe may see it while the server is full)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                         maximum_concurrent_rpcs=threads + max_queue, options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
     ])
@@ -79,7 +83,7 @@ def main(argv=None):
         models = load_models(config, start=False)  # a model config that does not parse stops here
     except ModelLoadError as exc:
         raise SystemExit(f"classify_server.grpc: {exc}") from None
-    server = make_server(Inference(models, config), config["MAX_UPLOAD_BYTES"], threads)
+    server = make_server(Inference(models, config), config["MAX_UPLOAD_BYTES"], threads, config["MAX_QUEUE"])
     address = f"[{args.host}]:{args.port}" if ":" in args.host and not args.host.startswith("[") else \
         f"{args.host}:{args.port}"
     try:

@@ -502,3 +502,30 @@ def test_health_and_reflection(server):
     listed = {s.name for answer in answers for s in answer.list_services_response.service}
     assert {"tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
             "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= listed
+
+
+def test_a_full_server_answers_resource_exhausted_at_once(start_grpc, colour_model, slow_predict):
+    """GRPC_THREADS=1 and MAX_QUEUE=1: of 6 slow requests sent at once, 1 runs, 1 waits, and the other 4
+    are answered RESOURCE_EXHAUSTED at once instead of queueing; a request whose deadline passes while it
+    waits is never run."""
+    s = start_grpc({"MODEL_DIR": colour_model, "GRPC_THREADS": "1", "MAX_QUEUE": "1", **slow_predict.env(seconds=1)})
+    image = colour_jpeg(COLOURS["red"])
+    start, answered = time.monotonic(), []
+    calls = [s.prediction.Predict.future(predict_request(image), timeout=60) for _ in range(6)]
+    for call in calls:
+        call.add_done_callback(lambda call: answered.append((call.code().name, time.monotonic() - start)))
+    for call in calls:
+        call.exception()  # waits for it
+    assert sorted(code for code, _ in answered) == ["OK"] * 2 + ["RESOURCE_EXHAUSTED"] * 4, answered
+    # at once: before the first slow predict (1 s) has ended
+    assert all(seconds < 0.9 for code, seconds in answered if code == "RESOURCE_EXHAUSTED"), answered
+    assert [event for event, _ in slow_predict.events()].count("enter") == 2
+    # A deadline shorter than the wait for the thread: DEADLINE_EXCEEDED, and the model never runs it.
+    running = s.prediction.Predict.future(predict_request(image), timeout=60)
+    slow_predict.wait_for(3)
+    with pytest.raises(grpc.RpcError) as late:
+        s.prediction.Predict(predict_request(image), timeout=0.3)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    running.result()
+    time.sleep(0.5)
+    assert [event for event, _ in slow_predict.events()].count("enter") == 3, slow_predict.events()

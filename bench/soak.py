@@ -3,8 +3,6 @@
     python bench/soak.py                          # 3 minutes at concurrency 16, 2 workers, 127.0.0.1
     python bench/soak.py --duration 600 --model_dir model
     python bench/soak.py --url http://127.0.0.1:8000 --master_pid 1234   # a server already running
-    BODY_TIMEOUT=0 python bench/soak.py --workers 1 --concurrency 1 --warmup 0 --duration 60 --slow_clients 4
-                                                  # how long 4 clients trickling their bodies make others wait
 
 Starts gunicorn (the project's gunicorn.conf.py) over --model_dir, or over a small model it trains
 first on generated images; keeps --concurrency kept-alive connections busy with POST / (eight
@@ -14,9 +12,7 @@ throughput, and each worker's RSS after warm-up (start) and at the end, with the
 there were errors, a worker was replaced, or a worker grew by 10% or more. The client is asyncio on
 raw sockets: a few percent of one core at this rate, so it barely competes with the server.
 
---slow_clients N adds N clients that send their headers and the start of a body (--slow_mode body) or
-only the start of the headers (headers), then one byte a second for the whole run: the normal clients'
-max latency is then how long slow clients make others wait (RELIABILITY.md, BODY_TIMEOUT).
+Slow clients and crowds: bench/abuse.py.
 """
 import argparse
 import asyncio
@@ -125,29 +121,6 @@ class Soak:
         await asyncio.gather(*(self.client(i, deadline) for i in range(self.concurrency)))
 
 
-async def slow_client(host, port, raw, mode, deadline, outcomes):
-    """Send the start of a request, then one byte a second until `deadline`; record how it ended."""
-    start = time.monotonic()
-    sent = raw.index(b"\r\n\r\n") + 4 + 100 if mode == "body" else 5
-    outcome = "held to the end"
-    try:
-        reader, writer = await asyncio.open_connection(host, port)
-        writer.write(raw[:sent])
-        await writer.drain()
-        while time.monotonic() < deadline and sent < len(raw) - 1:
-            await asyncio.sleep(1)
-            if reader.at_eof() or writer.is_closing():
-                outcome = "closed by the server"
-                break
-            writer.write(raw[sent:sent + 1])
-            await writer.drain()
-            sent += 1
-        writer.close()
-    except OSError as exc:
-        outcome = type(exc).__name__
-    outcomes.append((outcome, round(time.monotonic() - start, 1)))
-
-
 async def warm_up(host, port, requests_by_name, timeout):
     """Each image once: its answer is the reference for the whole run."""
     reader, writer = await asyncio.open_connection(host, port)
@@ -218,8 +191,6 @@ def main(argv=None):
     p.add_argument("--url", help="an already running server, http://127.0.0.1:PORT (with --master_pid)")
     p.add_argument("--master_pid", type=int, help="its gunicorn master, to find the workers' memory")
     p.add_argument("--timeout", type=float, default=30, help="seconds for one request")
-    p.add_argument("--slow_clients", type=int, default=0, help="clients trickling a request (1 byte/s)")
-    p.add_argument("--slow_mode", choices=["body", "headers"], default="body", help="what they trickle")
     p.add_argument("--json", help="also write the figures here")
     flags = p.parse_args(argv)
 
@@ -261,18 +232,10 @@ def main(argv=None):
             await asyncio.sleep(10)
             samples.append({pid: c.rss_mib(pid) for pid in workers})
 
-    slow_outcomes = []
-
     async def soak_and_sample():
         sampler = asyncio.ensure_future(sample_memory())
         started = time.monotonic()
-        slow = [asyncio.ensure_future(slow_client(host, port, requests_by_name[sorted(requests_by_name)[0]],
-                                                  flags.slow_mode, started + flags.duration, slow_outcomes))
-                for _ in range(flags.slow_clients)]
-        if slow:
-            await asyncio.sleep(1.5)  # the slow clients have the threads before the others start
         await soak.run()
-        await asyncio.gather(*slow)
         sampler.cancel()
         return time.monotonic() - started
 
@@ -299,8 +262,6 @@ def main(argv=None):
                      "rss_end_mib": round(rss_end[pid] or 0, 1), "rss_max_mib": round(max(
                          [s.get(pid) or 0 for s in samples] + [rss_end[pid] or 0]), 1),
                      "growth_pct": round(growth[pid], 2)} for pid in workers],
-        "slow_clients": flags.slow_clients, "slow_mode": flags.slow_mode if flags.slow_clients else None,
-        "slow_client_outcomes": sorted(set(slow_outcomes)),
         "rss_every_10s_mib": {str(pid): [round(x.get(pid) or 0) for x in samples] for pid in workers},
         "workers_replaced": sorted(set(workers) ^ set(workers_after)),
         "load_average_start": load_start, "load_average_end": c.load_average(),
@@ -316,9 +277,6 @@ def main(argv=None):
     for pid, series in figures["rss_every_10s_mib"].items():
         print(f"worker {pid} RSS every 10 s (MiB): {' '.join(map(str, series))}")
     print(f"errors by kind: {soak.errors or 'none'}; workers replaced: {figures['workers_replaced'] or 'none'}")
-    if flags.slow_clients:
-        print(f"{flags.slow_clients} slow clients ({flags.slow_mode}), how each ended (seconds held): "
-              f"{figures['slow_client_outcomes']}; the normal clients' longest wait: {figures['max_ms']} ms")
     print(f"load average {' '.join(load_start)} -> {' '.join(figures['load_average_end'])}; {figures['revision']}")
     if busy:
         print("other processes busy at the end (contention):")

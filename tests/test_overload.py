@@ -83,9 +83,8 @@ def test_200_clients_at_once_get_200_or_503_with_retry_after(default_server):
 
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
-    results, took = abuse.crowd(url, GOOD, clients=200, seconds=10)
+    figures = abuse.crowd_figures(*abuse.crowd(url, GOOD, clients=200, seconds=10))
     prober.join(30)
-    figures = abuse.crowd_figures(results, took)
     bound = (MAX_QUEUE + THREADS) / figures["200_per_s"]  # the queue's wait at the served rate, plus the inference
     print("FIGURE crowd", json.dumps(dict(figures, bound_s=round(bound, 3), readyz=probes)))
     assert figures["failed"] == [], figures

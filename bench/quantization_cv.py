@@ -35,47 +35,32 @@ def parse_args(argv=None):
 
 def main(argv=None):
     flags = parse_args(argv)
-    if not (os.path.isdir(C.FLOWERS) and os.path.isfile(C.MOBILENET_WEIGHTS)):
-        raise SystemExit(f"needs {C.FLOWERS} and {C.MOBILENET_WEIGHTS}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from retrain import backbones, bottlenecks, cli, export, tflite, train
+    from cv import FlowerFolds
+    from retrain import cli, export, tflite, train
     from retrain.preprocessing import decode_image
-    arch = backbones.ARCHITECTURES["mobilenet_v2"]
     retrain_flags = cli.parse_args(["--summaries_dir", ""])  # retrain's defaults for the new layer
-    labels = sorted(d for d in os.listdir(C.FLOWERS) if os.path.isdir(os.path.join(C.FLOWERS, d)))
-    photos = [(os.path.join(C.FLOWERS, label, name), i) for i, label in enumerate(labels)
-              for name in sorted(os.listdir(os.path.join(C.FLOWERS, label)))]
-    rng = np.random.default_rng(0)
-    fold_of = rng.permutation(len(photos)) % flags.folds  # stratification is left to the shuffle
     work = tempfile.mkdtemp(prefix="quantization-cv-")
     try:
-        backbone_def = cli.backbone_graph_def(work, lambda: backbones.build_backbone(arch, C.MOBILENET_WEIGHTS),
-                                              arch.size)
-        C.log(f"bottlenecks of {len(photos)} photos")
-        features, skipped = bottlenecks.get_bottlenecks([p for p, _ in photos],
-                                                        lambda: bottlenecks.frozen_forward(backbone_def),
-                                                        arch.size, work)
-        kept = [i for i, (p, _) in enumerate(photos) if p in features]
-        x_all = np.stack([features[photos[i][0]] for i in kept])
-        y_all = np.array([photos[i][1] for i in kept])
-        folds_all = fold_of[kept]
+        data = FlowerFolds(work, flags.folds)
+        arch, labels, backbone_def = data.arch, data.labels, data.backbone_def
+        x_all, y_all = data.x, data.y
         pixels = {}
         rows, deltas = [], {q: [] for q in flags.quantizations.split(",")}
         for fold in range(flags.folds):
-            train_rows, test_rows = np.where(folds_all != fold)[0], np.where(folds_all == fold)[0]
+            train_rows, test_rows = data.split(fold)
             head = train.train_head(x_all[train_rows], y_all[train_rows], None, len(labels), retrain_flags)
             graph_def = export.stitched_graph_def(backbone_def,
                                                   export.frozen_graph_def(head, [None, x_all.shape[1]]))
             float_accuracy = float(np.mean(np.argmax(head.predict(x_all[test_rows], verbose=0), 1)
                                            == y_all[test_rows]))
-            test_paths = [photos[kept[i]][0] for i in test_rows]
+            test_paths = [data.paths[i] for i in test_rows]
             for path in test_paths:
                 if path not in pixels:
                     pixels[path] = decode_image(path, (arch.size, arch.size)).astype(np.uint8)
             row = [str(fold + 1), str(len(test_rows)), f"{float_accuracy:.4f}"]
             for quantization in deltas:
                 content = tflite.convert(graph_def, arch.size, quantization,
-                                         [photos[kept[i]][0] for i in train_rows])
+                                         [data.paths[i] for i in train_rows])
                 runner = tflite.interpreter(content, os.cpu_count() or 1)
                 predicted = [int(np.argmax(tflite.run(runner, pixels[p].astype(np.float32)))) for p in test_paths]
                 accuracy = float(np.mean(np.array(predicted) == y_all[test_rows]))

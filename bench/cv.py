@@ -1,0 +1,112 @@
+"""Choose retrain's settings by k-fold cross-validation over all the shared flower photos, never by the
+test split of one run.
+
+    .venv/bin/python bench/cv.py                                   # retrain's defaults, 5 folds
+    .venv/bin/python bench/cv.py --variants "default;l2_regularization=0.001;how_many_training_steps=8000"
+    .venv/bin/python bench/cv.py --bottleneck_dir /var/tmp/cv-bottlenecks   # keep the cache between runs
+
+MobileNetV2 on the real ImageNet weights (../shared). Every photo's bottleneck is computed once, as
+retrain computes and caches them (--bottleneck_dir; a temp folder by default), so each fold of each
+variant costs only the training of the new layer: seconds. The photos are shuffled once (seed 0) and
+dealt into --folds folds; for each fold the layer is trained on the others with retrain's flags (its
+defaults, with the variant's NAME=VALUE changes, parsed by retrain's own parser) and judged on the
+held-out fold. Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
+difference from the first variant over the same folds (paired: the same photos on both sides).
+"""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+sys.path.insert(0, C.ROOT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--variants", default="default",
+                   help="';'-separated variants, each 'default' or retrain flags NAME=VALUE,NAME=VALUE")
+    p.add_argument("--bottleneck_dir", help="the bottleneck cache (default: a temp folder, removed at the end)")
+    return p.parse_args(argv)
+
+
+class FlowerFolds:
+    """Every shared flower photo's bottleneck (MobileNetV2, real weights) and its fold."""
+
+    def __init__(self, cache_dir, folds, seed=0):
+        if not (os.path.isdir(C.FLOWERS) and os.path.isfile(C.MOBILENET_WEIGHTS)):
+            raise SystemExit(f"needs {C.FLOWERS} and {C.MOBILENET_WEIGHTS}")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from retrain import backbones, bottlenecks, cli
+        self.arch = backbones.ARCHITECTURES["mobilenet_v2"]
+        self.labels = sorted(d for d in os.listdir(C.FLOWERS) if os.path.isdir(os.path.join(C.FLOWERS, d)))
+        photos = [(os.path.join(C.FLOWERS, label, name), i) for i, label in enumerate(self.labels)
+                  for name in sorted(os.listdir(os.path.join(C.FLOWERS, label)))]
+        fold_of = np.random.default_rng(seed).permutation(len(photos)) % folds  # stratified by the shuffle alone
+        self.backbone_def = cli.backbone_graph_def(
+            cache_dir, lambda: backbones.build_backbone(self.arch, C.MOBILENET_WEIGHTS), self.arch.size)
+        C.log(f"bottlenecks of {len(photos)} photos")
+        features, _ = bottlenecks.get_bottlenecks([p for p, _ in photos],
+                                                  lambda: bottlenecks.frozen_forward(self.backbone_def),
+                                                  self.arch.size, cache_dir)
+        kept = [i for i, (p, _) in enumerate(photos) if p in features]
+        self.paths = [photos[i][0] for i in kept]
+        self.x = np.stack([features[p] for p in self.paths])
+        self.y = np.array([photos[i][1] for i in kept])
+        self.fold = fold_of[kept]
+        self.folds = folds
+
+    def split(self, fold):
+        """(training rows, held-out rows) of `fold`."""
+        return np.where(self.fold != fold)[0], np.where(self.fold == fold)[0]
+
+
+def retrain_flags(variant):
+    """retrain's flags, its defaults changed by `variant` ('default' or NAME=VALUE,...)."""
+    from retrain import cli
+    argv = ["--summaries_dir", ""]
+    if variant != "default":
+        for item in variant.split(","):
+            name, _, value = item.partition("=")
+            argv += [f"--{name.strip()}"] + ([value.strip()] if value else [])
+    return cli.parse_args(argv)
+
+
+def main(argv=None):
+    flags = parse_args(argv)
+    from retrain import train
+    work = flags.bottleneck_dir or tempfile.mkdtemp(prefix="cv-")
+    try:
+        data = FlowerFolds(work, flags.folds)
+        variants = [v.strip() for v in flags.variants.split(";") if v.strip()]
+        scores = {}
+        for variant in variants:
+            settings = retrain_flags(variant)
+            scores[variant] = []
+            for fold in range(flags.folds):
+                train_rows, test_rows = data.split(fold)
+                head = train.train_head(data.x[train_rows], data.y[train_rows], None, len(data.labels), settings)
+                scores[variant].append(train.accuracy_of(head, data.x[test_rows], data.y[test_rows]))
+            C.log(f"{variant}: " + " ".join(f"{a:.4f}" for a in scores[variant]))
+        base = scores[variants[0]]
+        rows = [[v, *(f"{a:.4f}" for a in s), f"{statistics.mean(s):.4f}", f"{statistics.stdev(s):.4f}",
+                 f"{min(s):.4f} .. {max(s):.4f}", f"{statistics.mean(a - b for a, b in zip(s, base)):+.4f}"]
+                for v, s in scores.items()]
+        C.print_machine(os.cpu_count(), C.revision(), C.other_busy_processes())
+        print(C.table(["variant", *(f"fold {i + 1}" for i in range(flags.folds)), "mean", "stdev", "range",
+                       f"- {variants[0]} (paired)"], rows,
+                      f"{flags.folds}-fold accuracy over {len(data.y)} flower photos, MobileNetV2 (real weights)"))
+    finally:
+        if not flags.bottleneck_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

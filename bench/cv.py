@@ -4,15 +4,13 @@ test split of one run.
     .venv/bin/python bench/cv.py                                   # retrain's defaults, 5 folds
     .venv/bin/python bench/cv.py --variants "default;l2_regularization=0.001;how_many_training_steps=8000"
     .venv/bin/python bench/cv.py --bottleneck_dir /var/tmp/cv-bottlenecks   # keep the cache between runs
-    .venv/bin/python bench/cv.py --variants "default;views=flip"    # also train on mirrored photos
 
 MobileNetV2 on the real ImageNet weights (../shared). Every photo's bottleneck is computed once, as
 retrain computes and caches them (--bottleneck_dir; a temp folder by default), so each fold of each
 variant costs only the training of the new layer: seconds. The photos are shuffled once (--seed, 0) and
 dealt into --folds folds; for each fold the layer is trained on the others with retrain's flags (its
 defaults, with the variant's NAME=VALUE changes, parsed by retrain's own parser) and judged on the
-held-out fold (always as served: the photo itself). `views=flip` in a variant also trains the layer on
-every training photo mirrored (retrain.bottlenecks.VIEWS, cached the same way). Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
+held-out fold. Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
 difference from the first variant over the same folds (paired: the same photos on both sides).
 """
 import argparse
@@ -65,14 +63,6 @@ class FlowerFolds:
         self.y = np.array([photos[i][1] for i in kept])
         self.fold = fold_of[kept]
         self.folds = folds
-        self.cache_dir = cache_dir
-
-    def view(self, name):
-        """Every kept photo's bottleneck seen as `name` (retrain.bottlenecks.VIEWS), in self.paths' order."""
-        from retrain import bottlenecks
-        features, _ = bottlenecks.get_bottlenecks(self.paths, lambda: bottlenecks.frozen_forward(self.backbone_def),
-                                                  self.arch.size, self.cache_dir, view=name)
-        return np.stack([features[p] for p in self.paths])
 
     def split(self, fold):
         """(training rows, held-out rows) of `fold`."""
@@ -80,18 +70,14 @@ class FlowerFolds:
 
 
 def retrain_flags(variant):
-    """(retrain's flags, its defaults changed by `variant` ('default' or NAME=VALUE,...), the extra views
-    the layer trains on: views=flip+... in the variant)."""
+    """retrain's flags, its defaults changed by `variant` ('default' or NAME=VALUE,...)."""
     from retrain import cli
-    argv, views = ["--summaries_dir", ""], []
+    argv = ["--summaries_dir", ""]
     if variant != "default":
         for item in variant.split(","):
             name, _, value = (part.strip() for part in item.partition("="))
-            if name == "views":
-                views = value.split("+")
-            else:
-                argv += [f"--{name}"] + ([value] if value else [])
-    return cli.parse_args(argv), views
+            argv += [f"--{name}"] + ([value] if value else [])
+    return cli.parse_args(argv)
 
 
 def main(argv=None):
@@ -101,18 +87,13 @@ def main(argv=None):
     try:
         data = FlowerFolds(work, flags.folds, flags.seed)
         variants = [v.strip() for v in flags.variants.split(";") if v.strip()]
-        scores, views = {}, {}
+        scores = {}
         for variant in variants:
-            settings, extra = retrain_flags(variant)
-            for name in extra:
-                if name not in views:
-                    views[name] = data.view(name)
+            settings = retrain_flags(variant)
             scores[variant] = []
             for fold in range(flags.folds):
                 train_rows, test_rows = data.split(fold)
-                x = np.concatenate([data.x[train_rows]] + [views[name][train_rows] for name in extra])
-                y = np.concatenate([data.y[train_rows]] * (1 + len(extra)))
-                head = train.train_head(x, y, None, len(data.labels), settings)
+                head = train.train_head(data.x[train_rows], data.y[train_rows], None, len(data.labels), settings)
                 scores[variant].append(train.accuracy_of(head, data.x[test_rows], data.y[test_rows]))
             C.log(f"{variant}: " + " ".join(f"{a:.4f}" for a in scores[variant]))
         base = scores[variants[0]]

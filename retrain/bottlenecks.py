@@ -28,28 +28,12 @@ DECODE_THREADS = 2
 BATCHES_AHEAD = 4
 
 
-# Fixed views of a decoded image the new layer can also train on, each cached like the image's own
-# bottleneck: augmentation that costs one forward pass per photo once, not one per training step.
-def _zoom(image, keep=0.8):
-    """The central `keep` of the image, scaled back up to its size."""
-    from PIL import Image
-    height, width = image.shape[:2]
-    top, left = round(height * (1 - keep) / 2), round(width * (1 - keep) / 2)
-    crop = Image.fromarray(image[top:height - top, left:width - left].astype(np.uint8))
-    return np.asarray(crop.resize((width, height), Image.BILINEAR), dtype=np.float32)
-
-
-VIEWS = {"": lambda image: image, "flip": lambda image: image[:, ::-1], "zoom": _zoom,
-         "flipzoom": lambda image: _zoom(image[:, ::-1])}
-
-
-def cache_path(cache_dir, image_path, view=""):
+def cache_path(cache_dir, image_path):
     # A hash of the image's folder keeps images of the same label and name in two
     # --image_dir folders apart.
     folder = os.path.dirname(os.path.abspath(image_path))
     tag = hashlib.sha1(folder.encode("utf-8", "surrogateescape")).hexdigest()[:8]
-    suffix = f"_{view}" if view else ""
-    return os.path.join(cache_dir, os.path.basename(folder), f"{tag}_{os.path.basename(image_path)}{suffix}.npy")
+    return os.path.join(cache_dir, os.path.basename(folder), f"{tag}_{os.path.basename(image_path)}.npy")
 
 
 def frozen_forward(graph_def):
@@ -77,20 +61,19 @@ def _load_cached(path, image_path):
         return None
 
 
-def _decode_batch(paths, size, view=""):
-    """Decode a batch (seen as `view`); an unreadable image comes back as its exception, in its place."""
+def _decode_batch(paths, size):
+    """Decode a batch; an unreadable image comes back as its exception, in its place."""
     images = []
     for path in paths:
         try:
-            images.append(VIEWS[view](decode_image(path, size)))
+            images.append(decode_image(path, size))
         except (InvalidImage, ImageTooLarge, OSError) as exc:
             images.append(exc)
     return images
 
 
-def get_bottlenecks(image_paths, make_forward, size, cache_dir, batch_size=BATCH_SIZE, view=""):
-    """Return ({path: feature vector}, {path: reason}) for every image seen as `view` (VIEWS), skipping
-    bad ones.
+def get_bottlenecks(image_paths, make_forward, size, cache_dir, batch_size=BATCH_SIZE):
+    """Return ({path: feature vector}, {path: reason}) for every image, skipping bad ones.
 
     `make_forward()` is called once, only if some bottleneck is not cached, and
     returns the function that maps a batch of decoded images to their feature vectors.
@@ -100,7 +83,7 @@ def get_bottlenecks(image_paths, make_forward, size, cache_dir, batch_size=BATCH
     """
     features, skipped, missing = {}, {}, []
     for path in image_paths:
-        cached = _load_cached(cache_path(cache_dir, path, view), path)
+        cached = _load_cached(cache_path(cache_dir, path), path)
         if cached is None:
             missing.append(path)
         else:
@@ -124,7 +107,7 @@ def get_bottlenecks(image_paths, make_forward, size, cache_dir, batch_size=BATCH
         for p, vector in zip(good, vectors):
             buffer = io.BytesIO()
             np.save(buffer, vector)
-            atomic.write_bytes(cache_path(cache_dir, p, view), buffer.getvalue(), durable=False)
+            atomic.write_bytes(cache_path(cache_dir, p), buffer.getvalue(), durable=False)
             features[p] = vector
         bar.update(len(batch))
 
@@ -132,7 +115,7 @@ def get_bottlenecks(image_paths, make_forward, size, cache_dir, batch_size=BATCH
     with ThreadPoolExecutor(DECODE_THREADS) as decoders, ThreadPoolExecutor(FORWARD_THREADS) as networks, \
             tqdm(total=len(missing), unit="img", desc="bottlenecks") as bar:
         def submit(batch):
-            return networks.submit(compute, batch, decoders.submit(_decode_batch, batch, (size, size), view))
+            return networks.submit(compute, batch, decoders.submit(_decode_batch, batch, (size, size)))
         # The first batch alone: it pays for what the network sets up on its first run.
         pending = deque([submit(batches[0])])
         try:

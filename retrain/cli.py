@@ -72,9 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--how_many_training_steps", type=int, default=4000)
     p.add_argument("--learning_rate", type=float, default=0.001, help="Adam learning rate of the new layer")
     p.add_argument("--train_batch_size", type=int, default=100)
-    p.add_argument("--l2_regularization", type=float, default=0.005, help="L2 penalty on the new layer's weights")
-    p.add_argument("--label_smoothing", type=float, default=0.0,
-                   help="train the new layer towards 1 - this for the right class, not 1 (0: off)")
+    p.add_argument("--l2_regularization", type=float, default=0.02,
+                   help="L2 penalty on the new layer's weights (chosen by 5-fold CV: BENCHMARKS.md run P)")
     p.add_argument("--eval_step_interval", type=int, default=100, help="steps between validation reports")
     p.add_argument("--testing_percentage", type=int, default=10)
     p.add_argument("--validation_percentage", type=int, default=10)

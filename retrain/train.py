@@ -77,7 +77,7 @@ def train_head(train_x, train_y, val, class_count, flags):
     # jittering with the last random batches (run to run, test accuracy varies less).
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(
         flags.learning_rate, flags.how_many_training_steps))
-    cross_entropy = keras.losses.CategoricalCrossentropy(label_smoothing=flags.label_smoothing)
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy()
     x, y = tf.constant(train_x), tf.constant(train_y)
     batch_size = min(flags.train_batch_size, len(train_x))
     tf.random.set_seed(0)
@@ -90,7 +90,7 @@ def train_head(train_x, train_y, val, class_count, flags):
             labels = tf.gather(y, batch)
             with tf.GradientTape() as tape:
                 probabilities = head(tf.gather(x, batch), training=True)
-                loss = cross_entropy(tf.one_hot(labels, class_count), probabilities) + sum(head.losses)
+                loss = cross_entropy(labels, probabilities) + sum(head.losses)
             optimizer.apply_gradients(zip(tape.gradient(loss, head.trainable_variables), head.trainable_variables))
             accuracy = tf.reduce_mean(tf.cast(tf.argmax(probabilities, 1) == labels, tf.float32))
         return loss, accuracy

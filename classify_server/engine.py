@@ -64,7 +64,8 @@ def metadata(served, path, sidecar, **extra):
     spec = served.input_spec
     return {"labels": served.labels, "input_height": spec.height, "input_width": spec.width,
             "input_mean": spec.mean, "input_std": spec.std, **extra, "model_dir": served.model_dir, "graph": path,
-            **{key: sidecar.get(key) for key in ("weights", "architecture", "accuracy", "tflite", "created")}}
+            **{key: sidecar.get(key) for key in ("weights", "architecture", "accuracy", "tflite", "created")},
+            "report": os.path.isfile(os.path.join(served.model_dir, model_folder.REPORT))}
 
 
 def load(folder, config):

@@ -132,7 +132,7 @@ def main(argv=None):
     flags = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines drown the progress
     # Heavy imports after parsing, so that --help and flag errors are instant.
-    from retrain import backbones, bottlenecks, export, train
+    from retrain import backbones, bottlenecks, export, report, train
 
     if flags.architecture not in backbones.ARCHITECTURES:
         raise SystemExit(f"error: unknown --architecture {flags.architecture!r}; "
@@ -159,6 +159,7 @@ def main(argv=None):
     all_paths = [p for s in lists.sets().values() for paths in s.values() for p in paths]
     features, skipped = bottlenecks.get_bottlenecks(
         all_paths, lambda: bottlenecks.frozen_forward(backbone_def()), arch.size, cache_dir)
+    timings = {"bottlenecks": time.time() - start}
     if skipped:
         print(f"warning: skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
         for path, reason in sorted(skipped.items()):
@@ -180,10 +181,19 @@ def main(argv=None):
     if not len(train_y):
         raise SystemExit("error: no training images; lower --testing_percentage/--validation_percentage "
                          "or add images")
-    head = train.train_head(train_x, train_y, (val_x, val_y) if len(val_y) else None, len(labels), flags)
+    run = report.Run(labels, arch.name, flags.weights, skipped=skipped, settings=vars(flags),
+                     counts={name: {label: sum(p in features for p in image_set[label]) for label in labels}
+                             for name, image_set in lists.sets().items()})
+    stage = time.time()
+    head = train.train_head(train_x, train_y, (val_x, val_y) if len(val_y) else None, len(labels), flags,
+                            run.head_history)
+    timings["training the new layer"] = time.time() - stage
 
     if flags.fine_tune or train.augmentation_layers(flags) is not None:
-        trained = train.train_on_images(backbone(), head, train_paths, train_y, (val_paths, val_y), arch.size, flags)
+        stage = time.time()
+        trained = train.train_on_images(backbone(), head, train_paths, train_y, (val_paths, val_y), arch.size, flags,
+                                        run.fine_tune_history)
+        timings["training on pixels" + (" (fine-tuning)" if flags.fine_tune else "")] = time.time() - stage
         model = lambda: trained  # noqa: E731
 
         def predict(paths, x):
@@ -201,20 +211,21 @@ def main(argv=None):
             return export.stitched_graph_def(backbone_def(),
                                              export.frozen_graph_def(head, [None, train_x.shape[1]]))
 
-    accuracy = {}
+    accuracy = run.accuracy
     for name, paths, x, y in (("validation", val_paths, val_x, val_y), ("test", test_paths, test_x, test_y)):
         if len(y):
-            predicted = np.argmax(predict(paths, x), axis=1)
-            accuracy[name] = float(np.mean(predicted == y))
+            scores = predict(paths, x)
+            predicted = np.argmax(scores, axis=1)
+            accuracy[name], run.sizes[name] = float(np.mean(predicted == y)), len(y)
             print(f"{name} accuracy = {accuracy[name]:.4f} (N={len(y)})")
     if "test" in accuracy:
+        run.test_paths, run.test_truth, run.test_scores = test_paths, test_y, scores
         print("confusion matrix (test set):")
-        print(train.format_confusion(train.confusion_matrix(test_y, predicted, len(labels)), labels))
+        print(report.format_confusion(report.confusion_matrix(test_y, predicted, len(labels)), labels))
         if flags.print_misclassified_test_images:
             print("misclassified test images:")
-            for path, truth, guess in zip(test_paths, test_y, predicted):
-                if truth != guess:
-                    print(f"  {path}  (true {labels[truth]}, predicted {labels[guess]})")
+            for path, truth, guess, _ in report.misclassified(run):
+                print(f"  {path}  (true {truth}, predicted {guess})")
     else:
         print("warning: the test set is empty; no test accuracy (raise --testing_percentage or add images)",
               file=sys.stderr)
@@ -222,6 +233,7 @@ def main(argv=None):
     info = {"architecture": arch.name, "weights": flags.weights, "labels_count": len(labels),
             "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "image_dir": os.path.abspath(image_dir),
             "training_seconds": round(time.time() - start, 1)}
+    stage = time.time()
     frozen = graph_def()
     quantization = arch.quantization if flags.tflite_quantization == "auto" else flags.tflite_quantization
     tflite_model = None
@@ -229,17 +241,22 @@ def main(argv=None):
         from retrain import tflite
         tflite_model, info["tflite"] = tflite.export(frozen, arch.size, quantization, train_paths, test_paths, test_y,
                                                      accuracy.get("test"), flags.max_quantization_drop)
+        run.tflite = info["tflite"]
+    timings["export"] = time.time() - stage
+    timings["total"] = time.time() - start
+    run.timings = timings
     if flags.model_base_path:
-        return publish_version(flags, export, frozen, model, arch.size, labels, info, tflite_model)
+        return publish_version(flags, export, frozen, model, arch.size, labels, info, tflite_model, run)
     export.write_model(flags.output_graph, flags.output_labels, frozen, arch.size, labels, info, tflite_model)
     print(f"wrote {flags.output_graph} and {flags.output_labels}" + (" and model.tflite" if tflite_model else ""))
+    print(f"report: {report.write(os.path.dirname(os.path.abspath(flags.output_graph)), run)}")
     if flags.saved_model_dir:
         export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, model(), arch.size))
         print(f"wrote SavedModel {flags.saved_model_dir}")
     return 0
 
 
-def publish_version(flags, export, graph_def, model, size, labels, info, tflite_model=None):
+def publish_version(flags, export, graph_def, model, size, labels, info, tflite_model=None, run=None):
     """Write MODEL_BASE_PATH/N+1 complete, or refuse if it is worse than version N."""
     existing = model_folder.versions(flags.model_base_path)
     if existing:
@@ -259,6 +276,9 @@ def publish_version(flags, export, graph_def, model, size, labels, info, tflite_
         export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
                            graph_def, size, labels, info, tflite_model)
         export.write_saved_model(folder, model(), size)  # saved_model.pb beside graph.pb, for TF Serving
+        if run is not None:
+            from retrain import report
+            report.write(folder, run)
 
     target = os.path.join(flags.model_base_path, str(version))
     export.publish(target, write)

@@ -23,6 +23,8 @@ GRAPH = "graph.pb"
 LABELS = "labels.txt"
 SIDECAR = "model.json"
 TFLITE = "model.tflite"
+REPORT = "report.html"  # what the run did and how good the model is (retrain.report), for people
+REPORT_FILES = "report"  # its pictures, beside it
 
 
 def is_model(folder):

@@ -65,8 +65,9 @@ def _fit(model, dataset, validation, epochs, steps_per_epoch, summaries_dir, des
                      shuffle=False)  # the dataset shuffles itself
 
 
-def train_head(train_x, train_y, val, class_count, flags):
-    """Train the softmax layer on cached bottlenecks, as retrain.py did.
+def train_head(train_x, train_y, val, class_count, flags, history=None):
+    """Train the softmax layer on cached bottlenecks, as retrain.py did; each report (every
+    --eval_step_interval steps) is appended to `history` when given.
 
     Each step trains on a random batch of --train_batch_size bottlenecks. The
     --eval_step_interval steps between two reports run as one TensorFlow graph
@@ -113,6 +114,9 @@ def train_head(train_x, train_y, val, class_count, flags):
             done = step + count
             if step == 0 or done % (10 * interval) == 0 or done == steps:
                 tqdm.write(f"step {done}: train accuracy {train_accuracy:.3f}, validation accuracy {val_accuracy:.3f}")
+            if history is not None:
+                history.append({"step": done, "loss": loss, "train_accuracy": train_accuracy,
+                                "validation_accuracy": val_accuracy})
             for name, writer in writers.items():
                 with writer.as_default(step=done):
                     for key, value in scores.get(name, {}).items():
@@ -144,8 +148,9 @@ def load_images(paths, size):
                      for p in tqdm(paths, unit="img", desc="loading images")])
 
 
-def train_on_images(backbone, head, train_paths, train_y, val, size, flags):
-    """Train on pixels: the head with augmented inputs, and with --fine_tune the backbone's top."""
+def train_on_images(backbone, head, train_paths, train_y, val, size, flags, history=None):
+    """Train on pixels: the head with augmented inputs, and with --fine_tune the backbone's top; Keras'
+    per-epoch history goes into the dict `history` when given."""
     augmentation = augmentation_layers(flags)
     model = build_classifier(backbone, head, augmentation)
     if flags.fine_tune:
@@ -171,20 +176,8 @@ def train_on_images(backbone, head, train_paths, train_y, val, size, flags):
                .prefetch(2))
     val_x, val_y = val
     val_images = (load_images(val_x, size).astype(np.float32), val_y) if len(val_x) else None
-    _fit(model, dataset, val_images, flags.fine_tune_epochs, steps_per_epoch,
-         flags.summaries_dir and flags.summaries_dir + "/fine_tune", "fine-tuning")
+    fitted = _fit(model, dataset, val_images, flags.fine_tune_epochs, steps_per_epoch,
+                  flags.summaries_dir and flags.summaries_dir + "/fine_tune", "fine-tuning")
+    if history is not None:
+        history.update({key: [float(v) for v in values] for key, values in fitted.history.items()})
     return build_classifier(backbone, head)
-
-
-def confusion_matrix(truth, predicted, class_count):
-    matrix = np.zeros((class_count, class_count), dtype=np.int64)
-    np.add.at(matrix, (truth, predicted), 1)
-    return matrix
-
-
-def format_confusion(matrix, labels):
-    width = max(8, max(len(label) for label in labels) + 1)
-    lines = ["true \\ predicted".ljust(width) + "".join(label[:width - 1].rjust(width) for label in labels)]
-    for label, row in zip(labels, matrix):
-        lines.append(label[:width - 1].ljust(width) + "".join(str(v).rjust(width) for v in row))
-    return "\n".join(lines)

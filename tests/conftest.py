@@ -25,7 +25,7 @@ def pytest_runtest_makereport(item, call):
 # `python -m pytest -m "not slow"` runs the rest in under a minute.
 SLOW_MODULES = {"test_deploy", "test_faults", "test_grpc", "test_page", "test_protocols", "test_stream", "test_v2"}
 SLOW_FIXTURES = {"flower_model", "server", "start_server", "broken_servers", "third_party", "foreign", "messy_run",
-                 "offline_runs"}
+                 "offline_runs", "report_run"}
 
 
 def pytest_collection_modifyitems(items):
@@ -83,6 +83,19 @@ def flower_model(tmp_path_factory):
                          "--how_many_training_steps", 300, "--testing_percentage", 30,
                          "--validation_percentage", 10, "--output_dir", out,
                          "--bottleneck_dir", root / "bottlenecks", "--summaries_dir", "")
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def report_run(tmp_path_factory, image_dir):
+    """(model folder, retrain's CompletedProcess) of a run meant to get test photos wrong (one step at a tiny
+    rate), with 40 % of the shapes held out and the misclassified ones printed: its report.html has
+    something to show."""
+    out = tmp_path_factory.mktemp("report") / "model"
+    result = run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights", TEST_WEIGHTS,
+                         "--how_many_training_steps", 1, "--learning_rate", 1e-6, "--testing_percentage", 40,
+                         "--output_dir", out, "--bottleneck_dir", tmp_path_factory.mktemp("report-bottlenecks"),
+                         "--summaries_dir", "", "--tflite_quantization", "none", "--print_misclassified_test_images")
     return out, result
 
 

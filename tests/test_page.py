@@ -207,3 +207,45 @@ def test_the_page_picks_the_model_and_shows_its_classes(browser, tmp_path):
             shutil.copy(tmp_path / "models.png", os.environ["PAGE_SCREENSHOT"])
     finally:
         s.stop()
+
+
+def test_the_page_shows_the_model_and_links_its_training_report(browser, report_run, tmp_path):
+    """Issue 19: the page shows the served model's version, classes and test accuracy, and links its
+    report.html, served read-only from the model folder: a person clicking it sees the report with every
+    picture loaded. Nothing else in the folder is served."""
+    import json
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out, _ = report_run
+    accuracy = json.loads((out / "model.json").read_text())["accuracy"]["test"]
+    s = Server({"MODEL_DIR": str(out)}, log_path=tmp_path / "gunicorn.log")
+    try:
+        s.wait_ready()
+        browser.get(s.url + "/")
+        link = browser.find_element(By.ID, "report")
+        WebDriverWait(browser, TIMEOUT).until(lambda d: link.is_displayed())
+        assert browser.find_element(By.ID, "version").text == "version 1,"
+        assert browser.find_element(By.ID, "accuracy").text == f"test accuracy {100 * accuracy:.1f} %"
+        assert browser.find_element(By.ID, "classes").text == "3 classes: " + ", ".join(read_labels(out))
+        assert link.get_attribute("href") == s.url + "/models/model/versions/1/report.html"
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        link.click()
+        WebDriverWait(browser, TIMEOUT).until(lambda d: d.find_elements(By.TAG_NAME, "h1"))
+        WebDriverWait(browser, TIMEOUT).until(
+            lambda d: d.execute_script("return [...document.images].every(i => i.complete)"))
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Retrained mobilenet_v2 on 3 classes"
+        pictures = browser.execute_script("return [...document.images].map(i => [i.src, i.naturalWidth])")
+        assert len(pictures) >= 3 and all(width > 0 for _, width in pictures), pictures  # every picture loaded
+        browser.save_screenshot(str(tmp_path / "report.png"))
+        if os.environ.get("PAGE_SCREENSHOT"):  # to look at them: PAGE_SCREENSHOT=prefix pytest -k training_report
+            for name in ("page.png", "report.png"):
+                shutil.copy(tmp_path / name, os.environ["PAGE_SCREENSHOT"] + name)
+        base = s.url + "/models/model/versions/1/"
+        for path in ("report/..%2Fgraph.pb", "report/%2E%2E/graph.pb", "report/x.txt", "graph.pb", "model.json",
+                     "report", "../2/report.html"):
+            assert requests.get(base + path, timeout=TIMEOUT).status_code == 404, path
+        assert requests.get(s.url + "/models/model/versions/2/report.html", timeout=TIMEOUT).status_code == 404
+        assert requests.get(s.url + "/models/other/versions/1/report.html", timeout=TIMEOUT).status_code == 404
+    finally:
+        s.stop()

@@ -224,7 +224,7 @@ def test_model_files_deleted_then_garbage_the_loaded_model_keeps_answering(serve
     with Load(s.url, reference, clients=4, keepalive=True) as load:
         time.sleep(2)
         for name in os.listdir(model):
-            os.unlink(model / name)
+            shutil.rmtree(model / name) if (model / name).is_dir() else os.unlink(model / name)
         time.sleep(3)
         for name in ("graph.pb", "labels.txt", "model.json"):
             (model / name).write_bytes(os.urandom(4096))

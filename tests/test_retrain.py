@@ -27,7 +27,7 @@ from retrain.preprocessing import decode_image
 
 # The cheapest real configuration; --summaries_dir "" skips TensorBoard logs.
 FAST = ("--architecture", "mobilenet_v2", "--weights", "none", "--summaries_dir", "")
-MODEL_FILES = {"graph.pb", "labels.txt", "model.json", "model.tflite"}
+MODEL_FILES = {"graph.pb", "labels.txt", "model.json", "model.tflite", "report.html", "report"}
 # A proxy nobody listens on: downloads fail at once, online or not, so no test
 # ever fetches flower_photos (218 MB) or ImageNet weights.
 DEAD_PROXY = {k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
@@ -396,9 +396,11 @@ def _umask():
 @pytest.mark.skipif(_umask() & 0o044 != 0, reason="the umask itself hides files from group/others")
 def test_model_files_are_readable_by_others(trained_model):
     # tempfile.mkstemp makes 0600 files: a server running as another user could not read them.
-    for name in MODEL_FILES:
-        mode = os.stat(os.path.join(trained_model, name)).st_mode & 0o777
-        assert mode == 0o666 & ~_umask(), f"{name} is {oct(mode)}"
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(trained_model) for name in names]
+    assert len(files) > len(MODEL_FILES)  # the report's pictures too
+    for path in files:
+        mode = os.stat(path).st_mode & 0o777
+        assert mode == 0o666 & ~_umask(), f"{path} is {oct(mode)}"
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +434,8 @@ def test_corrupt_and_non_image_files_are_skipped(messy_run):
 def test_old_output_flags_still_work(messy_run):
     root, out, result = messy_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert set(os.listdir(out)) == {"retrained_graph.pb", "retrained_labels.txt", "model.json", "model.tflite"}
+    assert set(os.listdir(out)) == {"retrained_graph.pb", "retrained_labels.txt", "model.json", "model.tflite",
+                                    "report.html", "report"}
     assert (out / "retrained_labels.txt").read_text().splitlines() == sorted(CLASSES)
     info = json.loads((out / "model.json").read_text())
     assert info["graph"] == "retrained_graph.pb" and info["labels"] == "retrained_labels.txt"

@@ -1,8 +1,8 @@
-"""The ImageNet backbones retrain can build on, each with its input size and scaling.
+"""The ImageNet backbones retrain can build on (keras.applications), each with its input size and scaling.
 
 Every model built here takes raw RGB pixel values in [0, 255]; the backbone's own
-scaling is the first layer of the graph, so whoever runs the graph never needs to
-know it.
+preprocessing is the first layer of the graph (or, for EfficientNetV2 and ConvNeXt,
+already inside keras' model), so whoever runs the graph never needs to know it.
 """
 import hashlib
 import os
@@ -19,6 +19,7 @@ class Architecture:
     scale: float           # pixels are fed to the backbone as x * scale + offset
     offset: float
     quantization: str      # --tflite_quantization's default: the fastest within 0.5 points of float (README)
+    caffe: bool = False    # preprocess_input's "caffe" mode instead: RGB to BGR, minus ImageNet's channel means
 
 
 ARCHITECTURES = {
@@ -26,8 +27,23 @@ ARCHITECTURES = {
         # Both scale to [-1, 1], as keras.applications' preprocess_input does for them.
         Architecture("inception_v3", "InceptionV3", 299, 1 / 127.5, -1.0, "dynamic"),
         Architecture("mobilenet_v2", "MobileNetV2", 224, 1 / 127.5, -1.0, "int8"),
+        # These two take [0, 255] and normalise inside keras' model (include_preprocessing).
+        # Their quantization default is the conservative one until measured (dynamic: weights only).
+        Architecture("efficientnet_v2_b0", "EfficientNetV2B0", 224, 1.0, 0.0, "dynamic"),
+        Architecture("convnext_tiny", "ConvNeXtTiny", 224, 1.0, 0.0, "dynamic"),
+        Architecture("resnet50", "ResNet50", 224, 1.0, 0.0, "dynamic", caffe=True),
     )
 }
+
+IMAGENET_BGR_MEANS = (103.939, 116.779, 123.68)  # keras.applications.imagenet_utils, "caffe" mode
+
+
+@keras.saving.register_keras_serializable(package="retrain")
+class CaffePreprocessing(keras.layers.Layer):
+    """ResNet50's preprocess_input as a layer: RGB [0, 255] to BGR minus ImageNet's channel means."""
+
+    def call(self, inputs):
+        return keras.ops.flip(inputs, axis=-1) - keras.ops.convert_to_tensor(IMAGENET_BGR_MEANS, inputs.dtype)
 
 
 def weights_tag(weights):
@@ -67,5 +83,8 @@ def build_backbone(arch, weights):
     if weights not in ("imagenet", "none"):
         base.load_weights(check_weights_file(weights))
     inputs = keras.Input((arch.size, arch.size, 3), name="input")
-    features = keras.layers.Rescaling(arch.scale, arch.offset, name="scale")(inputs)
+    if arch.caffe:
+        features = CaffePreprocessing(name="scale")(inputs)
+    else:
+        features = keras.layers.Rescaling(arch.scale, arch.offset, name="scale")(inputs)
     return keras.Model(inputs, base(features), name=f"{arch.name}_backbone")

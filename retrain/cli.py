@@ -64,7 +64,8 @@ def build_parser():
                    help="folder with one subfolder of images per class (none: ~/flower_photos, downloaded when absent)")
     p.add_argument("--extra_image_dir", action="append", default=[],
                    help="more labelled images in the same layout, e.g. the server's FEEDBACK_DIR (repeatable)")
-    p.add_argument("--architecture", default="inception_v3", help="inception_v3 (299x299) or mobilenet_v2 (224x224)")
+    p.add_argument("--architecture", default="inception_v3",
+                   help="inception_v3 (299x299), mobilenet_v2, efficientnet_v2_b0, resnet50 or convnext_tiny (224x224)")
     p.add_argument("--weights", default="imagenet",
                    help="imagenet (downloaded by Keras), a local .weights.h5 file, or none (random: tests only)")
     p.add_argument("--output_dir", default="model", help="where graph.pb, labels.txt and model.json go")

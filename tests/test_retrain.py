@@ -609,3 +609,45 @@ def test_help_shows_every_default_and_readme_agrees():
         if default:
             assert re.search(re.escape(action.option_strings[0]) + r"\b.*?\(default: " + re.escape(default) + r"\)",
                              text), (action.option_strings[0], default)
+
+
+@pytest.mark.parametrize("architecture,preprocess", [
+    ("efficientnet_v2_b0", "efficientnet_v2"), ("resnet50", "resnet50"), ("convnext_tiny", "convnext")])
+def test_more_backbones_export_their_preprocessing_and_serve(architecture, preprocess, image_dir, tmp_path):
+    """Issue 19: efficientnet_v2_b0, resnet50 and convnext_tiny (random weights) retrain, export and serve;
+    graph.pb takes raw [0, 255] pixels and its features equal keras.applications' own model fed through that
+    family's preprocess_input (ResNet50's subtracts the ImageNet means from BGR; the other two normalise
+    inside the model), so nobody serving the graph needs to know the backbone's preprocessing."""
+    import keras
+    import tensorflow as tf
+
+    from helpers import make_app, post_images
+    from retrain import backbones
+    out = tmp_path / "model"
+    run_retrain("--image_dir", image_dir, "--architecture", architecture, "--weights", "none",
+                "--how_many_training_steps", 20, "--output_dir", out, "--bottleneck_dir", tmp_path / "bottlenecks",
+                "--summaries_dir", "", "--tflite_quantization", "none")
+    sidecar = json.loads((out / "model.json").read_text())
+    assert sidecar["architecture"] == architecture and sidecar["input_height"] == 224
+
+    image = shape_image("red_circle", 3, size=(300, 200))
+    pixels = decode_image(image, (224, 224))[None]
+    graph = tf.Graph()
+    with graph.as_default():
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.ParseFromString((out / "graph.pb").read_bytes())
+        tf.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        features = session.run("bottleneck:0", {"input:0": pixels})
+    arch = backbones.ARCHITECTURES[architecture]
+    keras.utils.set_random_seed(0)  # as build_backbone seeds random weights
+    reference = getattr(keras.applications, arch.application)(input_shape=(224, 224, 3), include_top=False,
+                                                               weights=None, pooling="avg")
+    family = getattr(keras.applications, preprocess)
+    expected = np.asarray(reference(family.preprocess_input(pixels.copy())))
+    np.testing.assert_allclose(features, expected, rtol=1e-3, atol=1e-3 * float(np.abs(expected).max()))
+
+    response = post_images(make_app(str(out)).test_client(), [image])
+    assert response.status_code == 200, response.get_data(as_text=True)
+    answer = response.get_json()
+    assert {label for label, _ in answer} == set(CLASSES) and sum(s for _, s in answer) == pytest.approx(1, abs=1e-4)

@@ -9,7 +9,9 @@ Linux often hands every connection of a few clients to the same worker while the
 others idle (half the throughput, in BENCHMARKS.md); one worker cannot be left
 idle, answers a lone request on every core, and holds one copy of the model.
 """
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -31,9 +33,13 @@ loglevel = service["LOG_LEVEL"]
 # does not survive fork(), so never preload.
 preload_app = False
 
-# Prometheus counts per worker in files here, summed at /metrics (multiprocess mode).
+# Prometheus counts per worker in files here, summed at /metrics (multiprocess mode). A folder made
+# here is removed when the master exits, whether it stopped cleanly or failed to start; the workers,
+# forked from the master, inherit the exit hook but must leave the folder to the others.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="classify-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir = tempfile.mkdtemp(prefix="classify-metrics-")
+    _master = os.getpid()
+    atexit.register(lambda: os.getpid() == _master and shutil.rmtree(_metrics_dir, ignore_errors=True))
 
 
 # gunicorn's control socket is shared by every instance of a user by default; not used here.

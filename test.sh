@@ -7,8 +7,10 @@
 #   WEIGHTS=../shared/models/mobilenet_v2_1.0_224_no_top.weights.h5 ./test.sh   # offline
 #
 # Variables: FLOWERS_DIR (default: ~/flower_photos, downloaded when absent),
-# ARCHITECTURE (inception_v3), WEIGHTS (imagenet), STEPS (4000), WORK (a temp dir),
-# PYTHON (python3; a .venv is made unless VIRTUAL_ENV or NO_VENV=1).
+# ARCHITECTURE (inception_v3), WEIGHTS (imagenet), STEPS (4000), MODEL_OUT (where the model
+# goes: ./model, where README's Serve section expects it), WORK (bottlenecks and logs: a temp
+# dir, removed at the end unless given), PYTHON (python3; a .venv is made unless VIRTUAL_ENV or
+# NO_VENV=1).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -21,7 +23,9 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ "${NO_VENV:-0}" != 1 ]; then
   PATH="$PWD/.venv/bin:$PATH"
 fi
 
-WORK=${WORK:-$(mktemp -d)}
+remove_work=
+if [ -z "${WORK:-}" ]; then WORK=$(mktemp -d); remove_work=1; fi
+MODEL_OUT=${MODEL_OUT:-$PWD/model}
 FLOWERS_DIR=${FLOWERS_DIR:-}
 ARCHITECTURE=${ARCHITECTURE:-inception_v3}
 WEIGHTS=${WEIGHTS:-imagenet}
@@ -30,17 +34,18 @@ server_pid=
 
 cleanup() {
   if [ -n "$server_pid" ]; then kill "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+  if [ -n "$remove_work" ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
-echo "== retrain ($ARCHITECTURE, weights $WEIGHTS) into $WORK/model"
+echo "== retrain ($ARCHITECTURE, weights $WEIGHTS) into $MODEL_OUT"
 python -m retrain ${FLOWERS_DIR:+--image_dir "$FLOWERS_DIR"} --architecture "$ARCHITECTURE" \
   --weights "$WEIGHTS" --how_many_training_steps "$STEPS" \
-  --output_dir "$WORK/model" --bottleneck_dir "$WORK/bottlenecks" --summaries_dir "$WORK/summaries"
+  --output_dir "$MODEL_OUT" --bottleneck_dir "$WORK/bottlenecks" --summaries_dir "$WORK/summaries"
 
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 echo "== serve on 127.0.0.1:$port"
-MODEL_DIR="$WORK/model" WEB_CONCURRENCY=1 gunicorn classify_server:app -b "127.0.0.1:$port" \
+MODEL_DIR="$MODEL_OUT" WEB_CONCURRENCY=1 gunicorn classify_server:app -b "127.0.0.1:$port" \
   > "$WORK/gunicorn.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 120); do
@@ -54,7 +59,7 @@ image=$(find "${FLOWERS_DIR:-$HOME/flower_photos}" -type f -iname '*.jpg' | sort
 echo "== curl -F data=@$image 127.0.0.1:$port/"
 answer=$(curl -sf -F "data=@$image" "127.0.0.1:$port/")
 echo "$answer"
-python - "$answer" "$WORK/model/labels.txt" <<'PY'
+python - "$answer" "$MODEL_OUT/labels.txt" <<'PY'
 import json, sys
 answer, labels = json.loads(sys.argv[1]), open(sys.argv[2]).read().split("\n")
 assert isinstance(answer, list) and answer, "answer is not a non-empty list"
@@ -62,3 +67,5 @@ assert all(len(p) == 2 and p[0] in labels and 0 <= p[1] <= 1 for p in answer), "
 assert [p[1] for p in answer] == sorted((p[1] for p in answer), reverse=True), "not sorted best first"
 print(f"OK: best label {answer[0][0]!r} with score {answer[0][1]:.3f}")
 PY
+echo "== the model is in $MODEL_OUT (its training report: $MODEL_OUT/report.html). Serve it with:"
+echo "   cd $PWD && MODEL_DIR=$MODEL_OUT $(command -v gunicorn) classify_server:app"

@@ -12,6 +12,7 @@ retried, and the versions served keep serving; the last one served is never drop
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 
 from classify_server.engine import ModelLoadError
@@ -102,6 +103,7 @@ class ModelManager:
     def _load(self, version, folder):
         with self.lock:
             self.status[version] = ("LOADING", "")
+        started = time.monotonic()
         try:
             engine = self.load(folder)
         except ModelLoadError as exc:
@@ -115,7 +117,9 @@ class ModelManager:
             self.served[version] = Servable(self.name, version, engine)
             self.error = ""
             self.status[version] = ("AVAILABLE", "")
-        log.info("serving model %r version %s from %s", self.name, version, folder)
+        log.info("serving model %r version %s from %s: %s engine, %d labels, loaded and warmed up in %.1f s",
+                 self.name, version, folder, engine.metadata().get("engine", "?"), len(engine.labels),
+                 time.monotonic() - started)
         return True
 
     def _retire(self, servable):

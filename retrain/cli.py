@@ -231,7 +231,9 @@ def main(argv=None):
         print("warning: the test set is empty; no test accuracy (raise --testing_percentage or add images)",
               file=sys.stderr)
 
-    info = {"architecture": arch.name, "weights": flags.weights, "labels_count": len(labels),
+    # Paths in model.json are absolute, whatever folder retrain ran from (the server may run elsewhere).
+    weights = flags.weights if flags.weights in ("imagenet", "none") else os.path.abspath(flags.weights)
+    info = {"architecture": arch.name, "weights": weights, "labels_count": len(labels),
             "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "image_dir": os.path.abspath(image_dir),
             "training_seconds": round(time.time() - start, 1)}
     stage = time.time()

@@ -419,11 +419,14 @@ def test_the_environments_graph_settings_are_refused_with_a_config_file(tmp_path
 def test_gunicorn_stops_with_one_line_on_a_bad_config(tmp_path, config, expected):
     path = tmp_path / "models.config"
     path.write_text(config)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     result = subprocess.run([sys.executable, "-m", "gunicorn", "classify_server:app", "-b", "127.0.0.1:0"], cwd=ROOT,
-                            env=dict(os.environ, MODEL_CONFIG_FILE=str(path)), capture_output=True, text=True,
-                            timeout=60)
+                            env=dict(os.environ, MODEL_CONFIG_FILE=str(path), TMPDIR=str(temp)), capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode != 0 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "Booting worker" not in result.stderr  # before any worker
+    assert os.listdir(temp) == []  # issue 20: its metrics folder is removed on a failed start too
 
 
 def test_grpc_server_names_the_model_that_does_not_load(tmp_path, trained_model):

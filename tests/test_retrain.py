@@ -374,7 +374,10 @@ def test_outputs_are_complete_and_consistent(trained_model, image_dir):
         info = json.load(f)
     assert info["input"] == "input:0" and info["output"] == "final_result:0"
     assert info["input_height"] == info["input_width"] == 224
-    assert info["architecture"] == "mobilenet_v2" and info["weights"] == TEST_WEIGHTS
+    assert info["architecture"] == "mobilenet_v2"
+    # Issue 20: the weights file and the image folder are both recorded as absolute paths.
+    assert info["weights"] == (TEST_WEIGHTS if TEST_WEIGHTS == "none" else os.path.abspath(TEST_WEIGHTS))
+    assert os.path.isabs(info["image_dir"])
     assert info["labels_count"] == 3 and info["graph"] == "graph.pb" and info["labels"] == "labels.txt"
     assert set(info["accuracy"]) == {"validation", "test"}
     assert all(0 <= v <= 1 for v in info["accuracy"].values())

@@ -648,25 +648,37 @@ def test_classic_retrain_graph_served_without_settings(foreign):
 
 # --- test.sh ---------------------------------------------------------------------------------------
 
-def _test_sh(flowers_dir, work, timeout=420):
+def _test_sh(flowers_dir, work, timeout=420, **env):
     venv_bin = os.path.join(ROOT, ".venv", "bin")
     if not os.path.isdir(venv_bin):
         pytest.skip(f"test.sh runs with {venv_bin} first on PATH: no such folder")
-    env = dict(os.environ, FLOWERS_DIR=str(flowers_dir), ARCHITECTURE="mobilenet_v2", WEIGHTS="none",
-               STEPS="100", NO_VENV="1", WORK=str(work), PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
-    env.pop("VIRTUAL_ENV", None)
-    return subprocess.run(["bash", os.path.join(ROOT, "test.sh")], cwd=ROOT, env=env, capture_output=True,
+    settings = dict(os.environ, FLOWERS_DIR=str(flowers_dir), ARCHITECTURE="mobilenet_v2", WEIGHTS="none",
+                    STEPS="100", NO_VENV="1", PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
+    if work:
+        settings.update(WORK=str(work), MODEL_OUT=str(work / "model"))
+    settings.update(env)
+    settings.pop("VIRTUAL_ENV", None)
+    return subprocess.run(["bash", os.path.join(ROOT, "test.sh")], cwd=ROOT, env=settings, capture_output=True,
                           text=True, timeout=timeout)
 
 
 @pytest.mark.slow
 def test_test_sh_end_to_end(tmp_path):
+    """Issue 20: it ends by saying where the model is and the exact command that serves it; the model goes
+    to MODEL_OUT; its own temp folder (WORK when not given) and the server's are gone afterwards."""
     if not shutil.which("curl"):
         pytest.skip("test.sh needs curl")
-    result = _test_sh(make_image_dir(tmp_path / "flowers", per_class=8), tmp_path / "work")
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    model = tmp_path / "model"
+    env = {"TMPDIR": str(temp), "MODEL_OUT": str(model)}
+    result = _test_sh(make_image_dir(tmp_path / "flowers", per_class=8), None, **env)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     assert re.search(r"^OK\b", result.stdout, re.M), result.stdout
-    assert os.path.isfile(tmp_path / "work" / "model" / "graph.pb")
+    assert os.path.isfile(model / "graph.pb") and os.path.isfile(model / "report.html")
+    assert f"== the model is in {model} " in result.stdout
+    assert f"MODEL_DIR={model} {os.path.join(ROOT, '.venv', 'bin', 'gunicorn')} classify_server:app" in result.stdout
+    assert [p for p in os.listdir(temp) if os.path.isdir(temp / p)] == []  # WORK and the metrics folder removed
 
 
 @pytest.mark.slow

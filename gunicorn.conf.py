@@ -58,6 +58,9 @@ def on_starting(server):
         if not (model_folder.is_model(path) or model_folder.versions(path)):
             where = f"model {spec.name!r} of {service['MODEL_CONFIG_FILE']}: " if service["MODEL_CONFIG_FILE"] else ""
             fix = "fix its base_path" if where else "set MODEL_DIR"
+            inside = model_folder.models_inside(path)
+            if inside:
+                fix = f"did you mean {'base_path: ' if where else 'MODEL_DIR='}{inside[0]}?"
             sys.exit(f"classify_server: {where}model not found: {' and '.join(model_folder.missing(path))} missing, "
                      f"and no numbered version folders ({fix}, or run: python -m retrain --output_dir {path})")
     for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):  # stale counts of an earlier run

@@ -51,6 +51,18 @@ def missing(folder):
     return [os.path.join(folder, name) for name in (GRAPH, LABELS) if not os.path.isfile(os.path.join(folder, name))]
 
 
+def models_inside(folder):
+    """The model folders (or base folders of versions) directly inside `folder`: what a MODEL_DIR that
+    points one level too high probably meant."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [os.path.join(folder, name) for name in names
+            if os.path.isdir(os.path.join(folder, name)) and not name.isdigit()
+            and (is_model(os.path.join(folder, name)) or versions(os.path.join(folder, name)))]
+
+
 def read_sidecar(folder):
     """The sidecar's dict ({} when there is none); ValueError when it is there but not JSON."""
     path = os.path.join(folder, SIDECAR)

@@ -429,6 +429,15 @@ def test_gunicorn_stops_with_one_line_on_a_bad_config(tmp_path, config, expected
     assert os.listdir(temp) == []  # issue 20: its metrics folder is removed on a failed start too
 
 
+def test_a_model_dir_one_level_too_high_gets_a_suggestion(tmp_path):
+    """Issue 20: MODEL_DIR naming the folder above a model says which one was probably meant."""
+    model = write_colour_model(tmp_path / "models" / "flowers")
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "classify_server:app", "-b", "127.0.0.1:0"], cwd=ROOT,
+                            env=dict(os.environ, MODEL_DIR=str(tmp_path / "models")), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and f"did you mean MODEL_DIR={model}?" in result.stderr, result.stderr
+
+
 def test_grpc_server_names_the_model_that_does_not_load(tmp_path, trained_model):
     path = write_config(tmp_path / "models.config", ("good", trained_model), ("bad", tmp_path / "nothing"))
     result = subprocess.run([sys.executable, "-m", "classify_server.grpc", "--port", "0"], cwd=ROOT,

@@ -10,7 +10,8 @@ retrain computes and caches them (--bottleneck_dir; a temp folder by default), s
 variant costs only the training of the new layer: seconds. The photos are shuffled once (--seed, 0) and
 dealt into --folds folds; for each fold the layer is trained on the others with retrain's flags (its
 defaults, with the variant's NAME=VALUE changes, parsed by retrain's own parser) and judged on the
-held-out fold. Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
+held-out fold. A variant with fine_tune (e.g. "fine_tune") runs retrain's fine-tuning on each fold too
+(minutes a fold: its training photos' pixels, a fresh backbone). Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
 difference from the first variant over the same folds (paired: the same photos on both sides).
 """
 import argparse
@@ -80,6 +81,24 @@ def retrain_flags(variant):
     return cli.parse_args(argv)
 
 
+def fine_tuned_accuracy(data, train_rows, test_rows, settings):
+    """The held-out fold's accuracy after retrain's --fine_tune path: the new layer on the bottlenecks, then
+    the top of a fresh backbone trained on pixels, keeping the epoch best on a validation share of the
+    training folds (--validation_percentage of them, by a seeded draw), as retrain does."""
+    from retrain import backbones, train
+    rng = np.random.default_rng(1)
+    shuffled = rng.permutation(train_rows)
+    cut = len(shuffled) * settings.validation_percentage // 100
+    val_rows, fit_rows = shuffled[:cut], shuffled[cut:]
+    head = train.train_head(data.x[fit_rows], data.y[fit_rows], (data.x[val_rows], data.y[val_rows]),
+                            len(data.labels), settings)
+    backbone = backbones.build_backbone(data.arch, C.MOBILENET_WEIGHTS)
+    model = train.train_on_images(backbone, head, [data.paths[i] for i in fit_rows], data.y[fit_rows],
+                                  ([data.paths[i] for i in val_rows], data.y[val_rows]), data.arch.size, settings)
+    pixels = train.load_images([data.paths[i] for i in test_rows], data.arch.size).astype(np.float32)
+    return float(np.mean(np.argmax(model.predict(pixels, verbose=0), axis=1) == data.y[test_rows]))
+
+
 def main(argv=None):
     flags = parse_args(argv)
     from retrain import train
@@ -93,6 +112,10 @@ def main(argv=None):
             scores[variant] = []
             for fold in range(flags.folds):
                 train_rows, test_rows = data.split(fold)
+                if settings.fine_tune:
+                    scores[variant].append(fine_tuned_accuracy(data, train_rows, test_rows, settings))
+                    C.log(f"{variant}, fold {fold + 1}: {scores[variant][-1]:.4f}")
+                    continue
                 head = train.train_head(data.x[train_rows], data.y[train_rows], None, len(data.labels), settings)
                 scores[variant].append(train.accuracy_of(head, data.x[test_rows], data.y[test_rows]))
             C.log(f"{variant}: " + " ".join(f"{a:.4f}" for a in scores[variant]))
@@ -103,7 +126,8 @@ def main(argv=None):
         C.print_machine(os.cpu_count(), C.revision(), C.other_busy_processes())
         print(C.table(["variant", *(f"fold {i + 1}" for i in range(flags.folds)), "mean", "stdev", "range",
                        f"- {variants[0]} (paired)"], rows,
-                      f"{flags.folds}-fold accuracy over {len(data.y)} flower photos (seed {flags.seed}), MobileNetV2 (real weights)"))
+                      f"{flags.folds}-fold accuracy over {len(data.y)} flower photos (seed {flags.seed}), "
+                      "MobileNetV2 (real weights)"))
     finally:
         if not flags.bottleneck_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -15,9 +15,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from tqdm import tqdm
 
-from retrain import atomic
+from retrain import atomic, progress
 from retrain.preprocessing import InvalidImage, ImageTooLarge, decode_image
 
 BATCH_SIZE = 32
@@ -113,7 +112,7 @@ def get_bottlenecks(image_paths, make_forward, size, cache_dir, batch_size=BATCH
 
     batches = [missing[i:i + batch_size] for i in range(0, len(missing), batch_size)]
     with ThreadPoolExecutor(DECODE_THREADS) as decoders, ThreadPoolExecutor(FORWARD_THREADS) as networks, \
-            tqdm(total=len(missing), unit="img", desc="bottlenecks") as bar:
+            progress.bar(total=len(missing), unit="img", desc="bottlenecks") as bar:
         def submit(batch):
             return networks.submit(compute, batch, decoders.submit(_decode_batch, batch, (size, size)))
         # The first batch alone: it pays for what the network sets up on its first run.

@@ -9,8 +9,8 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
 
+from retrain import progress
 from retrain.preprocessing import IMAGE_EXTENSIONS
 
 FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
@@ -92,7 +92,7 @@ def maybe_download_flowers(dest_dir, url=FLOWERS_URL):
         try:
             with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as out:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc="flower_photos.tgz") as bar:
+                with progress.bar(total=total, unit="B", unit_scale=True, desc="flower_photos.tgz") as bar:
                     for block in iter(lambda: response.read(1 << 16), b""):
                         out.write(block)
                         bar.update(len(block))

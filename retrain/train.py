@@ -6,17 +6,17 @@ The model is built in one place, `build_classifier`: raw pixels -> backbone
 import numpy as np
 import keras
 import tensorflow as tf
-from tqdm import tqdm
 
+from retrain import progress
 from retrain.preprocessing import decode_image
 
 
 class ProgressBar(keras.callbacks.Callback):
-    """A tqdm bar over training steps, with the latest validation accuracy."""
+    """A progress bar over training steps, with the latest validation accuracy."""
 
     def __init__(self, total_steps, steps_per_epoch, desc):
         super().__init__()
-        self.bar = tqdm(total=total_steps, unit="step", desc=desc)
+        self.bar = progress.bar(total=total_steps, unit="step", desc=desc)
         self.steps_per_epoch = steps_per_epoch
 
     def on_epoch_end(self, epoch, logs=None):
@@ -25,7 +25,7 @@ class ProgressBar(keras.callbacks.Callback):
         self.bar.set_postfix(loss=f"{logs.get('loss', 0):.3f}", train_acc=f"{logs.get('accuracy', 0):.3f}",
                              val_acc=f"{logs.get('val_accuracy', float('nan')):.3f}")
         if epoch == 0 or (epoch + 1) % 10 == 0:
-            tqdm.write(f"step {(epoch + 1) * self.steps_per_epoch}: train accuracy {logs.get('accuracy', 0):.3f}, "
+            progress.write(f"step {(epoch + 1) * self.steps_per_epoch}: train accuracy {logs.get('accuracy', 0):.3f}, "
                        f"validation accuracy {logs.get('val_accuracy', float('nan')):.3f}")
 
     def on_train_end(self, logs=None):
@@ -101,7 +101,7 @@ def train_head(train_x, train_y, val, class_count, flags, history=None):
         writers = {name: tf.summary.create_file_writer(f"{flags.summaries_dir}/head/{name}")
                    for name in ("train", "validation")}
     steps, interval = flags.how_many_training_steps, max(1, flags.eval_step_interval)
-    with tqdm(total=steps, unit="step", desc="training head") as bar:
+    with progress.bar(total=steps, unit="step", desc="training head") as bar:
         for step in range(0, steps, interval):
             count = min(interval, steps - step)
             loss, train_accuracy = (float(v) for v in run_steps(tf.constant(count)))
@@ -113,7 +113,8 @@ def train_head(train_x, train_y, val, class_count, flags, history=None):
             bar.set_postfix(loss=f"{loss:.3f}", train_acc=f"{train_accuracy:.3f}", val_acc=f"{val_accuracy:.3f}")
             done = step + count
             if step == 0 or done % (10 * interval) == 0 or done == steps:
-                tqdm.write(f"step {done}: train accuracy {train_accuracy:.3f}, validation accuracy {val_accuracy:.3f}")
+                progress.write(f"step {done}: train accuracy {train_accuracy:.3f}, "
+                               f"validation accuracy {val_accuracy:.3f}")
             if history is not None:
                 history.append({"step": done, "loss": loss, "train_accuracy": train_accuracy,
                                 "validation_accuracy": val_accuracy})
@@ -145,7 +146,7 @@ def augmentation_layers(flags):
 def load_images(paths, size):
     """Decode images once into uint8 memory for training on pixels (augmentation, fine-tuning)."""
     return np.stack([decode_image(p, (size, size)).astype(np.uint8)
-                     for p in tqdm(paths, unit="img", desc="loading images")])
+                     for p in progress.bar(paths, unit="img", desc="loading images")])
 
 
 def train_on_images(backbone, head, train_paths, train_y, val, size, flags, history=None):

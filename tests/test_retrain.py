@@ -654,3 +654,18 @@ def test_more_backbones_export_their_preprocessing_and_serve(architecture, prepr
     assert response.status_code == 200, response.get_data(as_text=True)
     answer = response.get_json()
     assert {label for label, _ in answer} == set(CLASSES) and sum(s for _, s in answer) == pytest.approx(1, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_progress_is_plain_lines_when_not_a_terminal(image_dir, tmp_path):
+    """Issue 20: written to a file (as here) or a pipe, the progress bars are plain lines, not one line of
+    carriage returns. (Read as bytes: text mode would turn each carriage return into a newline.)"""
+    with open(tmp_path / "stderr", "wb") as err:
+        subprocess.run([sys.executable, "-m", "retrain", "--image_dir", str(image_dir), "--architecture",
+                        "mobilenet_v2", "--weights", "none", "--how_many_training_steps", "5", "--output_dir",
+                        str(tmp_path / "model"), "--bottleneck_dir", str(tmp_path / "cache"), "--summaries_dir", "",
+                        "--tflite_quantization", "none"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                       timeout=300, check=True)
+    output = (tmp_path / "stderr").read_bytes()
+    assert b"\r" not in output
+    assert any(line.startswith(b"bottlenecks: 100%") for line in output.splitlines()), output

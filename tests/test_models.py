@@ -432,10 +432,12 @@ def test_gunicorn_stops_with_one_line_on_a_bad_config(tmp_path, config, expected
 def test_a_model_dir_one_level_too_high_gets_a_suggestion(tmp_path):
     """Issue 20: MODEL_DIR naming the folder above a model says which one was probably meant."""
     model = write_colour_model(tmp_path / "models" / "flowers")
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "classify_server:app", "-b", "127.0.0.1:0"], cwd=ROOT,
-                            env=dict(os.environ, MODEL_DIR=str(tmp_path / "models")), capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode != 0 and f"did you mean MODEL_DIR={model}?" in result.stderr, result.stderr
+    # From the checkout (./gunicorn.conf.py), and from any other folder with the settings named as a module.
+    for cwd, config in ((ROOT, []), (tmp_path, ["-c", "python:classify_server.gunicorn_config"])):
+        result = subprocess.run([sys.executable, "-m", "gunicorn", *config, "classify_server:app", "-b", "127.0.0.1:0"],
+                                cwd=cwd, env=dict(os.environ, MODEL_DIR=str(tmp_path / "models")),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0 and f"did you mean MODEL_DIR={model}?" in result.stderr, (cwd, result.stderr)
 
 
 def test_grpc_server_names_the_model_that_does_not_load(tmp_path, trained_model):

@@ -1,0 +1,156 @@
+"""gunicorn settings for `gunicorn classify_server:app`; each is an environment variable. Read through
+./gunicorn.conf.py in the checkout, or from any folder with
+`gunicorn -c python:classify_server.gunicorn_config classify_server:app`.
+
+One worker by default (WEB_CONCURRENCY overrides, as gunicorn itself reads it),
+whose TensorFlow session uses every core: each op over all of them, and as many
+requests' runs at once as there are cores. With N workers each session gets
+cores / N threads, so that all workers together use every core once and no more.
+Why one: a kept-alive connection stays with the worker that accepted it, and
+Linux often hands every connection of a few clients to the same worker while the
+others idle (half the throughput, in BENCHMARKS.md); one worker cannot be left
+idle, answers a lone request on every core, and holds one copy of the model.
+"""
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+from classify_server import settings
+from retrain import model_folder
+
+service = settings.from_env()  # every setting, checked: a bad one stops gunicorn here with one line
+cores = os.cpu_count() or 1
+bind = service["BIND"] or f"{service['HOST']}:{service['PORT']}"
+workers = service["WEB_CONCURRENCY"]
+worker_class = service["WORKER_CLASS"]
+threads = service["THREADS"]
+timeout = service["TIMEOUT"]
+graceful_timeout = service["GRACEFUL_TIMEOUT"]
+keepalive = service["KEEPALIVE"]
+accesslog = service["ACCESS_LOG"] or None
+loglevel = service["LOG_LEVEL"]
+# The model must be loaded in each worker after the fork: a TensorFlow session
+# does not survive fork(), so never preload.
+preload_app = False
+
+# Prometheus counts per worker in files here, summed at /metrics (multiprocess mode). A folder made
+# here is removed when the master exits, whether it stopped cleanly or failed to start; the workers,
+# forked from the master, inherit the exit hook but must leave the folder to the others.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir = tempfile.mkdtemp(prefix="classify-metrics-")
+    _master = os.getpid()
+    atexit.register(lambda: os.getpid() == _master and shutil.rmtree(_metrics_dir, ignore_errors=True))
+
+
+# gunicorn's control socket is shared by every instance of a user by default; not used here.
+control_socket_disable = True
+
+
+def on_starting(server):
+    # Fail at once, before the workers spend seconds importing TensorFlow, when a model is not there at all.
+    from classify_server import model_config
+    try:
+        specs = model_config.from_settings(service)
+    except model_config.ConfigError as exc:
+        sys.exit(f"classify_server: {exc}")
+    for spec in specs:
+        path = spec.base_path
+        if not (model_folder.is_model(path) or model_folder.versions(path)):
+            where = f"model {spec.name!r} of {service['MODEL_CONFIG_FILE']}: " if service["MODEL_CONFIG_FILE"] else ""
+            fix = "fix its base_path" if where else "set MODEL_DIR"
+            inside = model_folder.models_inside(path)
+            if inside:
+                fix = f"did you mean {'base_path: ' if where else 'MODEL_DIR='}{inside[0]}?"
+            sys.exit(f"classify_server: {where}model not found: {' and '.join(model_folder.missing(path))} missing, "
+                     f"and no numbered version folders ({fix}, or run: python -m retrain --output_dir {path})")
+    for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):  # stale counts of an earlier run
+        os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))
+
+
+# Set once any worker has loaded the model: after that a worker that cannot load it
+# (its files broke meanwhile) exits alone instead of halting gunicorn (classify_server.__getattr__).
+os.environ["CLASSIFY_MODEL_LOADED_FLAG"] = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "model-loaded.flag")
+
+
+def post_worker_init(worker):
+    open(os.environ["CLASSIFY_MODEL_LOADED_FLAG"], "a").close()
+    import signal
+    import socket
+    stop = worker.handle_exit
+
+    def handle_exit(sig, frame):
+        # On SIGTERM stop listening at once, so new connections are refused rather than
+        # left in the backlog to be reset; requests in flight still finish.
+        if hasattr(worker, "set_accept_enabled"):
+            worker.set_accept_enabled(False)
+        for listener in worker.sockets:
+            try:
+                listener.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        stop(sig, frame)
+
+    signal.signal(signal.SIGTERM, handle_exit)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+    multiprocess.mark_process_dead(worker.pid)
+
+
+os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, cores // workers)))
+os.environ.setdefault("TF_INTER_OP_THREADS", os.environ["TF_INTRA_OP_THREADS"])
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# The default worker (classify_server.worker) reads each request whole on its event loop, under
+# HEADER_TIMEOUT, BODY_TIMEOUT and BODY_MIN_RATE, before a thread runs it. What still reaches a thread
+# before its body has arrived (a body over MAX_UPLOAD_BYTES, framing gunicorn's parser must judge, TLS,
+# another WORKER_CLASS) is bounded here: gunicorn reads the body with a blocking, timeout-less socket,
+# so the body must arrive within BODY_TIMEOUT seconds (default TIMEOUT; 0: no limit), else the read
+# fails, the client gets a 408 and the thread is free.
+body_timeout = timeout if service["BODY_TIMEOUT"] is None else service["BODY_TIMEOUT"]
+
+
+def pre_request(worker, req):
+    worker.log.debug("%s %s", req.method, req.path)
+    unreader = getattr(req, "unreader", None)
+    sock = getattr(unreader, "sock", None)
+    if body_timeout <= 0 or sock is None:
+        return
+    import socket
+    import time
+    unreader.body_deadline = time.monotonic() + body_timeout
+    if "chunk" not in vars(unreader):  # once per connection: bound each read by what is left
+        read = unreader.chunk
+
+        def chunk(*args, **kwargs):
+            deadline = getattr(unreader, "body_deadline", None)
+            if deadline is None:
+                return read(*args, **kwargs)
+            try:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"request body not received within {body_timeout:g}s (BODY_TIMEOUT)")
+                sock.settimeout(left)
+                return read(*args, **kwargs)
+            except TimeoutError:
+                # Stop reading from this client for good: gunicorn's graceful close would otherwise
+                # wait up to 2 s on the worker's main loop for it to stop sending.
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+                raise
+
+        unreader.chunk = chunk
+
+
+def post_request(worker, req, environ, resp):
+    if getattr(getattr(req, "unreader", None), "body_deadline", None) is not None:
+        req.unreader.body_deadline = None  # the next request on a kept-alive connection starts afresh
+        try:
+            req.unreader.sock.settimeout(None)
+        except OSError:
+            pass

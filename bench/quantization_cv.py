@@ -30,15 +30,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--quantizations", default="float16,int8")
+    p.add_argument("--variant", default="default", help="retrain's flags for the new layer: default or NAME=VALUE,...")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     flags = parse_args(argv)
-    from cv import FlowerFolds
-    from retrain import cli, export, tflite, train
+    from cv import FlowerFolds, retrain_flags
+    from retrain import export, tflite, train
     from retrain.preprocessing import decode_image
-    retrain_flags = cli.parse_args(["--summaries_dir", ""])  # retrain's defaults for the new layer
+    settings = retrain_flags(flags.variant)  # retrain's defaults for the new layer, or the variant's
     work = tempfile.mkdtemp(prefix="quantization-cv-")
     try:
         data = FlowerFolds(work, flags.folds)
@@ -48,7 +49,7 @@ def main(argv=None):
         rows, deltas = [], {q: [] for q in flags.quantizations.split(",")}
         for fold in range(flags.folds):
             train_rows, test_rows = data.split(fold)
-            head = train.train_head(x_all[train_rows], y_all[train_rows], None, len(labels), retrain_flags)
+            head = train.train_head(x_all[train_rows], y_all[train_rows], None, len(labels), settings)
             graph_def = export.stitched_graph_def(backbone_def,
                                                   export.frozen_graph_def(head, [None, x_all.shape[1]]))
             float_accuracy = float(np.mean(np.argmax(head.predict(x_all[test_rows], verbose=0), 1)

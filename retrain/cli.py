@@ -91,7 +91,7 @@ def build_parser():
     p.add_argument("--learning_rate", type=float, default=0.001,
                    help="Adam learning rate of the new layer, decaying to 0 over the steps")
     p.add_argument("--train_batch_size", type=int, default=100, help="bottlenecks per training step")
-    p.add_argument("--l2_regularization", type=float, default=0.02,
+    p.add_argument("--l2_regularization", type=float, default=0.01,
                    help="L2 penalty on the new layer's weights (chosen by 5-fold CV: BENCHMARKS.md run P)")
     p.add_argument("--eval_step_interval", type=int, default=100, help="steps between validation reports")
     p.add_argument("--testing_percentage", type=int, default=10,

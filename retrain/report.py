@@ -152,8 +152,9 @@ def _table(headers, rows, attrs=""):
     return f"<table {attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render(run, pictures):
-    """The report's HTML; `pictures` are the names of the files written into FOLDER."""
+def render(run, pictures, matrix, wrong):
+    """The report's HTML; `pictures` are the names of the files written into FOLDER, `matrix` the test
+    photos' confusion matrix (None without a test set), `wrong` their misclassified() list."""
     e = html.escape
     labels = run.labels
     parts = [f"<h1>Retrained {e(run.architecture)} on {len(labels)} classes</h1>"]
@@ -170,8 +171,7 @@ def render(run, pictures):
                                                'id="accuracy"'))
     if run.tflite and run.tflite.get("warning"):
         parts.append(f'<p class="warning">{e(run.tflite["warning"])}</p>')
-    if run.test_scores is not None:
-        matrix = confusion_matrix(run.test_truth, np.argmax(run.test_scores, axis=1), len(labels))
+    if matrix is not None:
         stats = per_class(matrix)
         parts.append("<h2>Per class (test photos)</h2>" + _table(
             ["class", "precision", "recall", "F1", "support"],
@@ -183,7 +183,6 @@ def render(run, pictures):
                      + _table(["true \\ predicted"] + labels, counts, 'id="confusion"'))
     if "curves.png" in pictures:
         parts.append(f'<h2>Training</h2><img src="{FOLDER}/curves.png" alt="training curves">')
-    wrong = misclassified(run)
     items = []
     for i, (path, truth, guess, score) in enumerate(wrong):
         picture = f"misclassified/{i}.jpg"
@@ -217,13 +216,13 @@ def render(run, pictures):
 
 def write(folder, run):
     """report.html and its pictures into `folder`; returns the report's path."""
-    pictures = {}
+    pictures, matrix, wrong = {}, None, misclassified(run)
     if run.test_scores is not None:
         matrix = confusion_matrix(run.test_truth, np.argmax(run.test_scores, axis=1), len(run.labels))
         pictures["confusion.png"] = _confusion_png(matrix, run.labels)
     if run.head_history:
         pictures["curves.png"] = _curves_png(run)
-    for i, (path, _, _, _) in enumerate(misclassified(run)[:MAX_THUMBNAILS]):
+    for i, (path, _, _, _) in enumerate(wrong[:MAX_THUMBNAILS]):
         try:
             pictures[f"misclassified/{i}.jpg"] = _thumbnail(path)
         except OSError:
@@ -231,5 +230,5 @@ def write(folder, run):
     for name, content in pictures.items():
         atomic.write_bytes(os.path.join(folder, FOLDER, name), content)
     path = os.path.join(folder, HTML)
-    atomic.write_text(path, render(run, pictures))
+    atomic.write_text(path, render(run, pictures, matrix, wrong))
     return path

@@ -110,7 +110,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # another WORKER_CLASS) is bounded here: gunicorn reads the body with a blocking, timeout-less socket,
 # so the body must arrive within BODY_TIMEOUT seconds (default TIMEOUT; 0: no limit), else the read
 # fails, the client gets a 408 and the thread is free.
-body_timeout = timeout if service["BODY_TIMEOUT"] is None else service["BODY_TIMEOUT"]
+body_timeout = service["BODY_TIMEOUT"]
 
 
 def pre_request(worker, req):

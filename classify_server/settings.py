@@ -112,6 +112,8 @@ def from_env(environ=None):
             if config[name] not in (None, ""):
                 raise SystemExit(f"error: environment variable {name} describes MODEL_DIR's graph; with "
                                  "MODEL_CONFIG_FILE each model's model.json describes its own (README: Several models)")
+    if config["BODY_TIMEOUT"] is None:  # its default is another setting's value: resolved here, once
+        config["BODY_TIMEOUT"] = config["TIMEOUT"]
     if config["MODEL_ENGINE"] not in ("tf", "tflite"):
         _bad("MODEL_ENGINE", config["MODEL_ENGINE"], "tf or tflite")
     if config["LOG_LEVEL"].lower() not in LOG_LEVELS:

@@ -163,9 +163,8 @@ class Worker(gthread.ThreadWorker):
 
     def init_process(self):
         config = settings.from_env()
-        self.limits = {name: config[name] for name in ("HEADER_TIMEOUT", "BODY_MIN_RATE", "MAX_UPLOAD_BYTES")}
-        body_timeout = config["BODY_TIMEOUT"]
-        self.limits["BODY_TIMEOUT"] = config["TIMEOUT"] if body_timeout is None else body_timeout
+        self.limits = {name: config[name]
+                       for name in ("HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE", "MAX_UPLOAD_BYTES")}
         self.max_queue = config["MAX_QUEUE"]
         # TLS is read by the threads; so is HTTP/2 with prior knowledge (its preface is read there).
         self.buffering = not self.cfg.is_ssl and self.cfg.http2_cleartext not in ("prior-knowledge", "both")

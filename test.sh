@@ -54,6 +54,7 @@ for _ in $(seq 120); do
   sleep 1
 done
 curl -sf "127.0.0.1:$port/readyz" > /dev/null || { cat "$WORK/gunicorn.log"; echo "FAIL: not ready"; exit 1; }
+sed 's/^/   /' "$WORK/gunicorn.log"  # ends with the worker's "serving model ..." line
 
 image=$(find "${FLOWERS_DIR:-$HOME/flower_photos}" -type f -iname '*.jpg' | sort | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 echo "== curl -F data=@$image 127.0.0.1:$port/"

@@ -36,6 +36,8 @@ def parse_args(argv=None):
                    help="';'-separated variants, each 'default' or retrain flags NAME=VALUE,NAME=VALUE")
     p.add_argument("--seed", type=int, default=0, help="of the shuffle that deals the photos into folds")
     p.add_argument("--bottleneck_dir", help="the bottleneck cache (default: a temp folder, removed at the end)")
+    p.add_argument("--only_folds", help="comma-separated fold numbers to run (default: all), to screen slow "
+                                        "variants before a full run")
     return p.parse_args(argv)
 
 
@@ -45,8 +47,8 @@ class FlowerFolds:
     def __init__(self, cache_dir, folds, seed=0):
         if not (os.path.isdir(C.FLOWERS) and os.path.isfile(C.MOBILENET_WEIGHTS)):
             raise SystemExit(f"needs {C.FLOWERS} and {C.MOBILENET_WEIGHTS}")
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from retrain import backbones, bottlenecks, cli
+        from retrain import backbones, bottlenecks, cli, tf_noise
+        tf_noise.import_tensorflow_quietly()
         self.arch = backbones.ARCHITECTURES["mobilenet_v2"]
         self.labels = sorted(d for d in os.listdir(C.FLOWERS) if os.path.isdir(os.path.join(C.FLOWERS, d)))
         photos = [(os.path.join(C.FLOWERS, label, name), i) for i, label in enumerate(self.labels)
@@ -106,11 +108,13 @@ def main(argv=None):
     try:
         data = FlowerFolds(work, flags.folds, flags.seed)
         variants = [v.strip() for v in flags.variants.split(";") if v.strip()]
+        run = ([int(f) - 1 for f in flags.only_folds.split(",")] if flags.only_folds
+               else list(range(flags.folds)))
         scores = {}
         for variant in variants:
             settings = retrain_flags(variant)
             scores[variant] = []
-            for fold in range(flags.folds):
+            for fold in run:
                 train_rows, test_rows = data.split(fold)
                 if settings.fine_tune:
                     scores[variant].append(fine_tuned_accuracy(data, train_rows, test_rows, settings))
@@ -120,11 +124,12 @@ def main(argv=None):
                 scores[variant].append(train.accuracy_of(head, data.x[test_rows], data.y[test_rows]))
             C.log(f"{variant}: " + " ".join(f"{a:.4f}" for a in scores[variant]))
         base = scores[variants[0]]
-        rows = [[v, *(f"{a:.4f}" for a in s), f"{statistics.mean(s):.4f}", f"{statistics.stdev(s):.4f}",
+        rows = [[v, *(f"{a:.4f}" for a in s), f"{statistics.mean(s):.4f}",
+                 f"{statistics.stdev(s):.4f}" if len(s) > 1 else "-",
                  f"{min(s):.4f} .. {max(s):.4f}", f"{statistics.mean(a - b for a, b in zip(s, base)):+.4f}"]
                 for v, s in scores.items()]
         C.print_machine(os.cpu_count(), C.revision(), C.other_busy_processes())
-        print(C.table(["variant", *(f"fold {i + 1}" for i in range(flags.folds)), "mean", "stdev", "range",
+        print(C.table(["variant", *(f"fold {i + 1}" for i in run), "mean", "stdev", "range",
                        f"- {variants[0]} (paired)"], rows,
                       f"{flags.folds}-fold accuracy over {len(data.y)} flower photos (seed {flags.seed}), "
                       "MobileNetV2 (real weights)"))

@@ -86,6 +86,8 @@ def post_worker_init(worker):
         if hasattr(worker, "set_accept_enabled"):
             worker.set_accept_enabled(False)
         for listener in worker.sockets:
+            if listener.sock is None:  # closed by an earlier SIGTERM (e.g. to the whole process group)
+                continue
             try:
                 listener.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -102,7 +104,6 @@ def child_exit(server, worker):
 
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, cores // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", os.environ["TF_INTRA_OP_THREADS"])
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # The default worker (classify_server.worker) reads each request whole on its event loop, under
 # HEADER_TIMEOUT, BODY_TIMEOUT and BODY_MIN_RATE, before a thread runs it. What still reaches a thread

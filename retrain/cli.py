@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from retrain import atomic, model_folder
+from retrain import atomic, model_folder, tf_noise
 from retrain.images import create_image_lists, maybe_download_flowers
 from retrain.preprocessing import PREPROCESSING_VERSION
 from retrain.tflite import QUANTIZATIONS as TFLITE_QUANTIZATIONS
@@ -131,7 +131,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     flags = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines drown the progress
+    tf_noise.import_tensorflow_quietly()  # its start-up lines drown the progress and read like failures
     # Heavy imports after parsing, so that --help and flag errors are instant.
     from retrain import backbones, bottlenecks, export, report, train
 

@@ -19,6 +19,7 @@ import warnings
 
 import numpy as np
 
+from retrain import tf_noise
 from retrain.preprocessing import decode_image
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "float32", "none")
@@ -53,7 +54,8 @@ def convert(graph_def, size, quantization, calibration_paths=()):
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with warnings.catch_warnings():  # "Statistics for quantized inputs were expected": our inputs stay float32
+    with warnings.catch_warnings(), tf_noise.filtered_stderr():
+        # "Statistics for quantized inputs were expected": our inputs stay float32
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         return converter.convert()
 
@@ -61,8 +63,9 @@ def convert(graph_def, size, quantization, calibration_paths=()):
 def interpreter(content, threads=1):
     """A LiteRT interpreter over flatbuffer bytes, tensors allocated, XNNPACK on `threads` threads."""
     from ai_edge_litert.interpreter import Interpreter
-    runner = Interpreter(model_content=content, num_threads=threads)
-    runner.allocate_tensors()
+    with tf_noise.filtered_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+        runner = Interpreter(model_content=content, num_threads=threads)
+        runner.allocate_tensors()
     return runner
 
 

@@ -679,6 +679,12 @@ def test_test_sh_end_to_end(tmp_path):
     assert f"== the model is in {model} " in result.stdout
     assert f"MODEL_DIR={model} {os.path.join(ROOT, '.venv', 'bin', 'gunicorn')} classify_server:app" in result.stdout
     assert [p for p in os.listdir(temp) if os.path.isdir(temp / p)] == []  # WORK and the metrics folder removed
+    # The server's log is shown, with its ready line, and neither it nor retrain's output has TensorFlow's
+    # start-up noise (retrain.tf_noise).
+    assert re.search(r"serving model 'model' version 1 from .*: tf engine, \d+ labels, loaded and warmed up in",
+                     result.stdout), result.stdout
+    for noise in ("cuInit", "cuda drivers", "oneDNN", "absl::InitializeLog", "I0000"):
+        assert noise not in result.stdout + result.stderr, noise
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """The command line: `python -m classify_server.stream` (flags, or the settings' environment variables)."""
 import argparse
 import logging
-import os
 import signal
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from retrain.tf_noise import import_tensorflow_quietly
+
+import_tensorflow_quietly()  # before the imports below bring TensorFlow in
 
 from classify_server.stream.consumer import DeliveryFailed, FatalKafkaError, StreamClassifier  # noqa: E402
 from classify_server.stream.engines import Embedded, Remote, RemoteUnavailable  # noqa: E402

@@ -1,11 +1,21 @@
 """Fixtures (a generated image folder, a small trained model, real gunicorn servers) and hooks (CI's
 no-skip rule, the `slow` marker). The helpers the tests share are in helpers.py, a plain module."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
-from helpers import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS, Server, make_app, make_image_dir, run_retrain
-from retrain.tf_noise import import_tensorflow_quietly
+# Nothing of the tests' in $HOME (issue 20): Keras' config and matplotlib's font cache go to a folder
+# removed at exit, for this process and the retrain and server processes the tests start.
+_state = tempfile.mkdtemp(prefix="classify-tests-")
+atexit.register(shutil.rmtree, _state, ignore_errors=True)
+os.environ.setdefault("KERAS_HOME", os.path.join(_state, "keras"))
+os.environ.setdefault("MPLCONFIGDIR", os.path.join(_state, "matplotlib"))
+
+from helpers import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS, Server, make_app, make_image_dir, run_retrain  # noqa: E402
+from retrain.tf_noise import import_tensorflow_quietly  # noqa: E402
 
 import_tensorflow_quietly()  # as the product's entry points do; the servers the tests start run their own
 

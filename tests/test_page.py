@@ -65,7 +65,11 @@ def browser(tmp_path_factory):
                      "--no-first-run", "--disable-background-networking", "--disable-component-update",
                      "--disable-sync", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    # Chromium also writes ~/.config/chromium and ~/.cache/dconf whatever the profile: not in $HOME (issue 20).
+    home = tmp_path_factory.mktemp("chromium-home")
+    service = Service(CHROMEDRIVER, env=dict(os.environ, XDG_CONFIG_HOME=str(home / "config"),
+                                             XDG_CACHE_HOME=str(home / "cache")))
+    driver = webdriver.Chrome(service=service, options=options)
     try:
         driver.set_page_load_timeout(TIMEOUT)
         driver.set_script_timeout(TIMEOUT)

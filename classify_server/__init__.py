@@ -20,13 +20,11 @@ from werkzeug.exceptions import HTTPException
 
 from classify_server import api, errors, settings
 from classify_server.inference import REQUEST_TOO_LARGE, TOO_MANY_IMAGES, Inference, InferenceError
-from retrain.tf_noise import import_tensorflow_quietly
 
 log = logging.getLogger("classify_server")
 
 
 def create_app(test_config=None, classifier=None):
-    import_tensorflow_quietly()  # each gunicorn worker imports TensorFlow here, after the fork
     _log_through_gunicorn()
     app = Flask(__name__)
     app.request_class = api.InMemoryRequest

@@ -26,9 +26,6 @@ import sys
 import threading
 from concurrent import futures
 
-from retrain.tf_noise import import_tensorflow_quietly
-
-import_tensorflow_quietly()  # before the imports below bring TensorFlow in
 
 import grpc  # noqa: E402
 from grpc_health.v1 import health as health_lib  # noqa: E402

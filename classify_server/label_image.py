@@ -11,14 +11,10 @@ import json
 import os
 import sys
 
-from retrain.tf_noise import import_tensorflow_quietly
-
-import_tensorflow_quietly()  # before the imports below bring TensorFlow in
-
-from classify_server import inference, settings  # noqa: E402
-from classify_server.inference import Inference, InferenceError  # noqa: E402
-from classify_server.model import Classifier, ModelLoadError  # noqa: E402
-from classify_server.registry import Models  # noqa: E402
+from classify_server import inference, settings
+from classify_server.inference import Inference, InferenceError
+from classify_server.model import Classifier, ModelLoadError
+from classify_server.registry import Models
 
 # The exit status of each inference error code: 1 for an image that cannot be classified, 2 for
 # the command's own setup (which model), as for a model that does not load.

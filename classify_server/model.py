@@ -9,15 +9,18 @@ third-party one configured by label_image.py-style settings.
 import io
 import os
 
-import numpy as np
-import tensorflow as tf
-from PIL import Image
-from tensorflow.core.protobuf import rewriter_config_pb2
+from retrain import model_folder, tf_noise
 
-from classify_server.batching import Batcher
-from classify_server import engine
-from classify_server.engine import InputSpec, ModelLoadError
-from retrain import model_folder
+tf_noise.import_tensorflow_quietly()  # the server imports TensorFlow here or in tfserving_grpc
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+from tensorflow.core.protobuf import rewriter_config_pb2  # noqa: E402
+
+from classify_server.batching import Batcher  # noqa: E402
+from classify_server import engine  # noqa: E402
+from classify_server.engine import InputSpec, ModelLoadError  # noqa: E402
 
 def _tensor_name(name):
     return name if ":" in name else name + ":0"

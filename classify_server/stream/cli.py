@@ -4,9 +4,6 @@ import logging
 import signal
 import sys
 
-from retrain.tf_noise import import_tensorflow_quietly
-
-import_tensorflow_quietly()  # before the imports below bring TensorFlow in
 
 from classify_server.stream.consumer import DeliveryFailed, FatalKafkaError, StreamClassifier  # noqa: E402
 from classify_server.stream.engines import Embedded, Remote, RemoteUnavailable  # noqa: E402

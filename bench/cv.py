@@ -83,15 +83,29 @@ def retrain_flags(variant):
     return cli.parse_args(argv)
 
 
+def validation_split(train_rows, settings):
+    """(validation rows, the rest): --validation_percentage of the training folds, by a seeded draw."""
+    shuffled = np.random.default_rng(1).permutation(train_rows)
+    cut = len(shuffled) * settings.validation_percentage // 100
+    return shuffled[:cut], shuffled[cut:]
+
+
+def head_accuracy(data, train_rows, test_rows, settings):
+    """The held-out fold's accuracy after retrain's default path: the new layer trained on the training
+    folds less a validation share, or with --refit (the default) on all of them, as retrain ends up."""
+    from retrain import train
+    val_rows, fit_rows = validation_split(train_rows, settings)
+    rows = train_rows if settings.refit and len(val_rows) else fit_rows
+    head = train.train_head(data.x[rows], data.y[rows], None, len(data.labels), settings)
+    return train.accuracy_of(head, data.x[test_rows], data.y[test_rows])
+
+
 def fine_tuned_accuracy(data, train_rows, test_rows, settings):
     """The held-out fold's accuracy after retrain's --fine_tune path: the new layer on the bottlenecks, then
     the top of a fresh backbone trained on pixels, keeping the epoch best on a validation share of the
-    training folds (--validation_percentage of them, by a seeded draw), as retrain does."""
+    training folds, as retrain does."""
     from retrain import backbones, train
-    rng = np.random.default_rng(1)
-    shuffled = rng.permutation(train_rows)
-    cut = len(shuffled) * settings.validation_percentage // 100
-    val_rows, fit_rows = shuffled[:cut], shuffled[cut:]
+    val_rows, fit_rows = validation_split(train_rows, settings)
     head = train.train_head(data.x[fit_rows], data.y[fit_rows], (data.x[val_rows], data.y[val_rows]),
                             len(data.labels), settings)
     backbone = backbones.build_backbone(data.arch, C.MOBILENET_WEIGHTS)
@@ -103,7 +117,6 @@ def fine_tuned_accuracy(data, train_rows, test_rows, settings):
 
 def main(argv=None):
     flags = parse_args(argv)
-    from retrain import train
     work = flags.bottleneck_dir or tempfile.mkdtemp(prefix="cv-")
     try:
         data = FlowerFolds(work, flags.folds, flags.seed)
@@ -119,9 +132,8 @@ def main(argv=None):
                 if settings.fine_tune:
                     scores[variant].append(fine_tuned_accuracy(data, train_rows, test_rows, settings))
                     C.log(f"{variant}, fold {fold + 1}: {scores[variant][-1]:.4f}")
-                    continue
-                head = train.train_head(data.x[train_rows], data.y[train_rows], None, len(data.labels), settings)
-                scores[variant].append(train.accuracy_of(head, data.x[test_rows], data.y[test_rows]))
+                else:
+                    scores[variant].append(head_accuracy(data, train_rows, test_rows, settings))
             C.log(f"{variant}: " + " ".join(f"{a:.4f}" for a in scores[variant]))
         base = scores[variants[0]]
         rows = [[v, *(f"{a:.4f}" for a in s), f"{statistics.mean(s):.4f}",

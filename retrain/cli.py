@@ -45,6 +45,8 @@ def shown_default(action):
     """An argument's default as `--help` and README's flag table show it ("" when there is none)."""
     if isinstance(action, argparse._StoreTrueAction):
         return "off"
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return "on" if action.default else "off"
     if action.default is None or action.default == [] or action.default is argparse.SUPPRESS:
         return ""
     return str(action.default)
@@ -94,6 +96,9 @@ def build_parser():
     p.add_argument("--l2_regularization", type=float, default=0.01,
                    help="L2 penalty on the new layer's weights (chosen by 5-fold CV: BENCHMARKS.md run P)")
     p.add_argument("--eval_step_interval", type=int, default=100, help="steps between validation reports")
+    refit = p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True)
+    refit.help = ("once validated, train the new layer again on the training and validation images together "
+                  "(not with --fine_tune or distortions, which choose their best epoch on validation)")
     p.add_argument("--testing_percentage", type=int, default=10,
                    help="percentage of the images held out for the final test (by a hash of the file name)")
     p.add_argument("--validation_percentage", type=int, default=10,
@@ -188,9 +193,12 @@ def main(argv=None):
     stage = time.time()
     head = train.train_head(train_x, train_y, (val_x, val_y) if len(val_y) else None, len(labels), flags,
                             run.head_history)
+    on_pixels = flags.fine_tune or train.augmentation_layers(flags) is not None
+    if flags.refit and len(val_y) and not on_pixels:
+        head = refit_head(head, (train_x, train_y), (val_x, val_y), len(labels), flags, run)
     timings["training the new layer"] = time.time() - stage
 
-    if flags.fine_tune or train.augmentation_layers(flags) is not None:
+    if on_pixels:
         stage = time.time()
         trained = train.train_on_images(backbone(), head, train_paths, train_y, (val_paths, val_y), arch.size, flags,
                                         run.fine_tune_history)
@@ -214,7 +222,7 @@ def main(argv=None):
 
     accuracy = run.accuracy
     for name, paths, x, y in (("validation", val_paths, val_x, val_y), ("test", test_paths, test_x, test_y)):
-        if len(y):
+        if len(y) and name not in accuracy:  # validation is already judged when the layer was refit
             scores = predict(paths, x)
             predicted = np.argmax(scores, axis=1)
             accuracy[name], run.sizes[name] = float(np.mean(predicted == y)), len(y)
@@ -234,7 +242,8 @@ def main(argv=None):
     # Paths in model.json are absolute, whatever folder retrain ran from (the server may run elsewhere).
     weights = flags.weights if flags.weights in ("imagenet", "none") else os.path.abspath(flags.weights)
     info = {"architecture": arch.name, "weights": weights, "labels_count": len(labels),
-            "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "image_dir": os.path.abspath(image_dir),
+            "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "refit": run.refit,
+            "image_dir": os.path.abspath(image_dir),
             "training_seconds": round(time.time() - start, 1)}
     stage = time.time()
     frozen = graph_def()
@@ -257,6 +266,25 @@ def main(argv=None):
         export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, model(), arch.size))
         print(f"wrote SavedModel {flags.saved_model_dir}")
     return 0
+
+
+def refit_head(head, training, validation, class_count, flags, run):
+    """The new layer trained again, the same way, on the training and validation images together.
+
+    Validation has chosen nothing by then (the schedule is fixed, the settings came from cross-validation,
+    bench/cv.py), so its images may as well train the final layer: 10 % more images, +0.2 points of accuracy
+    on unseen photos by CV (BENCHMARKS.md run Q). `head`'s validation accuracy, judged first, is the one
+    reported; the test images stay unseen.
+    """
+    from retrain import train
+    (train_x, train_y), (val_x, val_y) = training, validation
+    run.accuracy["validation"], run.sizes["validation"] = train.accuracy_of(head, val_x, val_y), len(val_y)
+    run.refit = True
+    print(f"validation accuracy = {run.accuracy['validation']:.4f} (N={len(val_y)}); refitting the new layer on "
+          f"the {len(train_y)} training and {len(val_y)} validation images")
+    quiet = argparse.Namespace(**dict(vars(flags), summaries_dir=""))  # TensorBoard has the first fit's curves
+    return train.train_head(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), None, class_count,
+                            quiet)
 
 
 def publish_version(flags, export, graph_def, model, size, labels, info, tflite_model=None, run=None):

@@ -39,6 +39,7 @@ class Run:
     fine_tune_history: dict = field(default_factory=dict)  # Keras History.history: per-epoch lists
     timings: dict = field(default_factory=dict)  # {stage: seconds}
     tflite: dict = None  # model.json's "tflite" info
+    refit: bool = False  # the new layer was trained again on training + validation after its validation
 
 
 def wilson_interval(correct, total, z=1.96):
@@ -163,7 +164,9 @@ def render(run, pictures, matrix, wrong):
         if name in run.accuracy:
             n = run.sizes[name]
             low, high = wilson_interval(round(run.accuracy[name] * n), n)
-            rows.append([name, f"{run.accuracy[name]:.4f}", f"{low:.4f} .. {high:.4f}", n])
+            shown = "validation (the layer before its refit on training + validation)" if (
+                name == "validation" and run.refit) else name
+            rows.append([shown, f"{run.accuracy[name]:.4f}", f"{low:.4f} .. {high:.4f}", n])
     if run.tflite:
         rows.append([f"test, model.tflite ({run.tflite.get('quantization')})",
                      f"{run.tflite.get('accuracy', {}).get('test', float('nan')):.4f}", "", run.sizes.get("test", "")])

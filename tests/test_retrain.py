@@ -669,3 +669,40 @@ def test_progress_is_plain_lines_when_not_a_terminal(image_dir, tmp_path):
     output = (tmp_path / "stderr").read_bytes()
     assert b"\r" not in output
     assert any(line.startswith(b"bottlenecks: 100%") for line in output.splitlines()), output
+
+
+def test_refit_trains_the_final_layer_again_on_training_and_validation(image_dir, tmp_path):
+    """Issue 19: by default, once its validation accuracy is judged, the new layer is trained again on the
+    training and validation images together (+0.2 points on unseen photos by CV); --no-refit keeps the first.
+    The validation accuracy reported is the first layer's in both runs; the final layers differ."""
+    import tensorflow as tf
+
+    from retrain.export import OUTPUT_NAME
+    bottlenecks, outputs, results = tmp_path / "bottlenecks", {}, {}
+    for flag in ("--refit", "--no-refit"):
+        outputs[flag] = tmp_path / flag.strip("-")
+        results[flag] = run_retrain("--image_dir", image_dir, "--architecture", "mobilenet_v2", "--weights",
+                                    TEST_WEIGHTS, "--how_many_training_steps", 200, "--validation_percentage", 30,
+                                    "--output_dir", outputs[flag], "--bottleneck_dir", bottlenecks,
+                                    "--summaries_dir", "", "--tflite_quantization", "none", flag)
+    sidecars = {flag: json.loads((out / "model.json").read_text()) for flag, out in outputs.items()}
+    validation = {flag: re.search(r"validation accuracy = ([\d.]+) \(N=(\d+)\)", result.stdout)
+                  for flag, result in results.items()}
+    assert validation["--refit"].groups() == validation["--no-refit"].groups()  # the same first layer, judged
+    assert sidecars["--refit"]["accuracy"]["validation"] == sidecars["--no-refit"]["accuracy"]["validation"]
+    assert (sidecars["--refit"]["refit"], sidecars["--no-refit"]["refit"]) == (True, False)
+    refit = re.search(r"refitting the new layer on the (\d+) training and (\d+) validation images",
+                      results["--refit"].stdout)
+    split = re.search(r"(\d+) training, (\d+) validation, \d+ testing images", results["--refit"].stderr)
+    assert refit and refit.groups() == split.groups(), results["--refit"].stdout
+    assert "refitting" not in results["--no-refit"].stdout
+
+    def weights(out):  # the final layer's kernel, as frozen into graph.pb
+        graph = tf.compat.v1.GraphDef.FromString((out / "graph.pb").read_bytes())
+        kernels = [n for n in graph.node if n.op == "Const" and OUTPUT_NAME in n.name
+                   and len(tf.make_ndarray(n.attr["value"].tensor).shape) == 2]
+        return tf.make_ndarray(kernels[0].attr["value"].tensor)
+    assert not np.allclose(weights(outputs["--refit"]), weights(outputs["--no-refit"]))
+    page = (outputs["--refit"] / "report.html").read_text()
+    assert "validation (the layer before its refit on training + validation)" in page
+    assert "before its refit" not in (outputs["--no-refit"] / "report.html").read_text()

@@ -110,11 +110,12 @@ def train_head(train_x, train_y, val, class_count, flags, history=None):
                 scores["validation"] = {"accuracy": accuracy_of(head, *val)}
             val_accuracy = scores.get("validation", {}).get("accuracy", float("nan"))
             bar.update(count)
-            bar.set_postfix(loss=f"{loss:.3f}", train_acc=f"{train_accuracy:.3f}", val_acc=f"{val_accuracy:.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", train_acc=f"{train_accuracy:.3f}",
+                            **({"val_acc": f"{val_accuracy:.3f}"} if val is not None else {}))
             done = step + count
             if step == 0 or done % (10 * interval) == 0 or done == steps:
-                progress.write(f"step {done}: train accuracy {train_accuracy:.3f}, "
-                               f"validation accuracy {val_accuracy:.3f}")
+                progress.write(f"step {done}: train accuracy {train_accuracy:.3f}"
+                               + (f", validation accuracy {val_accuracy:.3f}" if val is not None else ""))
             if history is not None:
                 history.append({"step": done, "loss": loss, "train_accuracy": train_accuracy,
                                 "validation_accuracy": val_accuracy})

@@ -3,15 +3,20 @@ test split of one run.
 
     .venv/bin/python bench/cv.py                                   # retrain's defaults, 5 folds
     .venv/bin/python bench/cv.py --variants "default;l2_regularization=0.001;how_many_training_steps=8000"
+    .venv/bin/python bench/cv.py --folds 10 --variants "no-refit;default"  # as users train: 10 % test
     .venv/bin/python bench/cv.py --bottleneck_dir /var/tmp/cv-bottlenecks   # keep the cache between runs
+    .venv/bin/python bench/cv.py --only_folds 1,2 --variants "fine_tune;fine_tune,fine_tune_fraction=0.6"
 
 MobileNetV2 on the real ImageNet weights (../shared). Every photo's bottleneck is computed once, as
 retrain computes and caches them (--bottleneck_dir; a temp folder by default), so each fold of each
 variant costs only the training of the new layer: seconds. The photos are shuffled once (--seed, 0) and
-dealt into --folds folds; for each fold the layer is trained on the others with retrain's flags (its
+dealt into --folds folds; for each fold, retrain's path is run on the others with retrain's flags (its
 defaults, with the variant's NAME=VALUE changes, parsed by retrain's own parser) and judged on the
-held-out fold. A variant with fine_tune (e.g. "fine_tune") runs retrain's fine-tuning on each fold too
-(minutes a fold: its training photos' pixels, a fresh backbone). Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
+held-out fold: the new layer on the training folds less a validation share, then, with --refit (the
+default), again on all of them. With 10 folds that is what a user's run does (10 % test, 10 % of the
+rest validation). A variant with fine_tune (e.g. "fine_tune") runs retrain's fine-tuning on each fold
+too (minutes a fold: its training photos' pixels, a fresh backbone; --only_folds screens such variants
+on a few folds first). Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
 difference from the first variant over the same folds (paired: the same photos on both sides).
 """
 import argparse

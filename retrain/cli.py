@@ -23,7 +23,9 @@ trained on them, and the backbone plus that layer are written as one frozen grap
 
 which `gunicorn classify_server:app` serves. Images are split into training,
 validation and testing sets by a hash of their file name, so adding images never
-moves old ones between sets. Without --image_dir, TensorFlow's flower_photos
+moves old ones between sets. The new layer is trained on the training set and
+judged on validation, then trained again on both (--refit); the test set is
+judged last, never seen in training. Without --image_dir, TensorFlow's flower_photos
 data set is downloaded to ~/flower_photos. For the last points of accuracy, and
 time to spare, --fine_tune also trains the top of the backbone.
 """
@@ -112,7 +114,8 @@ def build_parser():
                    help="then also train the top of the backbone, keeping the best epoch on validation (slow)")
     p.add_argument("--fine_tune_epochs", type=int, default=8, help="epochs of fine-tuning")
     p.add_argument("--fine_tune_learning_rate", type=float, default=1e-4,
-                   help="fine-tuning's learning rate, decaying to 0 over the epochs")
+                   help="fine-tuning's learning rate, decaying to 0 over the epochs (rate, epochs and fraction "
+                        "chosen by 5-fold CV: BENCHMARKS.md run Q)")
     p.add_argument("--fine_tune_fraction", type=float, default=0.3, help="share of the backbone's layers to train")
     p.add_argument("--fine_tune_batch_size", type=int, default=32, help="images per fine-tuning step")
     p.add_argument("--print_misclassified_test_images", action="store_true",

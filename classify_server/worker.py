@@ -59,6 +59,7 @@ class Incoming:
         self.http11 = False
         self.close = False
         self.expect_continue = False
+        self.registered = False  # its socket is in the loop's poller, waiting for more bytes
 
     def add(self, chunk):
         self.data += chunk
@@ -226,7 +227,7 @@ class Worker(gthread.ThreadWorker):
 
     def stop_reading(self, conn):
         incoming = self.reading.pop(conn)
-        if getattr(incoming, "registered", False):
+        if incoming.registered:
             self.poller.unregister(conn.sock)
 
     def advance(self, conn, incoming):

@@ -14,6 +14,7 @@ twice): float32 RGB [1, H, W, 3] in [0, 255] in, probabilities out, the backbone
 LiteRT (`ai-edge-litert`, TensorFlow Lite's maintained runtime: tf.lite.Interpreter is deprecated)
 runs it here to measure its accuracy on the test split, and in the server (MODEL_ENGINE=tflite).
 """
+import contextlib
 import random
 import warnings
 
@@ -23,6 +24,7 @@ from retrain import tf_noise
 from retrain.preprocessing import decode_image
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "float32", "none")
+_delegate_announced = False  # see interpreter()
 CALIBRATION_IMAGES = 100
 
 
@@ -62,10 +64,15 @@ def convert(graph_def, size, quantization, calibration_paths=()):
 
 def interpreter(content, threads=1):
     """A LiteRT interpreter over flatbuffer bytes, tensors allocated, XNNPACK on `threads` threads."""
+    global _delegate_announced
     from ai_edge_litert.interpreter import Interpreter
-    with tf_noise.filtered_stderr():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." at a process's first interpreter
+    # only: that one is made with the line filtered; later ones (made by the server as requests need them)
+    # leave file descriptor 2 alone.
+    with contextlib.nullcontext() if _delegate_announced else tf_noise.filtered_stderr():
         runner = Interpreter(model_content=content, num_threads=threads)
         runner.allocate_tensors()
+    _delegate_announced = True
     return runner
 
 

@@ -26,16 +26,15 @@ import sys
 import threading
 from concurrent import futures
 
+import grpc
+from grpc_health.v1 import health as health_lib
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-import grpc  # noqa: E402
-from grpc_health.v1 import health as health_lib  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
-from grpc_reflection.v1alpha import reflection  # noqa: E402
-
-from classify_server import settings, tfserving_grpc, v2_grpc  # noqa: E402
-from classify_server.engine import ModelLoadError  # noqa: E402
-from classify_server.inference import Inference  # noqa: E402
-from classify_server.registry import load_models  # noqa: E402
+from classify_server import settings, tfserving_grpc, v2_grpc
+from classify_server.engine import ModelLoadError
+from classify_server.inference import Inference
+from classify_server.registry import load_models
 
 log = logging.getLogger("classify_server")
 

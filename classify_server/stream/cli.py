@@ -4,9 +4,8 @@ import logging
 import signal
 import sys
 
-
-from classify_server.stream.consumer import DeliveryFailed, FatalKafkaError, StreamClassifier  # noqa: E402
-from classify_server.stream.engines import Embedded, Remote, RemoteUnavailable  # noqa: E402
+from classify_server.stream.consumer import DeliveryFailed, FatalKafkaError, StreamClassifier
+from classify_server.stream.engines import Embedded, Remote, RemoteUnavailable
 
 log = logging.getLogger("classify_server.stream")
 

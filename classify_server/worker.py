@@ -36,9 +36,10 @@ import time
 from collections import deque
 from concurrent import futures
 
+import httptools
 from gunicorn.workers import base
 
-from classify_server import http_reader, http_wsgi, metrics, settings
+from classify_server import http_reader, http_wsgi, inference, metrics, settings
 
 RATE_GRACE = 5.0  # seconds a body may take before BODY_MIN_RATE applies (a connection's slow start)
 CHECK_EVERY = 0.25  # seconds between looks at the deadlines
@@ -47,6 +48,8 @@ RECEIVE = 65536  # bytes read at once
 RETRY_AFTER = 1  # seconds, in a 503's Retry-After
 CONTROL_PATHS = frozenset((b"/healthz", b"/readyz", b"/metrics", b"/v2/health/live", b"/v2/health/ready"))
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The inference error codes of the refusals the app would have made itself ({"error", "code"}, errors.py).
+ERROR_CODES = {400: inference.INVALID_INPUT, 413: inference.REQUEST_TOO_LARGE}
 
 READING, RUNNING, WRITING, LINGERING = "reading", "running", "writing", "lingering"
 
@@ -248,7 +251,9 @@ class Worker(base.Worker):
         if reader.requests:
             self.dispatch(conn, reader.requests.popleft())
         elif reader.error is not None:
-            self.refuse(conn, http_wsgi.error_answer(reader.error.status, reader.error.message))
+            error = reader.error
+            code = ERROR_CODES.get(error.status, "")
+            self.refuse(conn, http_wsgi.error_answer(error.status, error.message, code=code))
         elif reader.closed:
             self.close(conn)
         else:
@@ -278,21 +283,25 @@ class Worker(base.Worker):
                 503, f"server busy: {waiting} requests are waiting (MAX_QUEUE); retry after {RETRY_AFTER} s",
                 keep_alive, (("Retry-After", str(RETRY_AFTER)),)))
             return
+        try:
+            environ = http_wsgi.environ_of(request, conn.peer)
+        except (ValueError, httptools.HttpParserError):
+            self.write(conn, http_wsgi.error_answer(400, "bad request: the request target is not a URL path",
+                                                    code=inference.INVALID_INPUT))
+            return
         pool = self.control_pool
         if not control:
             pool, conn.counted = self.pool, True
             self.in_pool += 1
             metrics.QUEUE_DEPTH.set(max(0, self.in_pool - self.cfg.threads))
-        pool.submit(self.handle, conn, request, keep_alive)
+        pool.submit(self.handle, conn, request, environ, keep_alive)
 
     # --- on a thread ---------------------------------------------------------------------------
 
-    def handle(self, conn, request, keep_alive):
+    def handle(self, conn, request, environ, keep_alive):
         """Run the app on one request; send what the socket takes at once, leave the rest to the loop."""
         start = datetime.datetime.now()
-        environ = {}
         try:
-            environ = http_wsgi.environ_of(request, conn.peer)
             answer = http_wsgi.respond(self.wsgi, request, environ, keep_alive)
         except Exception:
             self.log.exception("Error handling request %s", request.target[:200].decode("latin-1"))
@@ -304,11 +313,10 @@ class Worker(base.Worker):
             pass
         except OSError:
             sent = -1
-        if environ:
-            try:
-                self.log.access(answer, AccessRequest(request), environ, datetime.datetime.now() - start)
-            except Exception:
-                self.log.exception("access log")
+        try:
+            self.log.access(answer, AccessRequest(request), environ, datetime.datetime.now() - start)
+        except Exception:
+            self.log.exception("access log")
         self.done.append((conn, answer, sent))
         try:
             self.wake_w.send(b".")

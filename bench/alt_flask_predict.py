@@ -3,7 +3,7 @@
 A comparison point for bench/serve_bench.py, not part of the service. It builds
 the same Keras classifier that retrain exports (retrain.backbones + retrain.train,
 random weights seeded as `--weights none` seeds them, so the cost per image is the
-same), decodes uploads with the same retrain.preprocessing.decode_image, and calls
+same), decodes uploads with the same classify_contract.preprocessing.decode_image, and calls
 keras.Model.predict on each request, as tutorials do. Serve it like
 
     MODEL_DIR=model gunicorn -w 2 --chdir bench alt_flask_predict:app
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from flask import Flask, jsonify, request  # noqa: E402
 
 from retrain import backbones, train  # noqa: E402
-from retrain.preprocessing import decode_image  # noqa: E402
+from classify_contract.preprocessing import decode_image  # noqa: E402
 
 MODEL_DIR = os.environ.get("MODEL_DIR", "model")
 with open(os.path.join(MODEL_DIR, "labels.txt"), encoding="utf-8") as f:

@@ -52,7 +52,8 @@ class FlowerFolds:
     def __init__(self, cache_dir, folds, seed=0):
         if not (os.path.isdir(C.FLOWERS) and os.path.isfile(C.MOBILENET_WEIGHTS)):
             raise SystemExit(f"needs {C.FLOWERS} and {C.MOBILENET_WEIGHTS}")
-        from retrain import backbones, bottlenecks, cli, tf_noise
+        from classify_contract import tf_noise
+        from retrain import backbones, bottlenecks, cli
         tf_noise.import_tensorflow_quietly()
         self.arch = backbones.ARCHITECTURES["mobilenet_v2"]
         self.labels = sorted(d for d in os.listdir(C.FLOWERS) if os.path.isdir(os.path.join(C.FLOWERS, d)))

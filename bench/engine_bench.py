@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 sys.path.insert(0, C.ROOT)
-from retrain import model_folder  # noqa: E402
+from classify_contract import model_folder  # noqa: E402
 from retrain.images import create_image_lists  # noqa: E402
-from retrain.preprocessing import decode_image  # noqa: E402
+from classify_contract.preprocessing import decode_image  # noqa: E402
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 

@@ -37,8 +37,9 @@ def parse_args(argv=None):
 def main(argv=None):
     flags = parse_args(argv)
     from cv import FlowerFolds, retrain_flags
+    from classify_contract import tflite_runtime
+    from classify_contract.preprocessing import decode_image
     from retrain import export, tflite, train
-    from retrain.preprocessing import decode_image
     settings = retrain_flags(flags.variant)  # retrain's defaults for the new layer, or the variant's
     work = tempfile.mkdtemp(prefix="quantization-cv-")
     try:
@@ -62,8 +63,8 @@ def main(argv=None):
             for quantization in deltas:
                 content = tflite.convert(graph_def, arch.size, quantization,
                                          [data.paths[i] for i in train_rows])
-                runner = tflite.interpreter(content, os.cpu_count() or 1)
-                predicted = [int(np.argmax(tflite.run(runner, pixels[p].astype(np.float32)))) for p in test_paths]
+                runner = tflite_runtime.interpreter(content, os.cpu_count() or 1)
+                predicted = [int(np.argmax(tflite_runtime.run(runner, pixels[p].astype(np.float32)))) for p in test_paths]
                 accuracy = float(np.mean(np.array(predicted) == y_all[test_rows]))
                 deltas[quantization].append(accuracy - float_accuracy)
                 row.append(f"{accuracy:.4f} ({accuracy - float_accuracy:+.4f})")

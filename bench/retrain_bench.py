@@ -158,8 +158,9 @@ def diagnose(flags, forward, feature_dim, arch, paths, work, raw_best):
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
-    from retrain import atomic, bottlenecks
-    from retrain.preprocessing import decode_image
+    from classify_contract import atomic
+    from retrain import bottlenecks
+    from classify_contract.preprocessing import decode_image
 
     size = arch.size
     rows = []

@@ -4,7 +4,7 @@
 
 For one JPEG (default: the first 500x375 flower photo) and a model folder with graph.pb and
 model.tflite, each stage of a multipart request alone, repeated for `--seconds`, one thread:
-parsing the multipart body (werkzeug, as Flask does), decoding (retrain.preprocessing.decode_image,
+parsing the multipart body (werkzeug, as Flask does), decoding (classify_contract.preprocessing.decode_image,
 the shared preprocessing), the float conversion an engine's input needs, each engine on one image
 (MODEL_ENGINE=tf and tflite, threads as the server's defaults), ranking and the JSON answer; then the
 whole request through Flask's test client (all of the above plus Flask's own work, no socket). CPU
@@ -53,7 +53,7 @@ def main(argv=None):
     from classify_server import create_app, settings
     from classify_server.engine import load
     from classify_server.ranking import top_k
-    from retrain.preprocessing import decode_image
+    from classify_contract.preprocessing import decode_image
 
     with open(flags.image or serve_bench.default_image(), "rb") as f:
         jpeg = f.read()

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from retrain import model_folder
+from classify_contract import model_folder
 
 
 class ModelLoadError(RuntimeError):

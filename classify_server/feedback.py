@@ -16,7 +16,7 @@ from flask import Blueprint, abort, current_app, jsonify, request
 
 from classify_server.api import uploaded_images
 from classify_server.inference import INVALID_IMAGE, TOO_MANY_IMAGES, InferenceError
-from retrain import atomic
+from classify_contract import atomic
 
 bp = Blueprint("feedback", __name__)
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 from classify_server import settings
-from retrain import model_folder
+from classify_contract import model_folder
 
 service = settings.from_env()  # every setting, checked: a bad one stops gunicorn here with one line
 cores = os.cpu_count() or 1

@@ -7,7 +7,7 @@
     Inference.classify(images, model, version)
         choose the model (registry.Models) and version (versions.ModelManager), enforce the limits (images per
         request, bytes, pixels), decode each image with the shared preprocessing
-        (retrain.preprocessing, via the engine's input spec), run the engine (batched when
+        (classify_contract.preprocessing, via the engine's input spec), run the engine (batched when
         BATCH_MAX_SIZE is on), time decode and inference
                  |
                  v
@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from classify_server.ranking import top_k
-from retrain import preprocessing
+from classify_contract import preprocessing
 
 log = logging.getLogger("classify_server")
 
@@ -197,7 +197,7 @@ class Inference:
 
 def preprocess(spec, data, max_pixels):
     """Encoded image bytes -> what an engine's input takes (engine.InputSpec), through the one shared
-    preprocessing (retrain.preprocessing.decode_image, as training used it)."""
+    preprocessing (classify_contract.preprocessing.decode_image, as training used it)."""
     if spec.encoded:
         # The classic graph decodes JPEG itself: hand it JPEG whatever came in.
         kind, height, width = preprocessing.probe_image(data)

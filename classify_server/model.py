@@ -9,7 +9,7 @@ third-party one configured by label_image.py-style settings.
 import io
 import os
 
-from retrain import model_folder, tf_noise
+from classify_contract import model_folder, tf_noise
 
 tf_noise.import_tensorflow_quietly()  # the server imports TensorFlow here or in tfserving_grpc
 

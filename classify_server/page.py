@@ -6,7 +6,7 @@ folder: /models/NAME/versions/V/report.html and /models/NAME/versions/V/report/F
 """
 from flask import Blueprint, abort, current_app, send_from_directory
 
-from retrain import model_folder
+from classify_contract import model_folder
 
 bp = Blueprint("page", __name__)
 

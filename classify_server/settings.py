@@ -24,7 +24,7 @@ class Setting:
 MiB = 1024 * 1024
 SETTINGS = (
     # The model
-    Setting("MODEL_DIR", "model", "model folder, or a base folder of numbered versions (retrain.model_folder)"),
+    Setting("MODEL_DIR", "model", "model folder, or a base folder of numbered versions (README: Versions)"),
     Setting("MODEL_NAME", "model", "the name clients address the model by (TF Serving's model name)"),
     Setting("MODEL_POLL_SECONDS", 10, "seconds between looks for a new numbered version (0: never)", int, 0),
     Setting("MODEL_CONFIG_FILE", "", "several models: TF Serving's model_config_list file (then MODEL_DIR, "

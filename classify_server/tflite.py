@@ -14,8 +14,8 @@ import numpy as np
 
 from classify_server import engine
 from classify_server.engine import InputSpec, ModelLoadError
-from retrain import model_folder
-from retrain import tflite as tflite_format
+from classify_contract import model_folder
+from classify_contract import tflite_runtime
 
 
 class TFLiteClassifier:
@@ -36,7 +36,7 @@ class TFLiteClassifier:
             self.sidecar = model_folder.read_sidecar(model_dir)
             with open(self.path, "rb") as f:
                 self.content = f.read()
-            first = tflite_format.interpreter(self.content, threads)
+            first = tflite_runtime.interpreter(self.content, threads)
         except (OSError, ValueError, RuntimeError) as exc:  # LiteRT raises ValueError on a bad flatbuffer
             raise ModelLoadError(f"corrupt model: cannot load {self.path} ({type(exc).__name__}: "
                                  f"{str(exc)[:200]})") from None
@@ -58,13 +58,13 @@ class TFLiteClassifier:
         with self.lock:
             make = self.made < self.runners
             self.made += make
-        return tflite_format.interpreter(self.content, self.threads) if make else self.idle.get()
+        return tflite_runtime.interpreter(self.content, self.threads) if make else self.idle.get()
 
     def predict(self, inputs):
         """Preprocessed images (a list of float32 [H, W, 3]) -> probabilities [len(inputs), classes]."""
         runner = self._take()
         try:
-            return np.stack([tflite_format.run(runner, x).copy() for x in inputs])
+            return np.stack([tflite_runtime.run(runner, x).copy() for x in inputs])
         finally:
             self.idle.put(runner)
 

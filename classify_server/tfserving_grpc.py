@@ -17,7 +17,7 @@ itself) a message over MAX_UPLOAD_BYTES; FAILED_PRECONDITION for an unknown sign
 for a server fault (details in the log). The classic inception_client.py's signature name
 `predict_images` is accepted as another name of `serving_default`.
 """
-from retrain import tf_noise
+from classify_contract import tf_noise
 
 tf_noise.import_tensorflow_quietly()  # TensorFlow Serving's protos import TensorFlow
 

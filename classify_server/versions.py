@@ -2,7 +2,7 @@
 
 A model's base path is either one model folder (graph.pb, labels.txt, model.json: served as
 version 1) or a base folder of numbered versions, TF Serving's layout: BASE/1/, BASE/2/...
-(retrain.model_folder defines both). Its version policy (model_config.ModelSpec: the newest by
+(classify_contract.model_folder defines both). Its version policy (model_config.ModelSpec: the newest by
 default, or the latest N, all, specific ones) says which versions are loaded; version labels
 name some of them. On each poll a newly wanted version is loaded beside those served and warmed
 up, then swapped in; versions no longer wanted are retired: requests in flight finish on them,
@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 
 from classify_server.engine import ModelLoadError
-from retrain import model_folder
+from classify_contract import model_folder
 
 log = logging.getLogger("classify_server")
 

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from retrain import atomic, progress
-from retrain.preprocessing import InvalidImage, ImageTooLarge, decode_image
+from classify_contract import atomic
+from classify_contract.preprocessing import InvalidImage, ImageTooLarge, decode_image
+from retrain import progress
 
 BATCH_SIZE = 32
 # Two batches in the network at once: while one waits for its images or between two

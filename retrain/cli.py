@@ -37,9 +37,9 @@ import time
 
 import numpy as np
 
-from retrain import atomic, model_folder, tf_noise
+from classify_contract import atomic, model_folder, tf_noise
 from retrain.images import create_image_lists, maybe_download_flowers
-from retrain.preprocessing import PREPROCESSING_VERSION
+from classify_contract.preprocessing import PREPROCESSING_VERSION
 from retrain.tflite import QUANTIZATIONS as TFLITE_QUANTIZATIONS
 
 

@@ -2,7 +2,7 @@
 
 graph.pb takes float32 images [None, H, W, 3] of raw RGB values in [0, 255] at
 `input:0` and answers class probabilities at `final_result:0`. The sidecar
-(model.json) tells the server those names and the image size; retrain.model_folder
+(model.json) tells the server those names and the image size; classify_contract.model_folder
 defines the format. Every file is written atomically, so a server watching the
 directory never reads half a model.
 """
@@ -15,8 +15,8 @@ import time
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from retrain import atomic
-from retrain.model_folder import SIDECAR, TFLITE
+from classify_contract import atomic
+from classify_contract.model_folder import SIDECAR, TFLITE
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "final_result"

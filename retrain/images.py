@@ -10,7 +10,7 @@ import urllib.request
 from dataclasses import dataclass, field
 
 from retrain import progress
-from retrain.preprocessing import IMAGE_EXTENSIONS
+from classify_contract.preprocessing import IMAGE_EXTENSIONS
 
 FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 

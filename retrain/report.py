@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrain import atomic
-from retrain.model_folder import REPORT as HTML, REPORT_FILES as FOLDER
+from classify_contract import atomic
+from classify_contract.model_folder import REPORT as HTML, REPORT_FILES as FOLDER
 THUMBNAIL = 160  # pixels, the longer side of a misclassified photo's thumbnail
 MAX_THUMBNAILS = 200
 

@@ -8,23 +8,23 @@ twice): float32 RGB [1, H, W, 3] in [0, 255] in, probabilities out, the backbone
     float16   weights in float16 (half the file), computed in float32
     dynamic   weights in int8, activations quantized on the fly ("dynamic range")
     int8      weights and activations in int8 ("full integer"), calibrated on training images through
-              the shared preprocessing (retrain.preprocessing.decode_image), as served
+              the shared preprocessing (classify_contract.preprocessing.decode_image), as served
     none      no model.tflite
 
 LiteRT (`ai-edge-litert`, TensorFlow Lite's maintained runtime: tf.lite.Interpreter is deprecated)
-runs it here to measure its accuracy on the test split, and in the server (MODEL_ENGINE=tflite).
+runs it here to measure its accuracy on the test split, and in the server (MODEL_ENGINE=tflite),
+both through classify_contract.tflite_runtime.
 """
-import contextlib
 import random
 import warnings
 
 import numpy as np
 
-from retrain import tf_noise
-from retrain.preprocessing import decode_image
+from classify_contract import tf_noise
+from classify_contract.preprocessing import decode_image
+from classify_contract.tflite_runtime import interpreter, run
 
 QUANTIZATIONS = ("int8", "dynamic", "float16", "float32", "none")
-_delegate_announced = False  # see interpreter()
 CALIBRATION_IMAGES = 100
 
 
@@ -60,27 +60,6 @@ def convert(graph_def, size, quantization, calibration_paths=()):
         # "Statistics for quantized inputs were expected": our inputs stay float32
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         return converter.convert()
-
-
-def interpreter(content, threads=1):
-    """A LiteRT interpreter over flatbuffer bytes, tensors allocated, XNNPACK on `threads` threads."""
-    global _delegate_announced
-    from ai_edge_litert.interpreter import Interpreter
-    # LiteRT prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." at a process's first interpreter
-    # only: that one is made with the line filtered; later ones (made by the server as requests need them)
-    # leave file descriptor 2 alone.
-    with contextlib.nullcontext() if _delegate_announced else tf_noise.filtered_stderr():
-        runner = Interpreter(model_content=content, num_threads=threads)
-        runner.allocate_tensors()
-    _delegate_announced = True
-    return runner
-
-
-def run(runner, pixels):
-    """Probabilities for one image's float32 pixels [H, W, 3] (a view of the output: copy it to keep it)."""
-    runner.set_tensor(runner.get_input_details()[0]["index"], pixels[np.newaxis].astype(np.float32, copy=False))
-    runner.invoke()
-    return runner.get_tensor(runner.get_output_details()[0]["index"])[0]
 
 
 def export(graph_def, size, quantization, calibration_paths, test_paths, test_y, float_accuracy, max_drop):

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from retrain import progress
-from retrain.preprocessing import decode_image
+from classify_contract.preprocessing import decode_image
 
 
 class ProgressBar(keras.callbacks.Callback):

@@ -101,9 +101,10 @@ def write_sleepy_model(folder, warm_up_seconds, request_seconds, labels=("red", 
 
 
 def write_graph_model(folder, graph, labels, size=32):
-    """A model folder (retrain.model_folder) of a tf.Graph taking [None, size, size, 3] at `input` and
+    """A model folder (classify_contract.model_folder) of a tf.Graph taking [None, size, size, 3] at `input` and
     answering at `final_result`, written as retrain writes one."""
-    from retrain import export, model_folder
+    from classify_contract import model_folder
+    from retrain import export
     os.makedirs(folder)
     export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
                        graph.as_graph_def(), size, list(labels), {})
@@ -140,7 +141,7 @@ def write_third_party_model(folder):
 def third_party_scores(data):
     """What write_third_party_model's graph must answer for encoded image `data`, worked out here
     with the shared decoding and numpy."""
-    from retrain.preprocessing import decode_image
+    from classify_contract.preprocessing import decode_image
     x = (decode_image(data, (40, 40)) - 128.0) / 128.0
     logits = x.mean(axis=(0, 1)) @ np.array(IMAGENET_WEIGHTS)
     e = np.exp(logits - logits.max())

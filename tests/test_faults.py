@@ -711,9 +711,9 @@ def test_hot_swap_closes_the_old_session_after_its_requests_in_flight(tmp_path, 
 # --- retrain killed midway -------------------------------------------------------------------------
 
 def test_an_atomic_write_killed_midway_leaves_no_partial_file(tmp_path):
-    """retrain.atomic (every cache file and model file): SIGKILL while 300 MB are being written."""
+    """classify_contract.atomic (every cache file and model file): SIGKILL while 300 MB are being written."""
     target = tmp_path / "graph.pb"
-    code = ("import sys; from retrain import atomic; "
+    code = ("import sys; from classify_contract import atomic; "
             "atomic.write_bytes(sys.argv[1], b'x' * (300 * 2**20)); print('done')")
     process = subprocess.Popen([sys.executable, "-c", code, str(target)], cwd=ROOT)
     try:

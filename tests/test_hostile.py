@@ -515,7 +515,7 @@ def test_labels_are_data_never_html(classifier):
 
 from hypothesis import HealthCheck, given, settings as fuzz_settings, strategies as st  # noqa: E402
 
-from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image  # noqa: E402
+from classify_contract.preprocessing import ImageTooLarge, InvalidImage, decode_image  # noqa: E402
 
 FUZZ = fuzz_settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)), deadline=10_000, database=None,
                      derandomize=not os.environ.get("FUZZ_RANDOM"),

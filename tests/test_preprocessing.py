@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from helpers import shape_image
-from retrain.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
+from classify_contract.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 
 EXIF_ORIENTATION = 0x0112
 

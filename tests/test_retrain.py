@@ -20,10 +20,10 @@ from PIL import Image
 
 from helpers import (CLASSES, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain,
                       shape_image)
-from retrain import atomic
+from classify_contract import atomic
 from retrain.bottlenecks import cache_path, get_bottlenecks
 from retrain.images import create_image_lists, which_set
-from retrain.preprocessing import decode_image
+from classify_contract.preprocessing import decode_image
 
 # The cheapest real configuration; --summaries_dir "" skips TensorBoard logs.
 FAST = ("--architecture", "mobilenet_v2", "--weights", "none", "--summaries_dir", "")

@@ -556,7 +556,7 @@ def third_party(foreign):
 
 def test_third_party_graph_answers_as_running_it_directly(third_party):
     import tensorflow as tf
-    from retrain.preprocessing import decode_image
+    from classify_contract.preprocessing import decode_image
     s, graph, _ = third_party
     exact = [rgb_image(label, 30 + i, size=(32, 32)) for i, label in enumerate(CLASSES)]
     uploads = [encode(image, "PNG") for image in exact] + [encode(rgb_image("green_square", 40), "JPEG")]
@@ -680,7 +680,7 @@ def test_test_sh_end_to_end(tmp_path):
     assert f"MODEL_DIR={model} {os.path.join(ROOT, '.venv', 'bin', 'gunicorn')} classify_server:app" in result.stdout
     assert [p for p in os.listdir(temp) if os.path.isdir(temp / p)] == []  # WORK and the metrics folder removed
     # The server's log is shown, with its ready line, and neither it nor retrain's output has TensorFlow's
-    # start-up noise (retrain.tf_noise).
+    # start-up noise (classify_contract.tf_noise).
     assert re.search(r"serving model 'model' version 1 from .*: tf engine, \d+ labels, loaded and warmed up in",
                      result.stdout), result.stdout
     for noise in ("cuInit", "cuda drivers", "oneDNN", "absl::InitializeLog", "I0000"):

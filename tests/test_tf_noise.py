@@ -1,9 +1,9 @@
-"""Issue 20: TensorFlow's start-up lines are kept off stderr, and nothing else is (retrain.tf_noise)."""
+"""Issue 20: TensorFlow's start-up lines are kept off stderr, and nothing else is (classify_contract.tf_noise)."""
 import os
 import subprocess
 import sys
 
-from retrain.tf_noise import NoiseFilter
+from classify_contract.tf_noise import NoiseFilter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +46,7 @@ def run(code, **env):
 def test_lines_written_just_before_the_process_aborts_still_come_out():
     """The filter is a child process, so it reads the pipe to its end even when this process dies inside
     the window: every real line comes out, in order, and the noise does not."""
-    code = ("import os\nfrom retrain.tf_noise import filtered_stderr\n"
+    code = ("import os\nfrom classify_contract.tf_noise import filtered_stderr\n"
             "with filtered_stderr():\n"
             f"    os.write(2, {ONEDNN + bytes([10])!r})\n"
             "    for i in range(2000):\n"
@@ -59,7 +59,7 @@ def test_lines_written_just_before_the_process_aborts_still_come_out():
 
 
 def test_importing_tensorflow_is_quiet_unless_the_user_sets_the_log_level():
-    code = ("from retrain.tf_noise import import_tensorflow_quietly\nimport_tensorflow_quietly()\n"
+    code = ("from classify_contract.tf_noise import import_tensorflow_quietly\nimport_tensorflow_quietly()\n"
             "import os, sys, tensorflow as tf\nprint(int(tf.constant(1) + 1))\n"
             "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))\n"
             "print('after the window', file=sys.stderr)\n")

@@ -3,6 +3,17 @@ import os
 import tempfile
 
 
+def _read_umask():
+    """The process's umask. Reading it means setting it, which races with other threads' file
+    creation: done once, at import, before any request thread exists."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 def write_bytes(path, data, durable=True):
     """Write `data` to `path` through a temp file in the same directory and a rename.
 
@@ -13,7 +24,7 @@ def write_bytes(path, data, durable=True):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; readers may be other users
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; readers may be other users
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
@@ -26,12 +37,6 @@ def write_bytes(path, data, durable=True):
         except FileNotFoundError:
             pass
         raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_text(path, text):

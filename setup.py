@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Fine-tune an ImageNet network on a folder of labelled photos and serve it over HTTP",
     packages=find_packages(include=["retrain", "classify_server", "classify_server.*", "classify_contract"]),
-    package_data={"classify_server": ["static/*"]},
+    package_data={"classify_server.http_api": ["static/*"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16,<2.22",
@@ -16,8 +16,8 @@ setup(
         "tritonclient[grpc]",  # the Open Inference Protocol's generated gRPC service code
         "ai-edge-litert",  # LiteRT, TensorFlow Lite's maintained runtime (MODEL_ENGINE=tflite, retrain.tflite)
         "flask>=3.0",
-        # The worker (classify_server.worker) uses only gunicorn.workers.base.Worker and the access logger, the
-        # same from 22 (which also refuses the request-smuggling framings) to 27: tested with both.
+        # The worker (classify_server.http_server.worker) uses only gunicorn.workers.base.Worker and the access
+        # logger, the same from 22 (which also refuses the request-smuggling framings) to 27: tested with both.
         "gunicorn>=22,<28",
         "httptools>=0.6.2",  # llhttp, the strict HTTP/1.1 parser the worker reads requests with
         "pillow>=10.1",
@@ -37,7 +37,7 @@ setup(
     entry_points={"console_scripts": [
         "retrain=retrain.cli:main",
         "label_image=classify_server.label_image:main",
-        "classify_grpc=classify_server.grpc:main",
+        "classify_grpc=classify_server.grpc_server.server:main",
         "classify_stream=classify_server.stream.cli:main",
     ]},
 )

@@ -6,12 +6,12 @@ a separate virtualenv, made with
     python3.11 -m venv /tmp/bentoml-venv
     /tmp/bentoml-venv/bin/pip install bentoml tensorflow-cpu==2.21.0 pillow flask prometheus_client
 
-(flask and prometheus_client because importing classify_server.model imports the
+(flask and prometheus_client because importing classify_server.engines.tf_session imports the
 classify_server package), as
 
     MODEL_DIR=model PYTHONPATH=. bentoml serve bentoml_service:Classifier --working-dir bench
 
-It loads graph.pb with the service's own session code (classify_server.model.Classifier,
+It loads graph.pb with the service's own session code (classify_server.engines.tf_session.Classifier,
 same preprocessing, same thread settings as gunicorn.conf.py: one worker by default
 (BENTO_WORKERS), cores / workers TensorFlow threads for each op and as many runs at
 once), so only the HTTP framework differs.
@@ -29,7 +29,7 @@ WORKERS = int(os.environ.get("BENTO_WORKERS", 1))
 @bentoml.service(workers=WORKERS, traffic={"timeout": 120})
 class Classifier:
     def __init__(self):
-        from classify_server.model import Classifier as Session
+        from classify_server.engines.tf_session import Classifier as Session
         self.model = Session(os.environ.get("MODEL_DIR", "model"),
                              intra_threads=int(os.environ.get("TF_INTRA_OP_THREADS", max(1, CORES // WORKERS))),
                              inter_threads=int(os.environ.get("TF_INTER_OP_THREADS", max(1, CORES // WORKERS))))
@@ -37,7 +37,7 @@ class Classifier:
 
     @bentoml.api
     def classify(self, data: Path) -> list:
-        from classify_server.inference import preprocess
-        from classify_server.ranking import top_k
+        from classify_server.core.inference import preprocess
+        from classify_server.core.ranking import top_k
         probabilities = self.model.predict([preprocess(self.model.input_spec, data.read_bytes(), None)])[0]
         return top_k(self.model.labels, probabilities, 5)

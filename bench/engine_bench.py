@@ -62,7 +62,7 @@ def retrain(work, architecture, per_class, weights):
 
 def engines(model_dir, lists, size, config):
     """{variant: a loaded engine}: the session, and one TFLite folder per quantization."""
-    from classify_server.engine import load
+    from classify_server.engines import load
     from retrain import tflite
     import tensorflow as tf
     graph_def = tf.compat.v1.GraphDef()

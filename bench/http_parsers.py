@@ -1,5 +1,5 @@
 """The two strict HTTP/1.1 parsers the worker could read requests with, side by side: llhttp (httptools,
-what classify_server.http_reader uses) and h11 (pure Python), on the requests the server gets.
+what classify_server.http_server.reader uses) and h11 (pure Python), on the requests the server gets.
 
     .venv/bin/python bench/http_parsers.py [--seconds 1] [--rounds 5]
 
@@ -16,7 +16,7 @@ import time
 import h11
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from classify_server.http_reader import RequestReader  # noqa: E402
+from classify_server.http_server.reader import RequestReader  # noqa: E402
 
 FLOWER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                       "flower_photos", "daisy", "1031799732_e7f4008c03.jpg")

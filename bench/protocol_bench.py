@@ -135,7 +135,7 @@ def start_servers(work, model_dir):
     env.update(MODEL_DIR=model_dir, MODEL_POLL_SECONDS="0", ACCESS_LOG="")
     grpc_port = C.free_port()
     with open(os.path.join(work, "grpc.log"), "wb") as log:
-        C.start([sys.executable, "-m", "classify_server.grpc", "--host", "127.0.0.1", "--port",
+        C.start([sys.executable, "-m", "classify_server.grpc_server", "--host", "127.0.0.1", "--port",
                  str(grpc_port)], cwd=C.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     _, http_port = C.start_gunicorn(C.ROOT, env, os.path.join(work, "gunicorn.log"))
     return http_port, grpc_port  # the gRPC server may still be loading: main waits for its first answer

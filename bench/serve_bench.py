@@ -193,8 +193,8 @@ def ceiling(opts):
 
 def load_session(opts):
     import numpy as np
-    from classify_server.inference import preprocess
-    from classify_server.model import Classifier
+    from classify_server.core.inference import preprocess
+    from classify_server.engines.tf_session import Classifier
     clf = Classifier(opts["model_dir"], None, opts["intra"], opts["inter"])
     clf.warm_up()
     with open(opts["image"], "rb") as f:
@@ -204,7 +204,7 @@ def load_session(opts):
 
 def sweep(opts):
     """session.run throughput per batch size, and batch-1 latency, in this process's one session."""
-    from classify_server.inference import preprocess
+    from classify_server.core.inference import preprocess
     clf, pixels, np = load_session(opts)
     results = {}
     for b in opts["batches"]:
@@ -281,8 +281,8 @@ def app_overhead(opts):
     with the same process's bare session.run and decode: medians in ms."""
     os.environ.update(MODEL_DIR=opts["model_dir"], TF_INTRA_OP_THREADS=str(opts["intra"]),
                       TF_INTER_OP_THREADS=str(opts["inter"]), PROMETHEUS_MULTIPROC_DIR=opts["metrics_dir"])
-    from classify_server import create_app
-    from classify_server.inference import preprocess
+    from classify_server.http_api import create_app
+    from classify_server.core.inference import preprocess
     app = create_app()
     client = app.test_client()
     with open(opts["body"], "rb") as f:

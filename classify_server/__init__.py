@@ -1,127 +1,21 @@
-"""An HTTP image classifier: `gunicorn classify_server:app`, then `curl -F data=@image.jpg localhost:8000/`.
+"""An image classifier served over HTTP, gRPC and Kafka: `gunicorn classify_server:app`, then
+`curl -F data=@image.jpg localhost:8000/`. README's "Architecture" maps the packages:
 
-`create_app` is the application factory (as in Flask's tutorial): configuration
-from the environment (classify_server.settings), the model versions loaded once
-(classify_server.versions, each an engine: classify_server.engine), the inference
-core over them (classify_server.inference), and one blueprint per concern:
-classification (api), TensorFlow Serving's REST API (tfserving_rest), the Open
-Inference Protocol's (v2_rest), health,
-the browser page (page), users' corrections (feedback), metrics; HTTP's error
-statuses in one table (errors). README's "Architecture" draws the whole.
+    http_api/     the HTTP adapters (Flask blueprints) and their app factory, create_app
+    grpc_server/  the gRPC adapters (TF Serving's API, V2) and their server
+    stream/       the Kafka consumer           label_image  the command-line classifier
+    codecs/       wire formats two adapters share
+    core/         the inference core: models, versions, limits, decode, run, rank, one error code
+    engines/      a loaded model: a TensorFlow session or LiteRT interpreters
+    http_server/  gunicorn's worker (one strict HTTP reader on an event loop) and settings
+    wsgi          the app gunicorn serves, and a worker's exit policy when models cannot load
+    settings, metrics
 """
-import logging
-import os
-import sys
-import time
-import uuid
-
-from flask import Flask, g, jsonify, request
-from werkzeug.exceptions import HTTPException
-
-from classify_server import api, errors, settings
-from classify_server.inference import REQUEST_TOO_LARGE, TOO_MANY_IMAGES, Inference, InferenceError
-
-log = logging.getLogger("classify_server")
-
-
-def create_app(test_config=None, classifier=None):
-    _log_through_gunicorn()
-    app = Flask(__name__)
-    app.request_class = api.InMemoryRequest
-    app.config.from_mapping(settings.from_env())
-    app.config["DEBUG"] = False  # never from FLASK_DEBUG: a debugger on an open port runs code
-    if test_config:
-        app.config.update(test_config)
-    # Werkzeug refuses a body on the read after MAX_CONTENT_LENGTH bytes (the read that finds the end of
-    # a streamed body, under gunicorn): one byte more, so that MAX_UPLOAD_BYTES itself is allowed.
-    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"] + 1
-    if app.config["TRUSTED_PROXIES"]:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
-    app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is the core's
-
-    from classify_server.registry import Models, load_models
-    models = load_models(app.config) if classifier is None else Models.static(classifier, app.config["MODEL_NAME"])
-    app.extensions["models"] = models
-
-    from classify_server import feedback, health, metrics, page, tfserving_rest, v2_rest
-    app.extensions["inference"] = Inference(models, app.config, on_inference=metrics.INFERENCE.observe)
-    metrics.init_app(app)
-    errors.init_app(app)
-    app.extensions["feedback_limiter"] = feedback.RateLimiter(app.config["FEEDBACK_PER_MINUTE"])
-    app.register_blueprint(feedback.bp)
-    app.register_blueprint(api.bp)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(page.bp)
-    app.register_blueprint(tfserving_rest.bp)
-    app.register_blueprint(v2_rest.bp)
-
-    @app.before_request
-    def assign_request_id():
-        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
-
-    @app.after_request
-    def security_headers(response):
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Request-Id"] = g.get("request_id", "")
-        return response
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc):
-        if exc.code == 413 and exc.description == type(exc).description:
-            # Werkzeug's own limits (body size, form parts) answer as the core's limits do.
-            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"] or _stream_at_limit(app):
-                return errors.response(InferenceError(REQUEST_TOO_LARGE, (
-                    f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes (MAX_UPLOAD_BYTES)")))
-            return errors.response(InferenceError(TOO_MANY_IMAGES, (
-                f"too many parts in the form: send at most {app.config['MAX_PARTS']} 'data' parts (MAX_PARTS)")))
-        messages = {404: "no such path: POST an image to / (curl -F data=@image.jpg URL)",
-                    405: f"method {request.method} is not allowed here"}
-        message = messages.get(exc.code) if exc.description == type(exc).description else exc.description
-        response = jsonify(error=message or exc.description)
-        response.status_code = exc.code
-        if exc.code == 405:
-            response.headers["Allow"] = ", ".join(exc.valid_methods or [])
-        return response
-
-    @app.errorhandler(Exception)
-    def unexpected_error(exc):
-        log.exception("request %s failed", g.get("request_id"))
-        return jsonify(error="internal error; the server log has the details",
-                       request_id=g.get("request_id")), 500
-
-    return app
-
-
-def _log_through_gunicorn():
-    """Under gunicorn, our log lines (models loaded, swapped, failed) go where gunicorn's own go, at its level."""
-    gunicorn_log = logging.getLogger("gunicorn.error")
-    if gunicorn_log.handlers and not log.handlers:
-        log.handlers, log.propagate = gunicorn_log.handlers, False
-        log.setLevel(gunicorn_log.level)
-
-
-def _stream_at_limit(app):
-    """Whether werkzeug stopped a streamed body (gunicorn's, without Content-Length) at MAX_CONTENT_LENGTH."""
-    stream = request.stream
-    return getattr(stream, "limit", None) == app.config["MAX_CONTENT_LENGTH"] and stream.is_exhausted
 
 
 def __getattr__(name):
-    """`gunicorn classify_server:app` builds the app in each worker, after the fork."""
+    """`gunicorn classify_server:app` builds the app in each worker, after the fork (classify_server.wsgi)."""
     if name != "app":
         raise AttributeError(name)
-    from classify_server.engine import ModelLoadError
-    try:
-        return create_app()
-    except ModelLoadError as exc:
-        flag = os.environ.get("CLASSIFY_MODEL_LOADED_FLAG")
-        if flag and os.path.exists(flag):
-            # Other workers serve the model they loaded before its files broke: only this
-            # replacement gives up, and gunicorn retries it (slowly: TensorFlow imports are heavy).
-            print(f"classify_server: {exc}; this worker exits, the others keep serving", file=sys.stderr, flush=True)
-            time.sleep(10)
-            raise SystemExit(1)
-        # gunicorn prints this one line and stops, instead of restarting workers forever.
-        from gunicorn.errors import AppImportError
-        raise AppImportError(f"classify_server: {exc}") from None
+    from classify_server.wsgi import load_app
+    return load_app()

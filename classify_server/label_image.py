@@ -11,10 +11,11 @@ import json
 import os
 import sys
 
-from classify_server import inference, settings
-from classify_server.inference import Inference, InferenceError
-from classify_server.model import Classifier, ModelLoadError
-from classify_server.registry import Models
+from classify_server import settings
+from classify_server.core import inference
+from classify_server.core.inference import Inference, InferenceError
+from classify_server.engines.tf_session import Classifier, ModelLoadError
+from classify_server.core.registry import Models
 
 # The exit status of each inference error code: 1 for an image that cannot be classified, 2 for
 # the command's own setup (which model), as for a model that does not load.

@@ -20,7 +20,7 @@ INFERENCE = Histogram("classify_inference_seconds", "session.run time per batch"
                       buckets=(.005, .01, .025, .05, .075, .1, .15, .2, .3, .5, .75, 1, 2.5, 5))
 MODEL_VERSION = Gauge("classify_model_version", "newest version of each model served by each worker", ["model"],
                       multiprocess_mode="liveall")
-# Kept by the gunicorn worker's event loop (classify_server.worker), outside Flask.
+# Kept by the gunicorn worker's event loop (classify_server.http_server.worker), outside Flask.
 QUEUE_DEPTH = Gauge("classify_queue_depth", "complete requests waiting for a worker thread (at most MAX_QUEUE)",
                     multiprocess_mode="livesum")
 SHED = Counter("classify_shed_total", "requests answered 503 at once because MAX_QUEUE requests were waiting")

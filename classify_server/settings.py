@@ -28,7 +28,7 @@ SETTINGS = (
     Setting("MODEL_NAME", "model", "the name clients address the model by (TF Serving's model name)"),
     Setting("MODEL_POLL_SECONDS", 10, "seconds between looks for a new numbered version (0: never)", int, 0),
     Setting("MODEL_CONFIG_FILE", "", "several models: TF Serving's model_config_list file (then MODEL_DIR, "
-                                     "MODEL_NAME and INPUT_* are not used; classify_server.model_config)"),
+                                     "MODEL_NAME and INPUT_* are not used; classify_server.core.model_config)"),
     Setting("MODEL_CONFIG_POLL_SECONDS", 10, "seconds between reads of MODEL_CONFIG_FILE for models added, "
                                              "removed or changed (0: never)", int, 0),
     Setting("MODEL_ENGINE", "tf", "tf: a TensorFlow session over graph.pb; tflite: LiteRT over model.tflite"),
@@ -61,8 +61,8 @@ SETTINGS = (
     Setting("HOST", "0.0.0.0", "address to listen on"),
     Setting("PORT", 8000, "port to listen on", int, 1, 65535),
     Setting("WEB_CONCURRENCY", 1, "gunicorn worker processes, each with its own copy of the model", int, 1),
-    Setting("WORKER_CLASS", "classify_server.worker.Worker", "gunicorn worker class (the default reads each request "
-                                                             "on its event loop: classify_server/worker.py)"),
+    Setting("WORKER_CLASS", "classify_server.http_server.worker.Worker",
+            "gunicorn worker class (the default reads each request on its event loop: classify_server/http_server)"),
     Setting("THREADS", 4, "requests each worker serves at once", int, 1),
     Setting("TIMEOUT", 60, "seconds before a silent worker is restarted", int, 0),
     Setting("GRACEFUL_TIMEOUT", 30, "seconds for requests in flight after SIGTERM (HTTP and gRPC)", int, 0),
@@ -77,7 +77,7 @@ SETTINGS = (
             int, 0),
     Setting("ACCESS_LOG", "-", "access log file ('-': standard output; empty: none)"),
     Setting("LOG_LEVEL", "info", "debug, info, warning or error"),
-    # The gRPC server (python -m classify_server.grpc)
+    # The gRPC server (python -m classify_server.grpc_server)
     Setting("GRPC_HOST", "0.0.0.0", "address the gRPC server listens on"),
     Setting("GRPC_PORT", 8500, "its port (0: any free port)", int, 0, 65535),
     Setting("GRPC_THREADS", 4, "RPCs it serves at once; more wait", int, 1),

@@ -291,8 +291,8 @@ def assert_same_answer(got, expected, tol=1e-5):
 
 
 def make_app(model_dir, **config):
-    """The Flask app of `classify_server.create_app`, in this process, over `model_dir`."""
-    from classify_server import create_app
+    """The Flask app of `classify_server.http_api.create_app`, in this process, over `model_dir`."""
+    from classify_server.http_api import create_app
     return create_app(test_config=dict(config, MODEL_DIR=model_dir))
 
 
@@ -307,14 +307,14 @@ MODEL_NAME = "model"  # MODEL_NAME's default
 
 
 class GrpcServer(Process):
-    """`python -m classify_server.grpc --host 127.0.0.1 --port P`, and stubs to it."""
+    """`python -m classify_server.grpc_server --host 127.0.0.1 --port P`, and stubs to it."""
 
     what = "gRPC server"
 
     def __init__(self, env, log_path):
         from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
         self.port = free_port()
-        super().__init__([sys.executable, "-m", "classify_server.grpc", "--host", "127.0.0.1",
+        super().__init__([sys.executable, "-m", "classify_server.grpc_server", "--host", "127.0.0.1",
                           "--port", str(self.port)], log_path, env)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.prediction = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)

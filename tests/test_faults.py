@@ -630,7 +630,7 @@ _project_post_worker_init = post_worker_init
 def post_worker_init(worker):
     _project_post_worker_init(worker)
     import sys, time
-    from classify_server.model import Classifier
+    from classify_server.engines.tf_session import Classifier
     predict, close = Classifier.predict, Classifier.close
 
     def spy_predict(self, inputs):

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from classify_server import create_app
+from classify_server.http_api import create_app
 from helpers import TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
 
 

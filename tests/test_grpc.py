@@ -1,5 +1,5 @@
-"""The gRPC server (TensorFlow Serving's API): `python -m classify_server.grpc` as a real subprocess on a loopback
-port, spoken to through tensorflow-serving-api's own client stubs."""
+"""The gRPC server (TensorFlow Serving's API): `python -m classify_server.grpc_server` as a real subprocess on a
+loopback port, spoken to through tensorflow-serving-api's own client stubs."""
 import base64
 import io
 import os
@@ -48,8 +48,8 @@ def scores_of(response):
 
 def local_scores(model_dir, images):
     """The HTTP server's engine and preprocessing, in this process, on the same bytes."""
-    from classify_server.inference import preprocess
-    from classify_server.model import Classifier
+    from classify_server.core.inference import preprocess
+    from classify_server.engines.tf_session import Classifier
     classifier = Classifier(model_dir)
     try:
         return classifier.predict([preprocess(classifier.input_spec, data, None) for data in images])
@@ -97,9 +97,9 @@ import os
 import threading
 import time
 
-from classify_server import model
+from classify_server.engines import tf_session
 
-_predict = model.Classifier.predict
+_predict = tf_session.Classifier.predict
 _lock = threading.Lock()
 _running = 0
 
@@ -126,7 +126,7 @@ def predict(self, inputs):
             _note("exit")
 
 
-model.Classifier.predict = predict
+tf_session.Classifier.predict = predict
 '''
 
 
@@ -169,11 +169,6 @@ def colour_jpeg(rgb):
 
 
 COLOURS = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
-
-
-def test_import_grpc_is_grpcio():
-    from classify_server import grpc as module
-    assert module.grpc is grpc and hasattr(module.grpc, "server")
 
 
 def test_predict_matches_the_http_server(server, flask_app, trained_model):

@@ -394,15 +394,16 @@ def test_debug_mode_is_off_under_gunicorn(server):
 
 @pytest.fixture(scope="module")
 def classifier(trained_model):
-    from classify_server import engine, settings
-    loaded = engine.load(trained_model, settings.from_env())
+    from classify_server import settings
+    from classify_server import engines
+    loaded = engines.load(trained_model, settings.from_env())
     yield loaded
     loaded.close()
 
 
 def test_flask_debug_in_the_environment_does_not_turn_debug_on(classifier, monkeypatch):
     """What gunicorn does in a worker: build the app with the environment it has."""
-    from classify_server import create_app
+    from classify_server.http_api import create_app
     monkeypatch.setenv("FLASK_DEBUG", "1")
     app = create_app(classifier=classifier)
     assert app.debug is False and not app.config["DEBUG"]
@@ -450,8 +451,8 @@ class FileWrites:
 def test_uploads_are_never_written_to_disk(classifier):
     from flask import Request
 
-    from classify_server import create_app
-    from classify_server.api import InMemoryRequest
+    from classify_server.http_api import create_app
+    from classify_server.http_api.core_calls import InMemoryRequest
     environ, data = _big_upload_environ()
     # Control: werkzeug's own request class spills this upload to a temporary file...
     with FileWrites() as writes:
@@ -495,7 +496,7 @@ def test_labels_are_data_never_html(classifier):
     text. (tests/test_page.py shows a hostile label in real Chromium.)"""
     import copy
 
-    from classify_server import create_app
+    from classify_server.http_api import create_app
     hostile = copy.copy(classifier)
     hostile.labels = ["<img src=x onerror=alert(1)>", "</script><script>alert(2)</script>", "&amp;"]
     response = create_app(classifier=hostile).test_client().post(
@@ -504,7 +505,7 @@ def test_labels_are_data_never_html(classifier):
     assert response.mimetype == "application/json" and response.headers["X-Content-Type-Options"] == "nosniff"
     assert {label for label, _ in response.get_json()} == set(hostile.labels)
     page = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "classify_server", "static", "index.html"), encoding="utf-8").read()
+                             "classify_server", "http_api", "static", "index.html"), encoding="utf-8").read()
     script = page[page.index("<script>"):]
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert sink not in script, sink
@@ -609,8 +610,8 @@ def test_fuzz_decode_mutated_images(data):
 def test_fuzz_inference_classify(classifier, images):
     """The core every protocol calls; good images also run through the model."""
     from classify_server import settings
-    from classify_server.inference import Inference, InferenceError
-    from classify_server.registry import Models
+    from classify_server.core.inference import Inference, InferenceError
+    from classify_server.core.registry import Models
     core = Inference(Models.static(classifier), settings.from_env())
     try:
         prediction = core.classify(images)
@@ -632,8 +633,8 @@ def test_fuzz_is_bounded():
     (["-m", "gunicorn", "classify_server:app"], "WEB_CONCURRENCY", "0", "must be an integer at least 1"),
     (["-m", "gunicorn", "classify_server:app"], "BODY_TIMEOUT", "soon", "must be a number"),
     (["-m", "gunicorn", "classify_server:app"], "LOG_LEVEL", "loud", "must be one of debug, info"),
-    (["-m", "classify_server.grpc"], "GRPC_THREADS", "0", "must be an integer at least 1"),
-    (["-m", "classify_server.grpc"], "GRPC_PORT", "70000", "must be an integer between 0 and 65535"),
+    (["-m", "classify_server.grpc_server"], "GRPC_THREADS", "0", "must be an integer at least 1"),
+    (["-m", "classify_server.grpc_server"], "GRPC_PORT", "70000", "must be an integer between 0 and 65535"),
     (["-m", "classify_server.stream", "--bootstrap-servers", "h:9092", "--input-topic", "i", "--output-topic", "o"],
      "STREAM_BATCH_SIZE", "many", "must be an integer"),
     (["-m", "classify_server.label_image", "--image", "x.jpg"], "MAX_IMAGE_PIXELS", "1e6", "must be an integer"),

@@ -19,7 +19,7 @@ from helpers import Server, shape_image, write_colour_model, write_sleepy_model
 
 GOOD = shape_image("red_circle", 1)
 HOST = b"Host: 127.0.0.1\r\n"
-RATE_GRACE = 5  # seconds before BODY_MIN_RATE applies (classify_server.worker)
+RATE_GRACE = 5  # seconds before BODY_MIN_RATE applies (classify_server.http_server.worker)
 
 
 class Answers:

@@ -1,4 +1,4 @@
-"""The worker's HTTP reader (classify_server.http_reader), in process: property-based against h11.
+"""The worker's HTTP reader (classify_server.http_server.reader), in process: property-based against h11.
 
 Valid requests are generated, then mutated (bytes flipped, inserted, deleted, the request truncated or
 two run together) and fed to a RequestReader whole and split at every offset. The properties: no
@@ -13,7 +13,7 @@ import h11
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from classify_server.http_reader import HTTPError, Limits, RequestReader
+from classify_server.http_server.reader import HTTPError, Limits, RequestReader
 
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)), deadline=None, database=None,
                 derandomize=not os.environ.get("FUZZ_RANDOM"),

@@ -18,7 +18,8 @@ import pytest
 import requests
 import tensorflow as tf
 
-from classify_server import create_app, model_config
+from classify_server.http_api import create_app
+from classify_server.core import model_config
 from helpers import (IMAGENET_LABELS, ROOT, Broker, Collector, GrpcServer, Server, Stream, predict_request, read_labels,
                      shape_image, third_party_scores, write_colour_model, write_third_party_model)
 
@@ -301,8 +302,8 @@ def two_models(trained_model, tmp_path_factory):
     shutil.copytree(trained_model, root / "shapes" / "1")
     write_third_party_model(root / "imagenet")
     path = write_config(root / "models.config", ("shapes", "shapes"), ("imagenet", "imagenet"))
-    from classify_server.inference import preprocess
-    from classify_server.model import Classifier
+    from classify_server.core.inference import preprocess
+    from classify_server.engines.tf_session import Classifier
     classifier = Classifier(trained_model)
 
     def shapes_scores(data):
@@ -433,7 +434,7 @@ def test_a_model_dir_one_level_too_high_gets_a_suggestion(tmp_path):
     """Issue 20: MODEL_DIR naming the folder above a model says which one was probably meant."""
     model = write_colour_model(tmp_path / "models" / "flowers")
     # From the checkout (./gunicorn.conf.py), and from any other folder with the settings named as a module.
-    for cwd, config in ((ROOT, []), (tmp_path, ["-c", "python:classify_server.gunicorn_config"])):
+    for cwd, config in ((ROOT, []), (tmp_path, ["-c", "python:classify_server.http_server.gunicorn_config"])):
         result = subprocess.run([sys.executable, "-m", "gunicorn", *config, "classify_server:app", "-b", "127.0.0.1:0"],
                                 cwd=cwd, env=dict(os.environ, MODEL_DIR=str(tmp_path / "models")),
                                 capture_output=True, text=True, timeout=60)
@@ -442,7 +443,7 @@ def test_a_model_dir_one_level_too_high_gets_a_suggestion(tmp_path):
 
 def test_grpc_server_names_the_model_that_does_not_load(tmp_path, trained_model):
     path = write_config(tmp_path / "models.config", ("good", trained_model), ("bad", tmp_path / "nothing"))
-    result = subprocess.run([sys.executable, "-m", "classify_server.grpc", "--port", "0"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "classify_server.grpc_server", "--port", "0"], cwd=ROOT,
                             env=dict(os.environ, MODEL_CONFIG_FILE=path), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "classify_server.grpc: model 'bad': model not found" in result.stderr, \
+    assert result.returncode == 1 and "classify_server.grpc_server: model 'bad': model not found" in result.stderr, \
         result.stderr

@@ -1,4 +1,4 @@
-"""Slow clients and a crowd against the default server (classify_server.worker): what an attacker with a
+"""Slow clients and a crowd against the default server (classify_server.http_server.worker): what an attacker with a
 laptop, or a crowd, does to `gunicorn classify_server:app`, on 127.0.0.1, bounded in count and time. The
 attacks are bench/abuse.py's (which also runs them against nginx, RELIABILITY.md); their figures are
 printed as `FIGURE ...` lines."""

@@ -1,6 +1,6 @@
 """One image, and the same bad inputs, through every protocol: the same scores and the same error codes.
 
-Every protocol is a thin adapter over the inference core (classify_server.inference), so an image
+Every protocol is a thin adapter over the inference core (classify_server.core.inference), so an image
 must get the same scores (within 1e-6) through multipart POST /, TF Serving REST :predict and
 :classify, the V2 protocol's infer, TF Serving gRPC Predict, the Kafka stream consumer and the
 label_image CLI; and each bad input must get the same code everywhere, as each protocol's own status

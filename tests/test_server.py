@@ -383,7 +383,7 @@ class ExplodingClassifier:
 
 
 def test_unexpected_exception_gives_500_with_request_id_and_no_traceback(caplog):
-    from classify_server import create_app
+    from classify_server.http_api import create_app
     app = create_app(test_config={"MODEL_DIR": "/nonexistent"}, classifier=ExplodingClassifier())
     client = app.test_client()
     with caplog.at_level("ERROR", logger="classify_server"):
@@ -403,7 +403,7 @@ def test_unexpected_exception_gives_500_with_request_id_and_no_traceback(caplog)
 
 
 def test_readyz_is_503_until_the_model_is_ready():
-    from classify_server import create_app
+    from classify_server.http_api import create_app
 
     class Loading(ExplodingClassifier):
         ready = False
@@ -592,7 +592,7 @@ def test_third_party_metadata_and_model_name(third_party):
 
 
 def test_third_party_graph_without_settings_fails_to_load_clearly(third_party):
-    from classify_server.engine import ModelLoadError
+    from classify_server.engines import ModelLoadError
     _, _, folder = third_party
     with pytest.raises(ModelLoadError, match="OUTPUT_LAYER"):
         make_app(str(folder))

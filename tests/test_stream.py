@@ -617,7 +617,7 @@ def test_missing_settings_are_usage_errors():
 
 
 def test_remote_url_forms():
-    from classify_server.stream.engines import Remote
+    from classify_server.stream.backends import Remote
     config = {"MODEL_NAME": "model", "TOP_K": 5}
     assert Remote("http://h:8000", config, 32).url == "http://h:8000/v1/models/model"
     assert Remote("h:8000/", config, 32).url == "http://h:8000/v1/models/model"

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import requests
 
-from classify_server import create_app
-from classify_server.engine import ModelLoadError, load
-from classify_server.inference import preprocess
+from classify_server.http_api import create_app
+from classify_server.engines import ModelLoadError, load
+from classify_server.core.inference import preprocess
 from helpers import ROOT, run_retrain, shape_image
 
 IMAGES = [shape_image(label, 60 + i) for i, label in enumerate(["red_circle", "green_square", "blue_triangle"])]

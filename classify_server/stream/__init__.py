@@ -24,7 +24,7 @@ partition P of the output topic (P modulo its partition count), as do dead lette
 
 Two ways to run the model:
   embedded (default)  the model is loaded in this process with the HTTP server's code
-                      (classify_server.versions.load_models: MODEL_DIR, versions, hot reload, settings);
+                      (classify_server.core.versions.load_models: MODEL_DIR, versions, hot reload, settings);
                       the messages of one poll are classified together, in one session.run.
   --remote URL        each poll's images are sent to a running server's TensorFlow Serving REST
                       API, POST URL/v1/models/<MODEL_NAME>/versions/<v>:predict, in requests of at

@@ -5,9 +5,9 @@ import logging
 import threading
 import time
 
-from classify_server import inference
-from classify_server.inference import CODES, InferenceError, check_size
-from classify_server.stream.engines import RemoteUnavailable
+from classify_server.core import inference
+from classify_server.core.inference import CODES, InferenceError, check_size
+from classify_server.stream.backends import RemoteUnavailable
 
 log = logging.getLogger("classify_server.stream")
 

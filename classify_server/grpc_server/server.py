@@ -1,7 +1,7 @@
-"""The gRPC server: `python -m classify_server.grpc` (or `classify_grpc`), on one port (GRPC_PORT, 8500):
+"""The gRPC server: `python -m classify_server.grpc_server` (or `classify_grpc`), on one port (GRPC_PORT, 8500):
 
-    tensorflow.serving.PredictionService, ModelService    TF Serving's API (classify_server.tfserving_grpc)
-    inference.GRPCInferenceService                         the Open Inference Protocol, V2 (v2_grpc)
+    tensorflow.serving.PredictionService, ModelService    TF Serving's API (grpc_server.tfserving)
+    inference.GRPCInferenceService                         the Open Inference Protocol, V2 (grpc_server.v2)
     grpc.health.v1.Health                                  NOT_SERVING until the models are loaded and warm,
                                                            SERVING then, NOT_SERVING again from the stop
                                                            signal on; per service name and for ""
@@ -9,14 +9,12 @@
 
 It listens before it loads, so health checks see NOT_SERVING (not a refused port) while the models
 warm up. The models are loaded, versioned and hot-reloaded exactly as for the HTTP server
-(classify_server.registry.load_models: MODEL_CONFIG_FILE, or MODEL_DIR and MODEL_NAME...), and every
+(classify_server.core.registry.load_models: MODEL_CONFIG_FILE, or MODEL_DIR and MODEL_NAME...), and every
 request goes through the inference core; the core's errors become gRPC statuses in one table
-(grpc_errors). Settings, as environment variables or flags: GRPC_HOST / --host (0.0.0.0),
+(grpc_server.errors). Settings, as environment variables or flags: GRPC_HOST / --host (0.0.0.0),
 GRPC_PORT / --port (8500), GRPC_THREADS (4, requests served at once), MAX_QUEUE (64 more may wait; beyond,
 RESOURCE_EXHAUSTED at once), MAX_UPLOAD_BYTES (the largest request message), GRACEFUL_TIMEOUT (30 s for
 requests in flight after SIGTERM/SIGINT). A request whose deadline passed while it waited is not run.
-
-(This module's name is the protocol's; `import grpc` below is grpcio, imports being absolute.)
 """
 import argparse
 import logging
@@ -31,10 +29,11 @@ from grpc_health.v1 import health as health_lib
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from classify_server import settings, tfserving_grpc, v2_grpc
-from classify_server.engine import ModelLoadError
-from classify_server.inference import Inference
-from classify_server.registry import load_models
+from classify_server import settings
+from classify_server.core.inference import Inference
+from classify_server.core.registry import load_models
+from classify_server.engines import ModelLoadError
+from classify_server.grpc_server import tfserving, v2
 
 log = logging.getLogger("classify_server")
 
@@ -48,7 +47,7 @@ def make_server(core, max_message_bytes, threads=4, max_queue=64):
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a second server sharing it
     ])
-    services = tfserving_grpc.add_to_server(core, server) + [v2_grpc.add_to_server(core, server)]
+    services = tfserving.add_to_server(core, server) + [v2.add_to_server(core, server)]
     health = health_lib.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(services + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -65,7 +64,7 @@ def set_health(server, status):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m classify_server.grpc", description=(
+    parser = argparse.ArgumentParser(prog="python -m classify_server.grpc_server", description=(
         "Serve the models over TensorFlow Serving's gRPC API and the Open Inference Protocol's (V2)."))
     config = settings.from_env()
     parser.add_argument("--host", default=config["GRPC_HOST"], help="address to listen on (GRPC_HOST, default 0.0.0.0)")
@@ -80,7 +79,7 @@ def main(argv=None):
     try:
         models = load_models(config, start=False)  # a model config that does not parse stops here
     except ModelLoadError as exc:
-        raise SystemExit(f"classify_server.grpc: {exc}") from None
+        raise SystemExit(f"classify_server.grpc_server: {exc}") from None
     server = make_server(Inference(models, config), config["MAX_UPLOAD_BYTES"], threads, config["MAX_QUEUE"])
     address = f"[{args.host}]:{args.port}" if ":" in args.host and not args.host.startswith("[") else \
         f"{args.host}:{args.port}"
@@ -91,7 +90,7 @@ def main(argv=None):
     else:
         error = "address in use or not available"
     if not port:
-        raise SystemExit(f"classify_server.grpc: cannot listen on {address}: {error}")
+        raise SystemExit(f"classify_server.grpc_server: cannot listen on {address}: {error}")
 
     stopping = threading.Event()
 
@@ -129,7 +128,7 @@ def main(argv=None):
         pass
     if failed:
         server.stop(0)
-        raise SystemExit(f"classify_server.grpc: {failed[0]}")
+        raise SystemExit(f"classify_server.grpc_server: {failed[0]}")
     server.stop(grace).wait()
     log.info("stopped")
     # gRPC has cancelled the requests still in flight after the grace period (or a second signal), but

@@ -4,7 +4,7 @@ one strict parser, before a thread runs it; the loop writes every answer.
 gunicorn's gthread worker gives a connection to a thread as soon as bytes arrive, and the thread then
 reads headers and body from a blocking socket: a few slow clients hold every thread. Here the loop
 (like nginx in front of its upstreams) reads each connection without blocking, through
-classify_server.http_reader (llhttp, strict; its docstring lists what is refused), and a thread only
+classify_server.http_server.reader (llhttp, strict; its docstring lists what is refused), and a thread only
 ever receives a complete, validated request. Every phase of a connection has a deadline and a cap:
 
 - a request's line and headers must arrive within HEADER_TIMEOUT seconds of its first byte (a new
@@ -39,7 +39,9 @@ from concurrent import futures
 import httptools
 from gunicorn.workers import base
 
-from classify_server import http_reader, http_wsgi, inference, metrics, settings
+from classify_server import metrics, settings
+from classify_server.core import inference
+from classify_server.http_server import reader, wsgi_call
 
 RATE_GRACE = 5.0  # seconds a body may take before BODY_MIN_RATE applies (a connection's slow start)
 CHECK_EVERY = 0.25  # seconds between looks at the deadlines
@@ -61,7 +63,7 @@ class Connection:
     def __init__(self, sock, peer, limits, now):
         self.sock = sock
         self.peer = peer
-        self.reader = http_reader.RequestReader(limits)
+        self.reader = reader.RequestReader(limits)
         self.state = READING
         self.events = 0  # what the selector watches for (0: not registered)
         self.served = 0  # requests answered on it
@@ -78,12 +80,12 @@ class Worker(base.Worker):
 
     def init_process(self):
         if self.cfg.is_ssl:
-            self.log.error("classify_server.worker does not read TLS: terminate TLS in front of it (nginx, the "
-                           "ingress), or set WORKER_CLASS=gthread")
+            self.log.error("classify_server.http_server.worker does not read TLS: terminate TLS in front of it "
+                           "(nginx, the ingress), or set WORKER_CLASS=gthread")
             sys.exit(3)  # gunicorn's 'worker failed to boot': the master stops with that line
         config = settings.from_env()
         self.timeouts = {name: config[name] for name in ("HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE")}
-        self.limits = http_reader.Limits(max_line=self.cfg.limit_request_line or 2 ** 20,
+        self.limits = reader.Limits(max_line=self.cfg.limit_request_line or 2 ** 20,
                                           max_fields=self.cfg.limit_request_fields,
                                           max_field=self.cfg.limit_request_field_size or 2 ** 20,
                                           max_body=config["MAX_UPLOAD_BYTES"])
@@ -181,7 +183,7 @@ class Worker(base.Worker):
             if self.connections.get(conn.sock) is not conn:
                 return
             if conn.state == READING:
-                self.refuse(conn, http_wsgi.error_answer(400, "bad request"))
+                self.refuse(conn, wsgi_call.error_answer(400, "bad request"))
             else:
                 self.close(conn)
 
@@ -217,7 +219,7 @@ class Worker(base.Worker):
             server = ("", 0)
         if not isinstance(client, tuple):  # a unix socket
             client, server = ("", 0), (str(server), 0)
-        conn = Connection(sock, http_wsgi.Peer(client[:2], server[:2]), self.limits, time.monotonic())
+        conn = Connection(sock, wsgi_call.Peer(client[:2], server[:2]), self.limits, time.monotonic())
         self.connections[sock] = conn
         self.accept_new(True)
         self.watch(conn, selectors.EVENT_READ, self.on_readable)
@@ -254,7 +256,7 @@ class Worker(base.Worker):
             error = reader.error
             self.log.debug("refused a request from %s: %d %s", conn.peer.client, error.status, error.message)
             code = ERROR_CODES.get(error.status, "")
-            self.refuse(conn, http_wsgi.error_answer(error.status, error.message, code=code))
+            self.refuse(conn, wsgi_call.error_answer(error.status, error.message, code=code))
         elif reader.closed:
             self.close(conn)
         else:
@@ -280,14 +282,14 @@ class Worker(base.Worker):
         if not control and self.in_pool - self.cfg.threads >= self.max_queue:
             metrics.SHED.inc()
             waiting = self.in_pool - self.cfg.threads
-            self.write(conn, http_wsgi.error_answer(
+            self.write(conn, wsgi_call.error_answer(
                 503, f"server busy: {waiting} requests are waiting (MAX_QUEUE); retry after {RETRY_AFTER} s",
                 keep_alive, (("Retry-After", str(RETRY_AFTER)),)))
             return
         try:
-            environ = http_wsgi.environ_of(request, conn.peer)
+            environ = wsgi_call.environ_of(request, conn.peer)
         except (ValueError, httptools.HttpParserError):
-            self.write(conn, http_wsgi.error_answer(400, "bad request: the request target is not a URL path",
+            self.write(conn, wsgi_call.error_answer(400, "bad request: the request target is not a URL path",
                                                     code=inference.INVALID_INPUT))
             return
         pool = self.control_pool
@@ -303,10 +305,10 @@ class Worker(base.Worker):
         """Run the app on one request; send what the socket takes at once, leave the rest to the loop."""
         start = datetime.datetime.now()
         try:
-            answer = http_wsgi.respond(self.wsgi, request, environ, keep_alive)
+            answer = wsgi_call.respond(self.wsgi, request, environ, keep_alive)
         except Exception:
             self.log.exception("Error handling request %s", request.target[:200].decode("latin-1"))
-            answer = http_wsgi.error_answer(500, "internal server error")
+            answer = wsgi_call.error_answer(500, "internal server error")
         sent = 0
         try:
             sent = conn.sock.send(answer.data)
@@ -464,7 +466,7 @@ class Worker(base.Worker):
             part, message = late
             metrics.CUT_OFF.labels(part).inc()
             self.log.info("closing the connection of %s: %s", conn.peer.client, message)
-            self.refuse(conn, http_wsgi.error_answer(408, message))
+            self.refuse(conn, wsgi_call.error_answer(408, message))
 
 
 class AccessRequest:

@@ -14,8 +14,8 @@ import time
 
 from flask import Blueprint, abort, current_app, jsonify, request
 
-from classify_server.api import uploaded_images
-from classify_server.inference import INVALID_IMAGE, TOO_MANY_IMAGES, InferenceError
+from classify_server.http_api.core_calls import uploaded_images
+from classify_server.core.inference import INVALID_IMAGE, TOO_MANY_IMAGES, InferenceError
 from classify_contract import atomic
 
 bp = Blueprint("feedback", __name__)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from classify_server.engine import ModelLoadError
+from classify_server.engines import ModelLoadError
 
 
 class ConfigError(ModelLoadError):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from classify_server.ranking import top_k
+from classify_server.core.ranking import top_k
 from classify_contract import preprocessing
 
 log = logging.getLogger("classify_server")

@@ -11,16 +11,16 @@ import os
 
 from classify_contract import model_folder, tf_noise
 
-tf_noise.import_tensorflow_quietly()  # the server imports TensorFlow here or in tfserving_grpc
+tf_noise.import_tensorflow_quietly()  # the server imports TensorFlow here or in grpc_server.tfserving
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorflow.core.protobuf import rewriter_config_pb2  # noqa: E402
 
-from classify_server.batching import Batcher  # noqa: E402
-from classify_server import engine  # noqa: E402
-from classify_server.engine import InputSpec, ModelLoadError  # noqa: E402
+from classify_server.engines.batching import Batcher  # noqa: E402
+from classify_server.engines import base  # noqa: E402
+from classify_server.engines.base import InputSpec, ModelLoadError  # noqa: E402
 
 def _tensor_name(name):
     return name if ":" in name else name + ":0"
@@ -56,7 +56,7 @@ def read_spec(model_dir, overrides=None, graph_path=None, labels_path=None):
 
 
 class Classifier:
-    """The TensorFlow session engine (classify_server.engine): graph.pb in one persistent session."""
+    """The TensorFlow session engine (classify_server.engines.base): graph.pb in one persistent session."""
 
     def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, batch_max_size=0,
                  batch_timeout_ms=5, graph_path=None, labels_path=None, bfloat16=False):
@@ -119,10 +119,10 @@ class Classifier:
             sample = blank.getvalue()
         else:
             sample = np.full((spec.height, spec.width, 3), (128.0 - spec.mean) / spec.std, np.float32)
-        engine.warmed_up(self, self.predict([sample]), self.graph_path)
+        base.warmed_up(self, self.predict([sample]), self.graph_path)
 
     def metadata(self):
-        return engine.metadata(self, self.graph_path, self.sidecar, engine="tf", input_tensor=self.input.name,
+        return base.metadata(self, self.graph_path, self.sidecar, engine="tf", input_tensor=self.input.name,
                                output_tensor=self.output.name, input_dtype=self.input.dtype.name)
 
     def close(self):

@@ -1,6 +1,6 @@
 """Reading HTTP/1.1 requests from one connection's bytes, strictly, with llhttp (httptools).
 
-The worker's event loop (classify_server.worker) feeds each connection's bytes to a RequestReader as
+The worker's event loop (classify_server.http_server.worker) feeds each connection's bytes to a RequestReader as
 they arrive and takes whole requests from it: method, target, headers and the decoded body. llhttp,
 the parser of Node.js and uvicorn, does the parsing; it is strict by default (no leniency flag is set
 here): it rejects a Content-Length with a Transfer-Encoding, lengths that differ or hold anything but

@@ -1,6 +1,6 @@
 """Probabilities -> the best labels: shared by Classifier.top_k and the stream's remote mode.
 
-Kept apart from classify_server.model so that ranking does not import TensorFlow.
+Kept apart from classify_server.engines.tf_session so that ranking does not import TensorFlow.
 """
 import numpy as np
 

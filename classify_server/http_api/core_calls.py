@@ -1,18 +1,10 @@
-"""Classification over HTTP: POST / with multipart field `data`.
-
-One `data` part answers [[label, score], ...], best first; several parts answer
-one such list per part, in order: [[[label, score], ...], ...]. `?model=NAME` and
-`?version=V` ask for a model and version (404 with code model_not_found or
-version_not_served when they are not the ones served); `?top_k=K` for K labels.
-Every answer that ran the model carries a Server-Timing header (decode and
-inference milliseconds), which browsers' developer tools and load tests read.
-"""
+"""What every HTTP adapter shares: the inference core reached through the app (its timing kept for the
+Server-Timing header, which browsers' developer tools and load tests read), and uploads read from
+multipart bodies, kept in memory."""
 import io
 
-from flask import Blueprint, Request, abort, current_app, g, jsonify, request
+from flask import Request, abort, current_app, g, request
 from werkzeug.exceptions import ClientDisconnected
-
-bp = Blueprint("api", __name__)
 
 
 class InMemoryRequest(Request):
@@ -50,7 +42,6 @@ def uploaded_images():
     return images, [f.filename or "unnamed" for f in files]
 
 
-@bp.after_app_request
 def add_server_timing(response):
     if "server_timing" in g:
         response.headers["Server-Timing"] = ", ".join(
@@ -63,14 +54,3 @@ def classify(images, model=None, version=None, names=None, label=None):
     prediction = current_app.extensions["inference"].classify(images, model, version, names, label)
     g.server_timing = prediction.timing
     return prediction
-
-
-@bp.post("/")
-def classify_upload():
-    images, names = uploaded_images()
-    top_k = parse_top_k(current_app.config["TOP_K"])
-    version = request.args.get("version")
-    if version is not None and not version.isdigit():
-        abort(400, f"version must be a version number, got {version[:40]!r}")
-    answers = classify(images, request.args.get("model"), version and int(version), names).top_k(top_k)
-    return jsonify(answers[0] if len(answers) == 1 else answers)

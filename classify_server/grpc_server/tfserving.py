@@ -1,4 +1,4 @@
-"""TensorFlow Serving's gRPC services, so its clients and stubs work here (served by classify_server.grpc).
+"""TensorFlow Serving's gRPC services, so its clients and stubs work here (served by grpc_server.server).
 
     PredictionService.Predict           inputs {"images": DT_STRING [N] or scalar, encoded image bytes}
                                         -> outputs {"scores": DT_FLOAT [N, classes],
@@ -7,9 +7,9 @@
     ModelService.GetModelStatus         model_version_status: version, state, status
 
 `model_spec` names the model, and a version or a version label (MODEL_CONFIG_FILE's version_labels).
-Every request goes through the inference core (classify_server.inference), and the signature is the
-REST API's (classify_server.tfserving_rest.signature_def). Status codes, as TensorFlow Serving
-answers them (grpc_errors' table; the REST API's HTTP codes alongside): NOT_FOUND (404) for a model
+Every request goes through the inference core (classify_server.core.inference), and the signature is the
+REST API's (classify_server.codecs.tfserving.signature_def). Status codes, as TensorFlow Serving
+answers them (grpc_server.errors' table; the REST API's HTTP codes alongside): NOT_FOUND (404) for a model
 or version that is not served; INVALID_ARGUMENT (400) for an unreadable or empty image, a missing
 `images` input or an unknown one, a wrong dtype or shape; RESOURCE_EXHAUSTED (413) for anything over
 a size limit: an image over MAX_IMAGE_PIXELS, more than MAX_PARTS images, and (answered by gRPC
@@ -29,9 +29,9 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
                                      prediction_service_pb2_grpc, status_pb2)
 
-from classify_server.grpc_errors import Abort, rpc_methods  # noqa: E402
-from classify_server.inference import INVALID_INPUT, InferenceError  # noqa: E402
-from classify_server.tfserving_rest import INPUT_KEY, signature_def  # noqa: E402
+from classify_server.grpc_server.errors import Abort, rpc_methods  # noqa: E402
+from classify_server.core.inference import INVALID_INPUT, InferenceError  # noqa: E402
+from classify_server.codecs.tfserving import INPUT_KEY, signature_def  # noqa: E402
 
 SIGNATURE = "serving_default"
 SIGNATURE_ALIASES = {"", SIGNATURE, "predict_images"}  # "": the default; predict_images: inception_client.py's
@@ -45,7 +45,7 @@ def _shape(*dims):
 
 
 def signature_def_map(engine):
-    """The REST API's signature_def (classify_server.tfserving_rest), as the proto GetModelMetadata packs."""
+    """The served signature_def (classify_server.codecs.tfserving), as the proto GetModelMetadata packs."""
     return json_format.ParseDict(signature_def(engine), get_model_metadata_pb2.SignatureDefMap())
 
 

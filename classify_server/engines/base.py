@@ -1,11 +1,12 @@
-"""The engine boundary: how the inference core reaches a model.
+"""The engine boundary: what every engine is and shares (InputSpec, Engine, ModelLoadError).
 
-An engine is one loaded model version. The core (classify_server.inference) decodes each
+An engine is one loaded model version. The core (classify_server.core.inference) decodes each
 image with the shared preprocessing into what `input_spec` asks for, and hands the engine
 a batch of them; the engine only runs the model. Today's engine is the persistent
-TensorFlow session over graph.pb (classify_server.model.Classifier, MODEL_ENGINE=tf) and LiteRT's
-interpreters over model.tflite (classify_server.tflite, MODEL_ENGINE=tflite). Each implements the
-members below and is chosen where versions are loaded (`load` below); no adapter changes.
+TensorFlow session over graph.pb (classify_server.engines.tf_session.Classifier, MODEL_ENGINE=tf) and LiteRT's
+interpreters over model.tflite (classify_server.engines.tflite, MODEL_ENGINE=tflite). Each implements the
+members below and is chosen where versions are loaded (classify_server.engines.load); no adapter
+changes.
 """
 import os
 import time
@@ -66,24 +67,3 @@ def metadata(served, path, sidecar, **extra):
             "input_mean": spec.mean, "input_std": spec.std, **extra, "model_dir": served.model_dir, "graph": path,
             **{key: sidecar.get(key) for key in ("weights", "architecture", "accuracy", "tflite", "created")},
             "report": os.path.isfile(os.path.join(served.model_dir, model_folder.REPORT))}
-
-
-def load(folder, config):
-    """A warmed-up engine over one model folder, with these settings (classify_server.settings): the
-    kind MODEL_ENGINE names."""
-    if config["MODEL_ENGINE"] == "tflite":
-        from classify_server.tflite import TFLiteClassifier
-        engine = TFLiteClassifier(folder, config["TF_INTRA_OP_THREADS"] or os.cpu_count() or 1,
-                                  config["TF_INTER_OP_THREADS"] or os.cpu_count() or 1)
-    else:
-        from classify_server import settings
-        from classify_server.model import Classifier
-        engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
-                            config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"],
-                            bfloat16=config["TF_BFLOAT16"])
-    try:
-        engine.warm_up()
-    except Exception:
-        engine.close()
-        raise
-    return engine

@@ -16,26 +16,11 @@ import binascii
 
 from flask import Blueprint, current_app, jsonify, request
 
-from classify_server.api import classify as run_classify
-from classify_server.inference import INVALID_INPUT, InferenceError
+from classify_server.codecs.tfserving import INPUT_KEY, signature_def
+from classify_server.http_api.core_calls import classify as run_classify
+from classify_server.core.inference import INVALID_INPUT, InferenceError
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
-
-INPUT_KEY = "images"
-
-
-def signature_def(engine):
-    """The SignatureDefMap (its JSON form) of the served signature: encoded images in."""
-    tensor = {"dtype": "DT_STRING", "tensor_shape": {"dim": [{"size": "-1", "name": ""}], "unknown_rank": False},
-              "name": INPUT_KEY}
-    scores = {"dtype": "DT_FLOAT", "name": "scores", "tensor_shape": {
-        "dim": [{"size": "-1", "name": ""}, {"size": str(len(engine.labels)), "name": ""}],
-        "unknown_rank": False}}
-    classes = dict(scores, dtype="DT_STRING", name="classes")
-    return {"signature_def": {"serving_default": {
-        "inputs": {INPUT_KEY: tensor}, "outputs": {"scores": scores, "classes": classes},
-        "method_name": "tensorflow/serving/predict"}}}
-
 
 def routes(method, suffix):
     """The decorator of one endpoint on a model, a version of it, or a version label of it."""

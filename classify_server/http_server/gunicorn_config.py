@@ -1,6 +1,6 @@
 """gunicorn settings for `gunicorn classify_server:app`; each is an environment variable. Read through
 ./gunicorn.conf.py in the checkout, or from any folder with
-`gunicorn -c python:classify_server.gunicorn_config classify_server:app`.
+`gunicorn -c python:classify_server.http_server.gunicorn_config classify_server:app`.
 
 One worker by default (WEB_CONCURRENCY overrides, as gunicorn itself reads it),
 whose TensorFlow session uses every core: each op over all of them, and as many
@@ -50,7 +50,7 @@ control_socket_disable = True
 
 def on_starting(server):
     # Fail at once, before the workers spend seconds importing TensorFlow, when a model is not there at all.
-    from classify_server import model_config
+    from classify_server.core import model_config
     try:
         specs = model_config.from_settings(service)
     except model_config.ConfigError as exc:

@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import contextmanager
 
-from classify_server.engine import ModelLoadError
+from classify_server.engines import ModelLoadError
 from classify_contract import model_folder
 
 log = logging.getLogger("classify_server")
@@ -51,7 +51,7 @@ class ModelManager:
     @classmethod
     def static(cls, engine, name="model"):
         """A manager around one already loaded engine (no folder, no polling)."""
-        from classify_server.model_config import ModelSpec
+        from classify_server.core.model_config import ModelSpec
         manager = cls.__new__(cls)
         manager.spec, manager.versioned, manager.error = ModelSpec(name, engine.model_dir), False, ""
         manager.lock, manager.served = threading.Lock(), {1: Servable(name, 1, engine)}

@@ -1,6 +1,6 @@
 """The models one server serves, by name, and the thread that keeps them current.
 
-The models come from classify_server.model_config (MODEL_CONFIG_FILE, TF Serving's model config, or
+The models come from classify_server.core.model_config (MODEL_CONFIG_FILE, TF Serving's model config, or
 MODEL_DIR and MODEL_NAME as one model), each a versions.ModelManager. At start every model must
 load, or the server does not start (as TF Serving). Then one poller thread looks for new versions
 every MODEL_POLL_SECONDS and reads MODEL_CONFIG_FILE again every MODEL_CONFIG_POLL_SECONDS (TF
@@ -14,9 +14,9 @@ import logging
 import threading
 import time
 
-from classify_server import model_config
-from classify_server.engine import ModelLoadError, load
-from classify_server.versions import ModelManager
+from classify_server.core import model_config
+from classify_server.engines import ModelLoadError, load
+from classify_server.core.versions import ModelManager
 
 log = logging.getLogger("classify_server")
 

@@ -1,4 +1,4 @@
-"""Running a WSGI app on one complete request (classify_server.http_reader) and writing its answer.
+"""Running a WSGI app on one complete request (classify_server.http_server.reader) and writing its answer.
 
 The worker's threads call `respond`: it builds the PEP 3333 environ from the request, calls the app,
 and returns the whole answer as bytes. The app's answers here are small (JSON, the page, a report's
@@ -15,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
-from classify_server.http_reader import Request
+from classify_server.http_server.reader import Request
 
 # Connection-level headers are the server's to send (PEP 3333 forbids them to apps).
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",

@@ -5,7 +5,7 @@ import struct
 
 import numpy as np
 
-from classify_server.inference import INVALID_INPUT, InferenceError
+from classify_server.core.inference import INVALID_INPUT, InferenceError
 
 SERVER = "classify-service"
 INPUT = "images"

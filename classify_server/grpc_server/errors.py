@@ -1,12 +1,12 @@
 """The inference core's errors as gRPC statuses, in one table: what every RPC of the gRPC server
-(TF Serving's services, tfserving_grpc; the V2 service, v2_grpc) answers for them, as TensorFlow
+(TF Serving's services, grpc_server.tfserving; the V2 service, grpc_server.v2) answers for them, as TensorFlow
 Serving does. errors.py is the same table for HTTP."""
 import logging
 
 import grpc
 
-from classify_server import inference
-from classify_server.inference import InferenceError
+from classify_server.core import inference
+from classify_server.core.inference import InferenceError
 
 log = logging.getLogger("classify_server")
 

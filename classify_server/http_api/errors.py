@@ -5,7 +5,7 @@ status below (TensorFlow Serving's REST clients read "error"; others can rely on
 """
 from flask import jsonify
 
-from classify_server import inference
+from classify_server.core import inference
 
 HTTP_STATUS = {
     inference.INVALID_INPUT: 400,

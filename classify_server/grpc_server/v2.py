@@ -6,13 +6,13 @@ ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfe
 `images` [N] in `bytes_contents` or `raw_input_contents` (each element a 4-byte little-endian length,
 then its bytes); outputs `scores` FP32 [N, classes] and `labels` BYTES [classes] in
 `raw_output_contents`, as Triton answers, or the classification extension's BYTES [N, K]
-("classification" on `scores`). The core's errors become the gRPC statuses of grpc_errors' table.
+("classification" on `scores`). The core's errors become the gRPC statuses of grpc_server.errors' table.
 """
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from classify_server import v2_tensors
-from classify_server.grpc_errors import rpc_methods
-from classify_server.inference import INVALID_INPUT, InferenceError
+from classify_server.codecs import v2_tensors
+from classify_server.grpc_server.errors import rpc_methods
+from classify_server.core.inference import INVALID_INPUT, InferenceError
 
 
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):

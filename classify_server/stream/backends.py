@@ -11,9 +11,9 @@ import logging
 import re
 import urllib.parse
 
-from classify_server import inference
-from classify_server.inference import InferenceError
-from classify_server.ranking import top_k
+from classify_server.core import inference
+from classify_server.core.inference import InferenceError
+from classify_server.core.ranking import top_k
 
 log = logging.getLogger("classify_server.stream")
 
@@ -31,8 +31,8 @@ class Embedded:
     """The model in this process, behind the HTTP server's inference core."""
 
     def __init__(self, config, model=None):
-        from classify_server.inference import Inference
-        from classify_server.registry import load_models
+        from classify_server.core.inference import Inference
+        from classify_server.core.registry import load_models
         self.config = config
         self.core = Inference(load_models(config), config)
         self.name = self.core.manager(model).name  # an unknown model stops here

@@ -12,14 +12,14 @@ import threading
 
 import numpy as np
 
-from classify_server import engine
-from classify_server.engine import InputSpec, ModelLoadError
+from classify_server.engines import base
+from classify_server.engines.base import InputSpec, ModelLoadError
 from classify_contract import model_folder
 from classify_contract import tflite_runtime
 
 
 class TFLiteClassifier:
-    """The TFLite engine (classify_server.engine)."""
+    """The TFLite engine (classify_server.engines.base)."""
 
     def __init__(self, model_dir, threads=1, runners=1):
         self.model_dir = os.path.abspath(model_dir)
@@ -70,10 +70,10 @@ class TFLiteClassifier:
 
     def warm_up(self):
         spec = self.input_spec
-        engine.warmed_up(self, self.predict([np.full((spec.height, spec.width, 3), 128.0, np.float32)]), self.path)
+        base.warmed_up(self, self.predict([np.full((spec.height, spec.width, 3), 128.0, np.float32)]), self.path)
 
     def metadata(self):
-        return engine.metadata(self, self.path, self.sidecar, engine="tflite")
+        return base.metadata(self, self.path, self.sidecar, engine="tflite")
 
     def close(self):
         while True:  # the interpreters in use are dropped when their requests put them back

@@ -1,0 +1,11 @@
+"""The inference core: what happens to an image, whichever protocol brought it.
+
+    inference     Inference: choose model and version, enforce the limits, decode with the shared
+                  preprocessing, run an engine, rank, time; one typed error code (InferenceError)
+    registry      the models served (one, or MODEL_CONFIG_FILE's list)
+    versions      one model's versions: version policy, labels, hot reload
+    model_config  TF Serving's model_config_list file
+    ranking       the best labels of a row of scores
+
+It reaches models only through classify_server.engines; the adapters reach it only through Inference.
+"""

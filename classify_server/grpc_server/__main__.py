@@ -1,0 +1,3 @@
+from classify_server.grpc_server.server import main
+
+main()

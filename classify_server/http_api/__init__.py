@@ -1,0 +1,104 @@
+"""The HTTP adapters, one blueprint each, and `create_app`, their application factory (as in Flask's
+tutorial): configuration from the environment (classify_server.settings), the models loaded once
+(classify_server.core.registry, each version an engine: classify_server.engines), the inference core
+over them (classify_server.core.inference), and the blueprints: classification of multipart uploads
+(multipart), TensorFlow Serving's REST API (tfserving_rest), the Open Inference Protocol's (v2_rest),
+health, the browser page (page), users' corrections (feedback), metrics; HTTP's error statuses in one
+table (errors); what they share (core_calls). README's "Architecture" draws the whole.
+"""
+import logging
+import uuid
+
+from flask import Flask, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from classify_server import settings
+from classify_server.core.inference import REQUEST_TOO_LARGE, TOO_MANY_IMAGES, Inference, InferenceError
+from classify_server.http_api import core_calls, errors, multipart
+
+log = logging.getLogger("classify_server")
+
+
+def create_app(test_config=None, classifier=None):
+    _log_through_gunicorn()
+    app = Flask(__name__)
+    app.request_class = core_calls.InMemoryRequest
+    app.config.from_mapping(settings.from_env())
+    app.config["DEBUG"] = False  # never from FLASK_DEBUG: a debugger on an open port runs code
+    if test_config:
+        app.config.update(test_config)
+    # Werkzeug refuses a body on the read after MAX_CONTENT_LENGTH bytes (the read that finds the end of
+    # a streamed body, under gunicorn): one byte more, so that MAX_UPLOAD_BYTES itself is allowed.
+    app.config["MAX_CONTENT_LENGTH"] = app.config["MAX_UPLOAD_BYTES"] + 1
+    if app.config["TRUSTED_PROXIES"]:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=app.config["TRUSTED_PROXIES"])
+    app.config["MAX_FORM_PARTS"] = app.config["MAX_PARTS"] + 8  # the parts limit proper is the core's
+
+    from classify_server.core.registry import Models, load_models
+    models = load_models(app.config) if classifier is None else Models.static(classifier, app.config["MODEL_NAME"])
+    app.extensions["models"] = models
+
+    from classify_server import metrics
+    from classify_server.http_api import feedback, health, page, tfserving_rest, v2_rest
+    app.extensions["inference"] = Inference(models, app.config, on_inference=metrics.INFERENCE.observe)
+    metrics.init_app(app)
+    errors.init_app(app)
+    app.extensions["feedback_limiter"] = feedback.RateLimiter(app.config["FEEDBACK_PER_MINUTE"])
+    app.register_blueprint(feedback.bp)
+    app.register_blueprint(multipart.bp)
+    app.after_request(core_calls.add_server_timing)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(page.bp)
+    app.register_blueprint(tfserving_rest.bp)
+    app.register_blueprint(v2_rest.bp)
+
+    @app.before_request
+    def assign_request_id():
+        g.request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex
+
+    @app.after_request
+    def security_headers(response):
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        if exc.code == 413 and exc.description == type(exc).description:
+            # Werkzeug's own limits (body size, form parts) answer as the core's limits do.
+            if (request.content_length or 0) > app.config["MAX_UPLOAD_BYTES"] or _stream_at_limit(app):
+                return errors.response(InferenceError(REQUEST_TOO_LARGE, (
+                    f"request body too large: the limit is {app.config['MAX_UPLOAD_BYTES']} bytes (MAX_UPLOAD_BYTES)")))
+            return errors.response(InferenceError(TOO_MANY_IMAGES, (
+                f"too many parts in the form: send at most {app.config['MAX_PARTS']} 'data' parts (MAX_PARTS)")))
+        messages = {404: "no such path: POST an image to / (curl -F data=@image.jpg URL)",
+                    405: f"method {request.method} is not allowed here"}
+        message = messages.get(exc.code) if exc.description == type(exc).description else exc.description
+        response = jsonify(error=message or exc.description)
+        response.status_code = exc.code
+        if exc.code == 405:
+            response.headers["Allow"] = ", ".join(exc.valid_methods or [])
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected_error(exc):
+        log.exception("request %s failed", g.get("request_id"))
+        return jsonify(error="internal error; the server log has the details",
+                       request_id=g.get("request_id")), 500
+
+    return app
+
+
+def _log_through_gunicorn():
+    """Under gunicorn, our log lines (models loaded, swapped, failed) go where gunicorn's own go, at its level."""
+    gunicorn_log = logging.getLogger("gunicorn.error")
+    if gunicorn_log.handlers and not log.handlers:
+        log.handlers, log.propagate = gunicorn_log.handlers, False
+        log.setLevel(gunicorn_log.level)
+
+
+def _stream_at_limit(app):
+    """Whether werkzeug stopped a streamed body (gunicorn's, without Content-Length) at MAX_CONTENT_LENGTH."""
+    stream = request.stream
+    return getattr(stream, "limit", None) == app.config["MAX_CONTENT_LENGTH"] and stream.is_exhausted

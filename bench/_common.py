@@ -168,7 +168,7 @@ def run_timed(cmd, timeout, env=None, cwd=ROOT, echo=False, cpu_log=None):
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         stop(process)
-        raise RuntimeError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}")
+        raise RuntimeError(f"timed out after {timeout}s: {' '.join(map(str, cmd))}") from None
     for t in threads:
         t.join(5)
     wall = time.monotonic() - t0

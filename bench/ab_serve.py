@@ -67,7 +67,7 @@ def main(argv=None):
         _, lua = serve_bench.write_body(image, work)
         ports = {side: serve(folder, model_dir, os.path.join(work, f"{side}.log"), settings)
                  for side, (folder, _) in trees.items()}
-        for side, port in ports.items():  # warm both: first runs of each shape, connection set-up
+        for port in ports.values():  # warm both: first runs of each shape, connection set-up
             serve_bench.wrk(f"http://127.0.0.1:{port}/", lua, max(concurrency), 3)
         runs = {(side, c): [] for side in ports for c in concurrency}
         for r in range(flags.rounds):

@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from flask import Flask, jsonify, request  # noqa: E402
 
-from retrain import backbones, train  # noqa: E402
 from classify_contract.preprocessing import decode_image  # noqa: E402
+from retrain import backbones, train  # noqa: E402
 
 MODEL_DIR = os.environ.get("MODEL_DIR", "model")
 with open(os.path.join(MODEL_DIR, "labels.txt"), encoding="utf-8") as f:

@@ -30,8 +30,8 @@ import _common as C  # noqa: E402
 
 sys.path.insert(0, C.ROOT)
 from classify_contract import model_folder  # noqa: E402
-from retrain.images import create_image_lists  # noqa: E402
 from classify_contract.preprocessing import decode_image  # noqa: E402
+from retrain.images import create_image_lists  # noqa: E402
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 
@@ -62,9 +62,10 @@ def retrain(work, architecture, per_class, weights):
 
 def engines(model_dir, lists, size, config):
     """{variant: a loaded engine}: the session, and one TFLite folder per quantization."""
+    import tensorflow as tf
+
     from classify_server.engines import load
     from retrain import tflite
-    import tensorflow as tf
     graph_def = tf.compat.v1.GraphDef()
     with open(os.path.join(model_dir, model_folder.GRAPH), "rb") as f:
         graph_def.ParseFromString(f.read())

@@ -158,9 +158,10 @@ def diagnose(flags, forward, feature_dim, arch, paths, work, raw_best):
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
+
     from classify_contract import atomic
-    from retrain import bottlenecks
     from classify_contract.preprocessing import decode_image
+    from retrain import bottlenecks
 
     size = arch.size
     rows = []
@@ -287,6 +288,7 @@ def main():
 
 def bench(flags, work):
     import keras  # noqa: F401  (imports TensorFlow)
+
     from retrain import backbones, bottlenecks, export, images
 
     arch = backbones.ARCHITECTURES[flags.architecture]

@@ -193,6 +193,7 @@ def ceiling(opts):
 
 def load_session(opts):
     import numpy as np
+
     from classify_server.core.inference import preprocess
     from classify_server.engines.tf_session import Classifier
     clf = Classifier(opts["model_dir"], None, opts["intra"], opts["inter"])
@@ -230,7 +231,7 @@ def sweep(opts):
         batch = np.stack([pixels] * b)
         counts, deadline = [0, 0], time.perf_counter() + opts["min_time"]
 
-        def caller(i):
+        def caller(i, batch=batch, counts=counts, deadline=deadline):
             while time.perf_counter() < deadline or counts[i] < opts["min_runs"]:
                 clf.session.run(clf.output, {clf.input: batch})
                 counts[i] += 1
@@ -281,8 +282,8 @@ def app_overhead(opts):
     with the same process's bare session.run and decode: medians in ms."""
     os.environ.update(MODEL_DIR=opts["model_dir"], TF_INTRA_OP_THREADS=str(opts["intra"]),
                       TF_INTER_OP_THREADS=str(opts["inter"]), PROMETHEUS_MULTIPROC_DIR=opts["metrics_dir"])
-    from classify_server.http_api import create_app
     from classify_server.core.inference import preprocess
+    from classify_server.http_api import create_app
     app = create_app()
     client = app.test_client()
     with open(opts["body"], "rb") as f:
@@ -444,7 +445,7 @@ def wrk(url, lua, connections, duration):
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "60s",
            "-s", lua, url]
     code, wall, lines = C.run_timed(cmd, duration + 120, cwd=BENCH)
-    for _, stream, line in lines:
+    for _, _stream, line in lines:
         if line.startswith("BENCH_JSON "):
             r = json.loads(line[len("BENCH_JSON "):])
             r["rps"] = r["requests"] / (r["duration_us"] / 1e6)

@@ -50,10 +50,10 @@ def main(argv=None):
     from werkzeug.test import EnvironBuilder
     from werkzeug.wrappers import Request
 
-    from classify_server.http_api import create_app, settings
-    from classify_server.engines import load
-    from classify_server.core.ranking import top_k
     from classify_contract.preprocessing import decode_image
+    from classify_server.core.ranking import top_k
+    from classify_server.engines import load
+    from classify_server.http_api import create_app, settings
 
     with open(flags.image or serve_bench.default_image(), "rb") as f:
         jpeg = f.read()

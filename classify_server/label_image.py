@@ -14,8 +14,8 @@ import sys
 from classify_server import settings
 from classify_server.core import inference
 from classify_server.core.inference import Inference, InferenceError
-from classify_server.engines.tf_session import Classifier, ModelLoadError
 from classify_server.core.registry import Models
+from classify_server.engines.tf_session import Classifier, ModelLoadError
 
 # The exit status of each inference error code: 1 for an image that cannot be classified, 2 for
 # the command's own setup (which model), as for a model that does not load.

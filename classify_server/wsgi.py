@@ -20,7 +20,7 @@ def load_app():
             # replacement gives up, and gunicorn retries it (slowly: TensorFlow imports are heavy).
             print(f"classify_server: {exc}; this worker exits, the others keep serving", file=sys.stderr, flush=True)
             time.sleep(10)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         # gunicorn prints this one line and stops, instead of restarting workers forever.
         from gunicorn.errors import AppImportError
         raise AppImportError(f"classify_server: {exc}") from None

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from classify_contract import atomic
-from classify_contract.preprocessing import InvalidImage, ImageTooLarge, decode_image
+from classify_contract.preprocessing import ImageTooLarge, InvalidImage, decode_image
 from retrain import progress
 
 BATCH_SIZE = 32
@@ -44,6 +44,7 @@ def frozen_forward(graph_def):
     Keras' predict_on_batch on the same network.
     """
     import tensorflow as tf
+
     from retrain.export import BOTTLENECK_NAME, INPUT_NAME
     graph = tf.Graph()
     with graph.as_default():

@@ -38,8 +38,8 @@ import time
 import numpy as np
 
 from classify_contract import atomic, model_folder, tf_noise
-from retrain.images import create_image_lists, maybe_download_flowers
 from classify_contract.preprocessing import PREPROCESSING_VERSION
+from retrain.images import create_image_lists, maybe_download_flowers
 from retrain.tflite import QUANTIZATIONS as TFLITE_QUANTIZATIONS
 
 
@@ -324,6 +324,7 @@ def backbone_graph_def(cache_dir, backbone, size):
     """The frozen backbone (`input:0` -> `bottleneck:0`), cached beside its bottlenecks."""
     import tensorflow as tf
     from google.protobuf.message import DecodeError
+
     from retrain import export
     path = os.path.join(cache_dir, f"backbone-tf{tf.__version__}.pb")
     graph_def = tf.compat.v1.GraphDef()

@@ -9,8 +9,8 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass, field
 
-from retrain import progress
 from classify_contract.preprocessing import IMAGE_EXTENSIONS
+from retrain import progress
 
 FLOWERS_URL = "http://download.tensorflow.org/example_images/flower_photos.tgz"
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from classify_contract import atomic
 from classify_contract.model_folder import REPORT as HTML, REPORT_FILES as FOLDER
+
 THUMBNAIL = 160  # pixels, the longer side of a misclassified photo's thumbnail
 MAX_THUMBNAILS = 200
 

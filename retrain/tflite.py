@@ -31,6 +31,7 @@ CALIBRATION_IMAGES = 100
 def convert(graph_def, size, quantization, calibration_paths=()):
     """graph.pb's GraphDef as TFLite flatbuffer bytes, quantized as asked."""
     import tensorflow as tf
+
     from retrain.export import INPUT_NAME, OUTPUT_NAME
 
     def imported():

@@ -3,12 +3,12 @@
 The model is built in one place, `build_classifier`: raw pixels -> backbone
 (scaling included) -> new softmax layer named `final_result`.
 """
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 
-from retrain import progress
 from classify_contract.preprocessing import decode_image
+from retrain import progress
 
 
 class ProgressBar(keras.callbacks.Callback):

@@ -15,6 +15,7 @@ os.environ.setdefault("KERAS_HOME", os.path.join(_state, "keras"))
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_state, "matplotlib"))
 
 from helpers import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS, Server, make_app, make_image_dir, run_retrain  # noqa: E402
+
 from classify_contract.tf_noise import import_tensorflow_quietly  # noqa: E402
 
 import_tensorflow_quietly()  # as the product's entry points do; the servers the tests start run their own

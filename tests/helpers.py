@@ -427,7 +427,7 @@ class Broker(Process):
         self.admin.list_topics(timeout=20)
 
     def create_topics(self, *names, partitions=PARTITIONS):
-        for name, future in self.admin.create_topics([NewTopic(n, partitions, 1) for n in names]).items():
+        for future in self.admin.create_topics([NewTopic(n, partitions, 1) for n in names]).values():
             future.result(timeout=20)
 
     def produce(self, topic, messages, partitions=None, gap=0.0):
@@ -537,5 +537,5 @@ class Stream(Process):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"stream still running {timeout}s after {sig!r}:\n{self.output()}")
+                raise AssertionError(f"stream still running {timeout}s after {sig!r}:\n{self.output()}") from None
         return self.process.returncode

@@ -3,9 +3,9 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from helpers import CLASSES, shape_image
 
 from classify_server.http_api import create_app
-from helpers import CLASSES, shape_image
 
 IMAGES = [shape_image(label, seed) for seed in range(8) for label in CLASSES]
 
@@ -51,6 +51,7 @@ def test_requests_that_queued_during_a_run_form_the_next_batch_without_waiting()
     # batch ran goes into the next one, whole.
     import threading
     import time
+
     from classify_server.engines.batching import Batcher
     sizes, started = [], threading.Event()
 
@@ -78,6 +79,7 @@ def test_runners_keep_several_batches_in_the_session_at_once():
     # runs would), and each caller still gets exactly its own answer.
     import threading
     import time
+
     from classify_server.engines.batching import Batcher
     in_flight, most = [0], [0]
     lock = threading.Lock()
@@ -107,6 +109,7 @@ def test_runners_keep_several_batches_in_the_session_at_once():
 def test_a_graph_with_a_fixed_batch_of_one_is_never_batched(tmp_path):
     # A third-party graph may take exactly one image per run: batching it would break every run.
     import tensorflow as tf
+
     from classify_server.core.inference import preprocess
     from classify_server.engines.tf_session import Classifier
     graph = tf.Graph()

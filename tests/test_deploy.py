@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
 from helpers import ROOT, free_port, shape_image
 
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
@@ -266,7 +265,7 @@ def test_schema_validation_is_not_a_no_op():
     deployment = by_kind()["Deployment"]
     broken = json.loads(json.dumps(deployment))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {"path": "/readyz"}
-    with pytest.raises(Exception):
+    with pytest.raises(kv.ValidationError):
         kv.validate(broken, latest_version(), strict=True)
 
 
@@ -426,7 +425,7 @@ class Cluster:
                     except ProcessLookupError:
                         pass
                 self.process.wait()
-                raise AssertionError(f"local_cluster.sh did not stop within {timeout}s:\n{self.output()}")
+                raise AssertionError(f"local_cluster.sh did not stop within {timeout}s:\n{self.output()}") from None
         return self.process.returncode
 
 

@@ -19,9 +19,16 @@ import time
 import numpy as np
 import pytest
 import requests
-
-from helpers import (ROOT, TEST_WEIGHTS, Server, assert_same_answer, classify, make_image_dir, shape_image,
-                     write_sleepy_model)
+from helpers import (
+    ROOT,
+    TEST_WEIGHTS,
+    Server,
+    assert_same_answer,
+    classify,
+    make_image_dir,
+    shape_image,
+    write_sleepy_model,
+)
 
 GOOD = shape_image("red_circle", 1)
 TIMEOUT = 30  # seconds, for one request under load
@@ -475,9 +482,8 @@ def sigterm_run(servers, reference):
     """SIGTERM to the master of the 1-worker server while 8 clients post images and one client uploads a
     1 MB image slowly (2.5 s): that request keeps the worker in its graceful stop, and meanwhile new
     connections are tried every PROBE_INTERVAL s, and the listening socket watched. Returns what happened."""
-    from PIL import Image
-
     from helpers import encode
+    from PIL import Image
     s = servers["single"]
     big = encode(Image.fromarray(np.random.default_rng(3).integers(0, 256, (600, 600, 3), np.uint8)), "PNG")
     big_answer = classify(s.url, big)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 import requests
+from helpers import TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
 
 from classify_server.http_api import create_app
-from helpers import TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
 
 
 @pytest.fixture

@@ -13,11 +13,18 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import (
+    MODEL_NAME,
+    GrpcServer,
+    png_bytes,
+    predict_request,
+    read_labels,
+    rpc_error,
+    shape_image,
+    write_colour_model,
+)
 from PIL import Image
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2)
-
-from helpers import (MODEL_NAME, GrpcServer, png_bytes, predict_request, read_labels, rpc_error,
-                     shape_image, write_colour_model)
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 NAME = MODEL_NAME
 IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]

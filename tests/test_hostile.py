@@ -12,9 +12,9 @@ RELIABILITY.md lists the corpus; `python -m pytest tests/test_hostile.py -v` rep
 import io
 import json
 import os
-import subprocess
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import zipfile
@@ -22,9 +22,8 @@ import zipfile
 import numpy as np
 import pytest
 import requests
-from PIL import Image
-
 from helpers import Server, assert_same_answer, classify, encode, png_bytes, read_labels, shape_image
+from PIL import Image
 
 TIMEOUT = 60  # seconds, for every HTTP exchange
 GOOD = shape_image("red_circle", 1)
@@ -394,8 +393,7 @@ def test_debug_mode_is_off_under_gunicorn(server):
 
 @pytest.fixture(scope="module")
 def classifier(trained_model):
-    from classify_server import settings
-    from classify_server import engines
+    from classify_server import engines, settings
     loaded = engines.load(trained_model, settings.from_env())
     yield loaded
     loaded.close()

@@ -14,7 +14,6 @@ import time
 import httptools
 import pytest
 import requests
-
 from helpers import Server, shape_image, write_colour_model, write_sleepy_model
 
 GOOD = shape_image("red_circle", 1)

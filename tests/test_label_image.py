@@ -9,9 +9,8 @@ import sys
 import threading
 
 import pytest
-from PIL import Image
-
 from helpers import ROOT, assert_same_answer, encode, post_images, read_labels, shape_image
+from PIL import Image
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,24 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
+from helpers import (
+    IMAGENET_LABELS,
+    ROOT,
+    Broker,
+    Collector,
+    GrpcServer,
+    Server,
+    Stream,
+    predict_request,
+    read_labels,
+    shape_image,
+    third_party_scores,
+    write_colour_model,
+    write_third_party_model,
+)
 
-from classify_server.http_api import create_app
 from classify_server.core import model_config
-from helpers import (IMAGENET_LABELS, ROOT, Broker, Collector, GrpcServer, Server, Stream, predict_request, read_labels,
-                     shape_image, third_party_scores, write_colour_model, write_third_party_model)
+from classify_server.http_api import create_app
 
 IMAGES = [shape_image(label, 40 + i, size=(70, 50)) for i, label in enumerate(["red_circle", "green_square",
                                                                                 "blue_triangle"])]

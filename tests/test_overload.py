@@ -10,7 +10,6 @@ import time
 
 import pytest
 import requests
-
 from helpers import ROOT, Server, shape_image
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))

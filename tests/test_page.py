@@ -10,9 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import requests
-
-from helpers import (IMAGENET_LABELS, Server, read_labels, shape_image, third_party_scores, write_colour_model,
-                     write_third_party_model)
+from helpers import (
+    IMAGENET_LABELS,
+    Server,
+    read_labels,
+    shape_image,
+    third_party_scores,
+    write_colour_model,
+    write_third_party_model,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -140,7 +146,7 @@ def test_labels_are_shown_as_text_not_html(browser, page_server, tmp_path):
     assert browser.execute_script("return document.images.length") == 1  # the preview only
     assert browser.execute_script("return window.__alerts") == []
     with pytest.raises(NoAlertPresentException):
-        browser.switch_to.alert.text
+        _ = browser.switch_to.alert.text
     label_element = browser.find_elements(By.CSS_SELECTOR, "#results .label")[
         [label for label, _, _ in rows].index(HOSTILE_LABEL)]
     assert label_element.find_elements(By.XPATH, "./*") == []  # no child element at all
@@ -218,6 +224,7 @@ def test_the_page_shows_the_model_and_links_its_training_report(browser, report_
     report.html, served read-only from the model folder: a person clicking it sees the report with every
     picture loaded. Nothing else in the folder is served."""
     import json
+
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

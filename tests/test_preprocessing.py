@@ -12,9 +12,9 @@ import zlib
 
 import numpy as np
 import pytest
+from helpers import shape_image
 from PIL import Image
 
-from helpers import shape_image
 from classify_contract.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 
 EXIF_ORIENTATION = 0x0112

@@ -20,9 +20,19 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-
-from helpers import (CLASSES, ROOT, Broker, Collector, GrpcServer, Server, Stream, png_bytes, rpc_error, shape_image,
-                     write_colour_model)
+from helpers import (
+    CLASSES,
+    ROOT,
+    Broker,
+    Collector,
+    GrpcServer,
+    Server,
+    Stream,
+    png_bytes,
+    rpc_error,
+    shape_image,
+    write_colour_model,
+)
 
 LABELS = list(CLASSES)
 ENV = {"MAX_PARTS": "2", "MAX_IMAGE_PIXELS": "1000000", "TOP_K": "3", "MODEL_POLL_SECONDS": "0"}

@@ -16,14 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import CLASSES, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
 from PIL import Image
 
-from helpers import (CLASSES, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain,
-                      shape_image)
 from classify_contract import atomic
+from classify_contract.preprocessing import decode_image
 from retrain.bottlenecks import cache_path, get_bottlenecks
 from retrain.images import create_image_lists, which_set
-from classify_contract.preprocessing import decode_image
 
 # The cheapest real configuration; --summaries_dir "" skips TensorBoard logs.
 FAST = ("--architecture", "mobilenet_v2", "--weights", "none", "--summaries_dir", "")
@@ -557,6 +556,7 @@ def test_training_on_pixels_keeps_the_epoch_best_on_validation():
     # A learning rate far too high makes validation accuracy jump from epoch to epoch;
     # the model that comes back must be the best epoch's, not merely the last one's.
     import keras
+
     from retrain import train
     keras.utils.set_random_seed(1)
     rng = np.random.default_rng(1)
@@ -623,8 +623,8 @@ def test_more_backbones_export_their_preprocessing_and_serve(architecture, prepr
     inside the model), so nobody serving the graph needs to know the backbone's preprocessing."""
     import keras
     import tensorflow as tf
-
     from helpers import make_app, post_images
+
     from retrain import backbones
     out = tmp_path / "model"
     run_retrain("--image_dir", image_dir, "--architecture", architecture, "--weights", "none",

@@ -17,10 +17,23 @@ import time
 import numpy as np
 import pytest
 import requests
+from helpers import (
+    CLASSES,
+    ROOT,
+    TEST_WEIGHTS,
+    Server,
+    assert_same_answer,
+    classify,
+    encode,
+    make_app,
+    make_image_dir,
+    png_bytes,
+    post,
+    post_images,
+    read_labels,
+    shape_image,
+)
 from PIL import Image, ImageOps
-
-from helpers import (CLASSES, ROOT, TEST_WEIGHTS, Server, assert_same_answer, classify, encode, make_app,
-                     make_image_dir, png_bytes, post, post_images, read_labels, shape_image)
 
 TIMEOUT = 60  # seconds, for every HTTP request
 # With random backbone weights, the model answers (almost) the same for every image.
@@ -247,7 +260,7 @@ def test_png_and_the_same_pixels_in_lossless_formats_answer_the_same(server):
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), np.asarray(pixels)), name
     png = classify(server.url, encode(pixels, "PNG"), "?top_k=3")
     assert png[0][0] == "blue_triangle"
-    for name, data in encodings.items():
+    for data in encodings.values():
         assert_same_answer(classify(server.url, data, "?top_k=3"), png, tol=1e-6)
 
 
@@ -556,6 +569,7 @@ def third_party(foreign):
 
 def test_third_party_graph_answers_as_running_it_directly(third_party):
     import tensorflow as tf
+
     from classify_contract.preprocessing import decode_image
     s, graph, _ = third_party
     exact = [rgb_image(label, 30 + i, size=(32, 32)) for i, label in enumerate(CLASSES)]

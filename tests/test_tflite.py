@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 import requests
-
-from classify_server.http_api import create_app
-from classify_server.engines import ModelLoadError, load
-from classify_server.core.inference import preprocess
 from helpers import ROOT, run_retrain, shape_image
+
+from classify_server.core.inference import preprocess
+from classify_server.engines import ModelLoadError, load
+from classify_server.http_api import create_app
 
 IMAGES = [shape_image(label, 60 + i) for i, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
 
@@ -43,8 +43,9 @@ def test_retrain_writes_model_tflite_with_its_accuracy(trained_model):
 
 def converted(folder, quantization, to):
     """A model folder of `folder`'s labels and its graph.pb converted to model.tflite as `quantization`."""
-    from retrain import tflite
     import tensorflow as tf
+
+    from retrain import tflite
     graph_def = tf.compat.v1.GraphDef()
     graph_def.ParseFromString((folder / "graph.pb").read_bytes())
     to.mkdir()

@@ -11,7 +11,6 @@ import struct
 import numpy as np
 import pytest
 import requests
-
 from helpers import CLASSES, Server, classify, shape_image, write_colour_model
 
 tritonhttp = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]: pip install -e '.[test]'")

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 import requests
+from helpers import TEST_WEIGHTS, encode, shape_image
 
 from classify_server.http_api import create_app
-from helpers import TEST_WEIGHTS, encode, shape_image
 
 IMAGES = [shape_image(label, seed) for seed, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
 
@@ -178,9 +178,10 @@ def saved_model_images():
 @pytest.mark.slow
 def test_saved_model_gives_the_graph_probabilities(tmp_path, image_dir):
     import tensorflow as tf
+    from helpers import run_retrain
+
     from classify_server.core.inference import preprocess
     from classify_server.engines.tf_session import Classifier
-    from helpers import run_retrain
     base = tmp_path / "models"
     # Real weights (when ../shared has them, as CI does): answers that depend on the image, so a broken
     # decode, crop or alpha step in the signature shows in its scores.

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from classify_server.core.ranking import top_k
 from classify_contract import preprocessing
+from classify_server.core.ranking import top_k
 
 log = logging.getLogger("classify_server")
 

@@ -15,8 +15,8 @@ import threading
 import time
 
 from classify_server.core import model_config
-from classify_server.engines import ModelLoadError, load
 from classify_server.core.versions import ModelManager
+from classify_server.engines import ModelLoadError, load
 
 log = logging.getLogger("classify_server")
 

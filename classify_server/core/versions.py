@@ -15,8 +15,8 @@ import threading
 import time
 from contextlib import contextmanager
 
-from classify_server.engines import ModelLoadError
 from classify_contract import model_folder
+from classify_server.engines import ModelLoadError
 
 log = logging.getLogger("classify_server")
 

@@ -18,9 +18,10 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 from tensorflow.core.protobuf import rewriter_config_pb2  # noqa: E402
 
-from classify_server.engines.batching import Batcher  # noqa: E402
 from classify_server.engines import base  # noqa: E402
 from classify_server.engines.base import InputSpec, ModelLoadError  # noqa: E402
+from classify_server.engines.batching import Batcher  # noqa: E402
+
 
 def _tensor_name(name):
     return name if ":" in name else name + ":0"

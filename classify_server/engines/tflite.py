@@ -12,10 +12,9 @@ import threading
 
 import numpy as np
 
+from classify_contract import model_folder, tflite_runtime
 from classify_server.engines import base
 from classify_server.engines.base import InputSpec, ModelLoadError
-from classify_contract import model_folder
-from classify_contract import tflite_runtime
 
 
 class TFLiteClassifier:

@@ -25,8 +25,7 @@ import threading
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health as health_lib
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health as health_lib, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from classify_server import settings

@@ -25,13 +25,20 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2,  # noqa: E402
-                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
-                                     prediction_service_pb2_grpc, status_pb2)
+from tensorflow_serving.apis import (  # noqa: E402
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
 
-from classify_server.grpc_server.errors import Abort, rpc_methods  # noqa: E402
-from classify_server.core.inference import INVALID_INPUT, InferenceError  # noqa: E402
 from classify_server.codecs.tfserving import INPUT_KEY, signature_def  # noqa: E402
+from classify_server.core.inference import INVALID_INPUT, InferenceError  # noqa: E402
+from classify_server.grpc_server.errors import Abort, rpc_methods  # noqa: E402
 
 SIGNATURE = "serving_default"
 SIGNATURE_ALIASES = {"", SIGNATURE, "predict_images"}  # "": the default; predict_images: inception_client.py's

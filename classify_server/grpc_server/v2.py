@@ -11,8 +11,8 @@ then its bytes); outputs `scores` FP32 [N, classes] and `labels` BYTES [classes]
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from classify_server.codecs import v2_tensors
-from classify_server.grpc_server.errors import rpc_methods
 from classify_server.core.inference import INVALID_INPUT, InferenceError
+from classify_server.grpc_server.errors import rpc_methods
 
 
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):

@@ -14,9 +14,9 @@ import time
 
 from flask import Blueprint, abort, current_app, jsonify, request
 
-from classify_server.http_api.core_calls import uploaded_images
-from classify_server.core.inference import INVALID_IMAGE, TOO_MANY_IMAGES, InferenceError
 from classify_contract import atomic
+from classify_server.core.inference import INVALID_IMAGE, TOO_MANY_IMAGES, InferenceError
+from classify_server.http_api.core_calls import uploaded_images
 
 bp = Blueprint("feedback", __name__)
 

@@ -17,8 +17,8 @@ import binascii
 from flask import Blueprint, current_app, jsonify, request
 
 from classify_server.codecs.tfserving import INPUT_KEY, signature_def
-from classify_server.http_api.core_calls import classify as run_classify
 from classify_server.core.inference import INVALID_INPUT, InferenceError
+from classify_server.http_api.core_calls import classify as run_classify
 
 bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
 

@@ -22,8 +22,8 @@ import json
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from classify_server.codecs import v2_tensors
-from classify_server.http_api.core_calls import classify
 from classify_server.core.inference import INVALID_INPUT, InferenceError
+from classify_server.http_api.core_calls import classify
 
 bp = Blueprint("v2", __name__, url_prefix="/v2")
 

@@ -17,8 +17,8 @@ import shutil
 import sys
 import tempfile
 
-from classify_server import settings
 from classify_contract import model_folder
+from classify_server import settings
 
 service = settings.from_env()  # every setting, checked: a bad one stops gunicorn here with one line
 cores = os.cpu_count() or 1

@@ -28,6 +28,7 @@ WORKER_CLASS=gthread).
 """
 import datetime
 import errno
+import functools
 import os
 import selectors
 import socket
@@ -122,7 +123,7 @@ class Worker(base.Worker):
                     self.begin_stop()
                 if self.stop_by is not None and time.monotonic() > self.stop_by:
                     break
-                for key, mask in self.selector.select(CHECK_EVERY if self.connections else 1.0):
+                for key, _ in self.selector.select(CHECK_EVERY if self.connections else 1.0):
                     key.data(key.fileobj)
                 self.finish_done()
                 self.check_deadlines()
@@ -343,7 +344,7 @@ class Worker(base.Worker):
                 self.close(conn)
                 continue
             conn.served += 1
-            self.guarded(conn, lambda c: self.write(c, answer, sent))
+            self.guarded(conn, functools.partial(self.write, answer=answer, sent=sent))
 
     def write(self, conn, answer, sent=0):
         conn.state, conn.since = WRITING, time.monotonic()

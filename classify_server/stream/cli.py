@@ -4,8 +4,8 @@ import logging
 import signal
 import sys
 
-from classify_server.stream.consumer import DeliveryFailed, FatalKafkaError, StreamClassifier
 from classify_server.stream.backends import Embedded, Remote, RemoteUnavailable
+from classify_server.stream.consumer import DeliveryFailed, FatalKafkaError, StreamClassifier
 
 log = logging.getLogger("classify_server.stream")
 
@@ -78,8 +78,8 @@ def main(argv=None):
         except RemoteUnavailable as exc:  # not fatal: the batches wait for it
             log.warning("%s; will retry", exc)
     else:
-        from classify_server.engines import ModelLoadError
         from classify_server.core.inference import InferenceError
+        from classify_server.engines import ModelLoadError
         try:
             engine = Embedded(config, args.model)
         except (ModelLoadError, InferenceError) as exc:

@@ -37,7 +37,7 @@ setup(
     entry_points={"console_scripts": [
         "retrain=retrain.cli:main",
         "label_image=classify_server.label_image:main",
-        "classify_grpc=classify_server.grpc_server.server:main",
+        "classify_grpc=classify_server.grpc_server.__main__:main",
         "classify_stream=classify_server.stream.cli:main",
     ]},
 )

@@ -11,11 +11,12 @@ import json
 import os
 import sys
 
+from classify_contract import tf_noise
 from classify_server import settings
 from classify_server.core import inference
 from classify_server.core.inference import Inference, InferenceError
 from classify_server.core.registry import Models
-from classify_server.engines.tf_session import Classifier, ModelLoadError
+from classify_server.engines import ModelLoadError
 
 # The exit status of each inference error code: 1 for an image that cannot be classified, 2 for
 # the command's own setup (which model), as for a model that does not load.
@@ -42,6 +43,7 @@ def parse_args(argv=None):
 def load(flags):
     """A Classifier over --graph and --labels, which need not sit in one model folder (the sidecar
     beside the graph, if any, still gives its input size, mean and std)."""
+    from classify_server.engines.tf_session import Classifier
     overrides = {k: v for k, v in vars(flags).items()
                  if k.startswith(("input_", "output_")) and v is not None}
     return Classifier(os.path.dirname(os.path.abspath(flags.graph)), overrides, graph_path=flags.graph,
@@ -55,6 +57,7 @@ def classify_file(core, path, top_k):
 
 def main(argv=None):
     flags = parse_args(argv)
+    tf_noise.import_tensorflow_quietly()  # before the TensorFlow engine is imported (load)
     try:
         config = settings.from_env()  # MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES: the server's limits
         classifier = load(flags)

@@ -4,6 +4,8 @@ import os
 import sys
 import time
 
+from classify_contract import tf_noise
+from classify_server import settings
 from classify_server.engines import ModelLoadError
 from classify_server.http_api import create_app
 
@@ -11,6 +13,8 @@ from classify_server.http_api import create_app
 def load_app():
     """The WSGI app; when the models cannot be loaded, one clear line, and either this worker alone exits
     (others already serve) or gunicorn stops (none does)."""
+    if settings.from_env()["MODEL_ENGINE"] == "tf":  # a tflite worker never imports TensorFlow
+        tf_noise.import_tensorflow_quietly()
     try:
         return create_app()
     except ModelLoadError as exc:

@@ -9,18 +9,15 @@ third-party one configured by label_image.py-style settings.
 import io
 import os
 
-from classify_contract import model_folder, tf_noise
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+from tensorflow.core.protobuf import rewriter_config_pb2
 
-tf_noise.import_tensorflow_quietly()  # the server imports TensorFlow here or in grpc_server.tfserving
-
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from PIL import Image  # noqa: E402
-from tensorflow.core.protobuf import rewriter_config_pb2  # noqa: E402
-
-from classify_server.engines import base  # noqa: E402
-from classify_server.engines.base import InputSpec, ModelLoadError  # noqa: E402
-from classify_server.engines.batching import Batcher  # noqa: E402
+from classify_contract import model_folder
+from classify_server.engines import base
+from classify_server.engines.base import InputSpec, ModelLoadError
+from classify_server.engines.batching import Batcher
 
 
 def _tensor_name(name):

@@ -137,7 +137,3 @@ def main(argv=None):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,15 +17,11 @@ itself) a message over MAX_UPLOAD_BYTES; FAILED_PRECONDITION for an unknown sign
 for a server fault (details in the log). The classic inception_client.py's signature name
 `predict_images` is accepted as another name of `serving_default`.
 """
-from classify_contract import tf_noise
-
-tf_noise.import_tensorflow_quietly()  # TensorFlow Serving's protos import TensorFlow
-
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from google.protobuf import json_format  # noqa: E402
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2  # noqa: E402
-from tensorflow_serving.apis import (  # noqa: E402
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2,
@@ -36,9 +32,9 @@ from tensorflow_serving.apis import (  # noqa: E402
     status_pb2,
 )
 
-from classify_server.codecs.tfserving import INPUT_KEY, signature_def  # noqa: E402
-from classify_server.core.inference import INVALID_INPUT, InferenceError  # noqa: E402
-from classify_server.grpc_server.errors import Abort, rpc_methods  # noqa: E402
+from classify_server.codecs.tfserving import INPUT_KEY, signature_def
+from classify_server.core.inference import INVALID_INPUT, InferenceError
+from classify_server.grpc_server.errors import Abort, rpc_methods
 
 SIGNATURE = "serving_default"
 SIGNATURE_ALIASES = {"", SIGNATURE, "predict_images"}  # "": the default; predict_images: inception_client.py's

@@ -78,6 +78,9 @@ def main(argv=None):
         except RemoteUnavailable as exc:  # not fatal: the batches wait for it
             log.warning("%s; will retry", exc)
     else:
+        if config["MODEL_ENGINE"] == "tf":
+            from classify_contract import tf_noise
+            tf_noise.import_tensorflow_quietly()  # before the TensorFlow engine is imported
         from classify_server.core.inference import InferenceError
         from classify_server.engines import ModelLoadError
         try:

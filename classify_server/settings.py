@@ -19,6 +19,7 @@ class Setting:
     kind: type = str
     minimum: float | None = None  # for numbers
     maximum: float | None = None
+    empty_is_off: bool = False  # set but empty means "none" (not the default)
 
 
 MiB = 1024 * 1024
@@ -75,7 +76,7 @@ SETTINGS = (
             int, 0),
     Setting("MAX_QUEUE", 64, "requests a worker lets wait for a thread; more are answered 503 with Retry-After",
             int, 0),
-    Setting("ACCESS_LOG", "-", "access log file ('-': standard output; empty: none)"),
+    Setting("ACCESS_LOG", "-", "access log file ('-': standard output; empty: none)", empty_is_off=True),
     Setting("LOG_LEVEL", "info", "debug, info, warning or error"),
     # The gRPC server (python -m classify_server.grpc_server)
     Setting("GRPC_HOST", "0.0.0.0", "address the gRPC server listens on"),
@@ -106,7 +107,10 @@ def from_env(environ=None):
     config = {}
     for setting in SETTINGS:
         raw = environ.get(setting.name, "").strip()
-        config[setting.name] = _parse(setting, raw) if raw else setting.default
+        if raw:
+            config[setting.name] = _parse(setting, raw)
+        else:
+            config[setting.name] = "" if setting.empty_is_off and setting.name in environ else setting.default
     if config["MODEL_CONFIG_FILE"]:
         for name in GRAPH_SETTINGS:
             if config[name] not in (None, ""):

@@ -124,7 +124,10 @@ class Worker(base.Worker):
                 if self.stop_by is not None and time.monotonic() > self.stop_by:
                     break
                 for key, _ in self.selector.select(CHECK_EVERY if self.connections else 1.0):
-                    key.data(key.fileobj)
+                    try:
+                        key.data(key.fileobj)
+                    except Exception:  # a step outside any one connection's: logged, and the loop goes on
+                        self.log.exception("error in the worker's event loop")
                 self.finish_done()
                 self.check_deadlines()
         finally:
@@ -183,9 +186,12 @@ class Worker(base.Worker):
             self.log.exception("closing the connection of %s after an error in the worker", conn.peer.client)
             if self.connections.get(conn.sock) is not conn:
                 return
-            if conn.state == READING:
-                self.refuse(conn, wsgi_call.error_answer(400, "bad request"))
-            else:
+            try:
+                if conn.state == READING:
+                    self.refuse(conn, wsgi_call.error_answer(400, "bad request"))
+                else:
+                    self.close(conn)
+            except Exception:
                 self.close(conn)
 
     # --- accepting -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ them up at scrape time, whichever worker answers the scrape.
 import os
 import time
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -38,9 +38,9 @@ for _part in ("headers", "body"):
     CUT_OFF.labels(_part)  # shown as 0 before the first
 
 
-def init_app(app):
+def init_app(app, models):
     app.register_blueprint(bp)
-    set_versions(app.extensions["models"])
+    set_versions(models)
 
     @app.before_request
     def start_timer():
@@ -48,7 +48,7 @@ def init_app(app):
 
     @app.after_request
     def record(response):
-        set_versions(current_app.extensions["models"])  # follows hot reloads
+        set_versions(models)  # follows hot reloads
         route = request.url_rule.rule if request.url_rule else "unmatched"
         if route != "/metrics":
             REQUESTS.labels(route, str(response.status_code)).inc()

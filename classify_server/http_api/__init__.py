@@ -41,17 +41,18 @@ def create_app(test_config=None, classifier=None):
 
     from classify_server import metrics
     from classify_server.http_api import feedback, health, page, tfserving_rest, v2_rest
-    app.extensions["inference"] = Inference(models, app.config, on_inference=metrics.INFERENCE.observe)
-    metrics.init_app(app)
+    core = app.extensions["inference"] = Inference(models, app.config, on_inference=metrics.INFERENCE.observe)
+    metrics.init_app(app, models)
     errors.init_app(app)
-    app.extensions["feedback_limiter"] = feedback.RateLimiter(app.config["FEEDBACK_PER_MINUTE"])
-    app.register_blueprint(feedback.bp)
-    app.register_blueprint(multipart.bp)
+    limiter = app.extensions["feedback_limiter"] = feedback.RateLimiter(app.config["FEEDBACK_PER_MINUTE"])
+    # Every adapter is handed the core, as the gRPC services are (app.extensions keeps them for tests).
+    app.register_blueprint(feedback.blueprint(core, limiter))
+    app.register_blueprint(multipart.blueprint(core))
     app.after_request(core_calls.add_server_timing)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(page.bp)
-    app.register_blueprint(tfserving_rest.bp)
-    app.register_blueprint(v2_rest.bp)
+    app.register_blueprint(health.blueprint(core))
+    app.register_blueprint(page.blueprint(core))
+    app.register_blueprint(tfserving_rest.blueprint(core))
+    app.register_blueprint(v2_rest.blueprint(core))
 
     @app.before_request
     def assign_request_id():

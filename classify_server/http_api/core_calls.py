@@ -3,7 +3,7 @@ Server-Timing header, which browsers' developer tools and load tests read), and 
 multipart bodies, kept in memory."""
 import io
 
-from flask import Request, abort, current_app, g, request
+from flask import Request, abort, g, request
 from werkzeug.exceptions import ClientDisconnected
 
 
@@ -49,8 +49,8 @@ def add_server_timing(response):
     return response
 
 
-def classify(images, model=None, version=None, names=None, label=None):
+def classify(core, images, model=None, version=None, names=None, label=None):
     """The core's Prediction, its timing kept for the Server-Timing header."""
-    prediction = current_app.extensions["inference"].classify(images, model, version, names, label)
+    prediction = core.classify(images, model, version, names, label)
     g.server_timing = prediction.timing
     return prediction

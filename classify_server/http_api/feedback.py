@@ -15,10 +15,8 @@ import time
 from flask import Blueprint, abort, current_app, jsonify, request
 
 from classify_contract import atomic
-from classify_server.core.inference import INVALID_IMAGE, TOO_MANY_IMAGES, InferenceError
+from classify_server.core.inference import INVALID_IMAGE, TOO_MANY_IMAGES, Inference, InferenceError
 from classify_server.http_api.core_calls import uploaded_images
-
-bp = Blueprint("feedback", __name__)
 
 NEW_LABEL = re.compile(r"[A-Za-z0-9_\- ]{1,64}")
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp"}
@@ -53,14 +51,6 @@ def _feedback_dir():
     return folder
 
 
-def _labels(folder):
-    with current_app.extensions["inference"].servable() as servable:
-        labels = list(servable.engine.labels)
-    extra = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) \
-        if os.path.isdir(folder) else []
-    return labels + [n for n in extra if n not in labels]
-
-
 def validate_label(label, known):
     label = (label or "").strip()
     if label in known:
@@ -83,23 +73,34 @@ def store(folder, label, data, kind):
     return path, True
 
 
-@bp.get("/feedback")
-def feedback_info():
-    return jsonify(enabled=True, labels=_labels(_feedback_dir()))
+def blueprint(core: Inference, limiter: RateLimiter) -> Blueprint:
+    """This protocol's routes, handed the inference core and the per-client limit."""
+    bp = Blueprint("feedback", __name__)
 
+    def _labels(folder):
+        with core.servable() as servable:
+            labels = list(servable.engine.labels)
+        extra = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n))) \
+            if os.path.isdir(folder) else []
+        return labels + [n for n in extra if n not in labels]
 
-@bp.post("/feedback")
-def feedback():
-    folder = _feedback_dir()
-    limiter = current_app.extensions["feedback_limiter"]
-    if not limiter.allow(request.remote_addr):
-        abort(429, f"too many corrections: at most {limiter.per_minute} a minute (FEEDBACK_PER_MINUTE)")
-    label = validate_label(request.form.get("label"), _labels(folder))
-    images, names = uploaded_images()
-    if len(images) > 1:
-        raise InferenceError(TOO_MANY_IMAGES, f"send one image with a correction, got {len(images)} 'data' parts")
-    kind = current_app.extensions["inference"].check_image(images[0], names[0])  # only real images are kept
-    path, new = store(folder, label, images[0], kind)
-    name = os.path.relpath(path, folder)
-    return jsonify(stored=name, label=label, new=new,
-                   message=f"stored as {name}" if new else f"already stored as {name}"), 201 if new else 200
+    @bp.get("/feedback")
+    def feedback_info():
+        return jsonify(enabled=True, labels=_labels(_feedback_dir()))
+
+    @bp.post("/feedback")
+    def feedback():
+        folder = _feedback_dir()
+        if not limiter.allow(request.remote_addr):
+            abort(429, f"too many corrections: at most {limiter.per_minute} a minute (FEEDBACK_PER_MINUTE)")
+        label = validate_label(request.form.get("label"), _labels(folder))
+        images, names = uploaded_images()
+        if len(images) > 1:
+            raise InferenceError(TOO_MANY_IMAGES, f"send one image with a correction, got {len(images)} 'data' parts")
+        kind = core.check_image(images[0], names[0])  # only real images are kept
+        path, new = store(folder, label, images[0], kind)
+        name = os.path.relpath(path, folder)
+        return jsonify(stored=name, label=label, new=new,
+                       message=f"stored as {name}" if new else f"already stored as {name}"), 201 if new else 200
+
+    return bp

@@ -9,17 +9,22 @@ inference milliseconds), which browsers' developer tools and load tests read.
 """
 from flask import Blueprint, abort, current_app, jsonify, request
 
+from classify_server.core.inference import Inference
 from classify_server.http_api.core_calls import classify, parse_top_k, uploaded_images
 
-bp = Blueprint("api", __name__)
 
+def blueprint(core: Inference) -> Blueprint:
+    """This protocol's routes, handed the inference core."""
+    bp = Blueprint("api", __name__)
 
-@bp.post("/")
-def classify_upload():
-    images, names = uploaded_images()
-    top_k = parse_top_k(current_app.config["TOP_K"])
-    version = request.args.get("version")
-    if version is not None and not version.isdigit():
-        abort(400, f"version must be a version number, got {version[:40]!r}")
-    answers = classify(images, request.args.get("model"), version and int(version), names).top_k(top_k)
-    return jsonify(answers[0] if len(answers) == 1 else answers)
+    @bp.post("/")
+    def classify_upload():
+        images, names = uploaded_images()
+        top_k = parse_top_k(current_app.config["TOP_K"])
+        version = request.args.get("version")
+        if version is not None and not version.isdigit():
+            abort(400, f"version must be a version number, got {version[:40]!r}")
+        answers = classify(core, images, request.args.get("model"), version and int(version), names).top_k(top_k)
+        return jsonify(answers[0] if len(answers) == 1 else answers)
+
+    return bp

@@ -14,41 +14,11 @@ Serving's status codes.
 import base64
 import binascii
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from classify_server.codecs.tfserving import INPUT_KEY, signature_def
-from classify_server.core.inference import INVALID_INPUT, InferenceError
+from classify_server.core.inference import INVALID_INPUT, Inference, InferenceError
 from classify_server.http_api.core_calls import classify as run_classify
-
-bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
-
-def routes(method, suffix):
-    """The decorator of one endpoint on a model, a version of it, or a version label of it."""
-    def decorate(view):
-        for prefix in ("/<name>", "/<name>/versions/<int:version>", "/<name>/labels/<label>"):
-            view = bp.route(prefix + suffix, methods=[method], endpoint=view.__name__)(view)
-        return view
-    return decorate
-
-
-@bp.get("")
-def model_list():
-    return jsonify(models=current_app.extensions["models"].names)
-
-
-@routes("GET", "")
-def model_status(name, version=None, label=None):
-    return jsonify(model_version_status=current_app.extensions["inference"].status(name, version, label))
-
-
-@routes("GET", "/metadata")
-def metadata(name, version=None, label=None):
-    with current_app.extensions["inference"].servable(name, version, label) as servable:
-        engine = servable.engine
-        return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
-                       # TF Serving nests the SignatureDefMap: metadata.signature_def.signature_def
-                       metadata=dict(signature_def=signature_def(engine), version=servable.version,
-                                     **engine.metadata()))
 
 
 def _invalid(message):
@@ -91,18 +61,48 @@ def _images_from(items, what):
     return [_decode_b64(item, f"{what} {i}") for i, item in enumerate(items)]
 
 
-@routes("POST", ":predict")
-def predict(name, version=None, label=None):
-    images, columnar = _request_images()
-    scores = run_classify(images, name, version, label=label).scores.tolist()
-    return jsonify(outputs=scores) if columnar else jsonify(predictions=scores)
+def blueprint(core: Inference) -> Blueprint:
+    """This protocol's routes, handed the inference core."""
+    bp = Blueprint("tfserving", __name__, url_prefix="/v1/models")
 
+    def routes(method, suffix):
+        """The decorator of one endpoint on a model, a version of it, or a version label of it."""
+        def decorate(view):
+            for prefix in ("/<name>", "/<name>/versions/<int:version>", "/<name>/labels/<label>"):
+                view = bp.route(prefix + suffix, methods=[method], endpoint=view.__name__)(view)
+            return view
+        return decorate
 
-@routes("POST", ":classify")
-def classify(name, version=None, label=None):
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or "examples" not in body:
-        _invalid("JSON Parse error: the body must be a JSON object with \"examples\"")
-    prediction = run_classify(_images_from(body["examples"], "example"), name, version, label=label)
-    return jsonify(result=[[[label, score] for label, score in zip(prediction.labels, row)]
-                           for row in prediction.scores.tolist()])
+    @bp.get("")
+    def model_list():
+        return jsonify(models=core.models.names)
+
+    @routes("GET", "")
+    def model_status(name, version=None, label=None):
+        return jsonify(model_version_status=core.status(name, version, label))
+
+    @routes("GET", "/metadata")
+    def metadata(name, version=None, label=None):
+        with core.servable(name, version, label) as servable:
+            engine = servable.engine
+            return jsonify(model_spec={"name": name, "signature_name": "", "version": str(servable.version)},
+                           # TF Serving nests the SignatureDefMap: metadata.signature_def.signature_def
+                           metadata=dict(signature_def=signature_def(engine), version=servable.version,
+                                         **engine.metadata()))
+
+    @routes("POST", ":predict")
+    def predict(name, version=None, label=None):
+        images, columnar = _request_images()
+        scores = run_classify(core, images, name, version, label=label).scores.tolist()
+        return jsonify(outputs=scores) if columnar else jsonify(predictions=scores)
+
+    @routes("POST", ":classify")
+    def classify(name, version=None, label=None):
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict) or "examples" not in body:
+            _invalid("JSON Parse error: the body must be a JSON object with \"examples\"")
+        prediction = run_classify(core, _images_from(body["examples"], "example"), name, version, label=label)
+        return jsonify(result=[[[label, score] for label, score in zip(prediction.labels, row)]
+                               for row in prediction.scores.tolist()])
+
+    return bp

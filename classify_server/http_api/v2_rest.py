@@ -19,13 +19,11 @@ import base64
 import binascii
 import json
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from classify_server.codecs import v2_tensors
-from classify_server.core.inference import INVALID_INPUT, InferenceError
+from classify_server.core.inference import INVALID_INPUT, Inference, InferenceError
 from classify_server.http_api.core_calls import classify
-
-bp = Blueprint("v2", __name__, url_prefix="/v2")
 
 INPUT = v2_tensors.INPUT
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -33,64 +31,6 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 def _invalid(message):
     raise InferenceError(INVALID_INPUT, message)
-
-
-@bp.get("")
-def server_metadata():
-    return jsonify(name=v2_tensors.SERVER, version="1", extensions=v2_tensors.EXTENSIONS)
-
-
-@bp.get("/health/live")
-def live():
-    return jsonify(live=True)
-
-
-@bp.get("/health/ready")
-def ready():
-    is_ready = current_app.extensions["models"].ready
-    return jsonify(ready=is_ready), 200 if is_ready else 503
-
-
-@bp.get("/models/<name>")
-@bp.get("/models/<name>/versions/<int:version>")
-def model_metadata(name, version=None):
-    with current_app.extensions["inference"].servable(name, version) as servable:
-        return jsonify(v2_tensors.model_metadata(name, servable, current_app.extensions["inference"], version))
-
-
-@bp.get("/models/<name>/ready")
-@bp.get("/models/<name>/versions/<int:version>/ready")
-def model_ready(name, version=None):
-    with current_app.extensions["inference"].servable(name, version):
-        return jsonify(name=name, ready=True)
-
-
-@bp.post("/models/<name>/infer")
-@bp.post("/models/<name>/versions/<int:version>/infer")
-def infer(name, version=None):
-    with current_app.extensions["inference"].servable(name, version):
-        pass  # an unknown model or version is a 404 before anything else is read
-    header, binary = _split_body()
-    images, wanted = _parse(header, binary)
-    prediction = classify(images, name, version)
-    request_parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
-    all_binary = request_parameters.get("binary_data_output") is True  # tritonclient asks so when it names none
-    outputs, chunks = [], []
-    for output_name, parameters in wanted:
-        output = v2_tensors.output(output_name, parameters, prediction)
-        if parameters.get("binary_data", all_binary) is True:
-            chunk = v2_tensors.encode(output.pop("data"), output["datatype"])
-            output["parameters"] = {"binary_data_size": len(chunk)}
-            chunks.append(chunk)
-        outputs.append(output)
-    answer = {"model_name": name, "model_version": str(prediction.version), "outputs": outputs}
-    if isinstance(header.get("id"), str):
-        answer["id"] = header["id"]
-    if not chunks:
-        return jsonify(answer)
-    head = json.dumps(answer, separators=(",", ":")).encode()
-    return Response(head + b"".join(chunks), content_type="application/octet-stream",
-                    headers={HEADER_LENGTH: str(len(head))})
 
 
 def _split_body():
@@ -112,34 +52,6 @@ def _split_body():
     return header, binary
 
 
-def _parse(header, binary):
-    """(encoded images, [(output name, its parameters)]) of a V2 inference request."""
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        _invalid(f"expected one input, \"{INPUT}\": a BYTES tensor of encoded images")
-    tensor = inputs[0]
-    shape = tensor.get("shape")
-    v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, current_app.extensions["inference"])
-    parameters = tensor.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        _invalid("input parameters must be a JSON object")
-    if "binary_data_size" in parameters:
-        size = parameters["binary_data_size"]
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
-            _invalid(f"binary_data_size {str(size)[:20]} is not within the {len(binary)} bytes after the header")
-        if size != len(binary):
-            _invalid(f"binary_data_size {size} does not match the {len(binary)} bytes after the header")
-        images = v2_tensors.decode_bytes(binary)
-    else:
-        data = tensor.get("data")
-        if not isinstance(data, list):
-            _invalid(f"input \"{INPUT}\" has no data: base64 strings in \"data\", or binary_data_size")
-        images = [_b64(item, i) for i, item in enumerate(data)]
-    if len(images) != shape[0]:
-        _invalid(f"input \"{INPUT}\" has shape [{shape[0]}] but {len(images)} elements")
-    return images, _wanted(header.get("outputs"))
-
-
 def _b64(item, i):
     if not isinstance(item, str):
         _invalid(f"element {i} of \"{INPUT}\" must be a base64 string")
@@ -156,3 +68,89 @@ def _wanted(requested):
     if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
         _invalid("\"outputs\" must be a list of objects with a \"name\"")
     return v2_tensors.wanted([(o.get("name"), o.get("parameters") or {}) for o in requested])
+
+
+def blueprint(core: Inference) -> Blueprint:
+    """This protocol's routes, handed the inference core."""
+    bp = Blueprint("v2", __name__, url_prefix="/v2")
+
+    @bp.get("")
+    def server_metadata():
+        return jsonify(name=v2_tensors.SERVER, version="1", extensions=v2_tensors.EXTENSIONS)
+
+    @bp.get("/health/live")
+    def live():
+        return jsonify(live=True)
+
+    @bp.get("/health/ready")
+    def ready():
+        is_ready = core.models.ready
+        return jsonify(ready=is_ready), 200 if is_ready else 503
+
+    @bp.get("/models/<name>")
+    @bp.get("/models/<name>/versions/<int:version>")
+    def model_metadata(name, version=None):
+        with core.servable(name, version) as servable:
+            return jsonify(v2_tensors.model_metadata(name, servable, core, version))
+
+    @bp.get("/models/<name>/ready")
+    @bp.get("/models/<name>/versions/<int:version>/ready")
+    def model_ready(name, version=None):
+        with core.servable(name, version):
+            return jsonify(name=name, ready=True)
+
+    @bp.post("/models/<name>/infer")
+    @bp.post("/models/<name>/versions/<int:version>/infer")
+    def infer(name, version=None):
+        with core.servable(name, version):
+            pass  # an unknown model or version is a 404 before anything else is read
+        header, binary = _split_body()
+        images, wanted = _parse(header, binary)
+        prediction = classify(core, images, name, version)
+        request_parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
+        all_binary = request_parameters.get("binary_data_output") is True  # tritonclient asks so when it names none
+        outputs, chunks = [], []
+        for output_name, parameters in wanted:
+            output = v2_tensors.output(output_name, parameters, prediction)
+            if parameters.get("binary_data", all_binary) is True:
+                chunk = v2_tensors.encode(output.pop("data"), output["datatype"])
+                output["parameters"] = {"binary_data_size": len(chunk)}
+                chunks.append(chunk)
+            outputs.append(output)
+        answer = {"model_name": name, "model_version": str(prediction.version), "outputs": outputs}
+        if isinstance(header.get("id"), str):
+            answer["id"] = header["id"]
+        if not chunks:
+            return jsonify(answer)
+        head = json.dumps(answer, separators=(",", ":")).encode()
+        return Response(head + b"".join(chunks), content_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(len(head))})
+
+    def _parse(header, binary):
+        """(encoded images, [(output name, its parameters)]) of a V2 inference request."""
+        inputs = header.get("inputs")
+        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+            _invalid(f"expected one input, \"{INPUT}\": a BYTES tensor of encoded images")
+        tensor = inputs[0]
+        shape = tensor.get("shape")
+        v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, core)
+        parameters = tensor.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            _invalid("input parameters must be a JSON object")
+        if "binary_data_size" in parameters:
+            size = parameters["binary_data_size"]
+            if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+                _invalid(f"binary_data_size {str(size)[:20]} is not within the {len(binary)} bytes after the header")
+            if size != len(binary):
+                _invalid(f"binary_data_size {size} does not match the {len(binary)} bytes after the header")
+            images = v2_tensors.decode_bytes(binary)
+        else:
+            data = tensor.get("data")
+            if not isinstance(data, list):
+                _invalid(f"input \"{INPUT}\" has no data: base64 strings in \"data\", or binary_data_size")
+            images = [_b64(item, i) for i, item in enumerate(data)]
+        if len(images) != shape[0]:
+            _invalid(f"input \"{INPUT}\" has shape [{shape[0]}] but {len(images)} elements")
+        return images, _wanted(header.get("outputs"))
+
+    return bp

@@ -56,10 +56,15 @@ class Request:
 
     def header(self, name: bytes):
         """The value of a header sent once (None if absent); `name` in lower case."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
+        return header_value(self.headers, name)
+
+
+def header_value(headers, name: bytes):
+    """The first value of header `name` (lower case) in a list of (name, value), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
 
 
 class RequestReader:
@@ -164,20 +169,14 @@ class RequestReader:
                 raise HTTPError(400, "bad request: Transfer-Encoding in an HTTP/1.0 request")
             if len(codings) > 1 or codings[0].lower() != b"chunked":
                 raise HTTPError(501, "Transfer-Encoding other than 'chunked' alone is not supported")
-        length = self._value(b"content-length")
+        length = header_value(self._headers, b"content-length")
         if length is not None and int(length) > self.limits.max_body:  # llhttp checked it is digits
             raise self._too_large()
-        expect = self._value(b"expect")
+        expect = header_value(self._headers, b"expect")
         if expect is not None:
             if expect.lower() != b"100-continue":
                 raise HTTPError(417, "the only Expect understood is 100-continue")
             self.expect_continue = version == "1.1"
-
-    def _value(self, name):
-        for key, value in self._headers:
-            if key.lower() == name:
-                return value
-        return None
 
     def on_body(self, body: bytes):
         self._body += body

@@ -11,7 +11,7 @@ classify_server package), as
 
     MODEL_DIR=model PYTHONPATH=. bentoml serve bentoml_service:Classifier --working-dir bench
 
-It loads graph.pb with the service's own session code (classify_server.engines.tf_session.Classifier,
+It loads graph.pb with the service's own session code (classify_server.engines.tf_session.TFSessionEngine,
 same preprocessing, same thread settings as gunicorn.conf.py: one worker by default
 (BENTO_WORKERS), cores / workers TensorFlow threads for each op and as many runs at
 once), so only the HTTP framework differs.
@@ -29,7 +29,7 @@ WORKERS = int(os.environ.get("BENTO_WORKERS", 1))
 @bentoml.service(workers=WORKERS, traffic={"timeout": 120})
 class Classifier:
     def __init__(self):
-        from classify_server.engines.tf_session import Classifier as Session
+        from classify_server.engines.tf_session import TFSessionEngine as Session
         self.model = Session(os.environ.get("MODEL_DIR", "model"),
                              intra_threads=int(os.environ.get("TF_INTRA_OP_THREADS", max(1, CORES // WORKERS))),
                              inter_threads=int(os.environ.get("TF_INTER_OP_THREADS", max(1, CORES // WORKERS))))

@@ -70,8 +70,9 @@ def engines(model_dir, lists, size, config):
     with open(os.path.join(model_dir, model_folder.GRAPH), "rb") as f:
         graph_def.ParseFromString(f.read())
     train_paths = [p for paths in lists.training.values() for p in paths]
-    built = {"TF session fp32": load(model_dir, dict(config, MODEL_ENGINE="tf")),
-             "TF session bf16": load(model_dir, dict(config, MODEL_ENGINE="tf", TF_BFLOAT16=1))}
+    from classify_server import settings
+    built = {"TF session fp32": load(model_dir, settings.from_env({**config, "MODEL_ENGINE": "tf"}).engine),
+             "TF session bf16": load(model_dir, settings.from_env({**config, "TF_BFLOAT16": "1"}).engine)}
     for variant in VARIANTS:
         folder = f"{model_dir}-{variant}"
         os.makedirs(folder)
@@ -81,7 +82,7 @@ def engines(model_dir, lists, size, config):
         with open(os.path.join(folder, model_folder.TFLITE), "wb") as f:
             f.write(content)
         C.log(f"{variant}: {len(content) / 1e6:.1f} MB in {time.time() - start:.0f} s")
-        built[f"TFLite {variant}"] = load(folder, dict(config, MODEL_ENGINE="tflite"))
+        built[f"TFLite {variant}"] = load(folder, settings.from_env({**config, "MODEL_ENGINE": "tflite"}).engine)
     return built
 
 
@@ -103,9 +104,8 @@ def accuracy(engine, pixels, y):
 
 def main(argv=None):
     flags = parse_args(argv)
-    from classify_server import settings
     cores = os.cpu_count() or 1
-    config = dict(settings.from_env({}), TF_INTRA_OP_THREADS=cores, TF_INTER_OP_THREADS=cores)
+    config = {"TF_INTRA_OP_THREADS": str(cores), "TF_INTER_OP_THREADS": str(cores)}  # settings' variables
     work = tempfile.mkdtemp(prefix="engine-bench-")
     C.print_machine(cores, C.revision(), C.other_busy_processes())
     try:

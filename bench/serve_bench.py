@@ -195,8 +195,8 @@ def load_session(opts):
     import numpy as np
 
     from classify_server.core.inference import preprocess
-    from classify_server.engines.tf_session import Classifier
-    clf = Classifier(opts["model_dir"], None, opts["intra"], opts["inter"])
+    from classify_server.engines.tf_session import TFSessionEngine
+    clf = TFSessionEngine(opts["model_dir"], None, opts["intra"], opts["inter"])
     clf.warm_up()
     with open(opts["image"], "rb") as f:
         pixels = preprocess(clf.input_spec, f.read(), None)

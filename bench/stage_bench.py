@@ -58,8 +58,9 @@ def main(argv=None):
     with open(flags.image or serve_bench.default_image(), "rb") as f:
         jpeg = f.read()
     cores = os.cpu_count() or 1
-    config = dict(settings.from_env({}), TF_INTRA_OP_THREADS=cores, TF_INTER_OP_THREADS=cores)
-    engines = {kind: load(flags.model_dir, dict(config, MODEL_ENGINE=kind)) for kind in ("tf", "tflite")}
+    threads = {"TF_INTRA_OP_THREADS": str(cores), "TF_INTER_OP_THREADS": str(cores)}
+    engines = {kind: load(flags.model_dir, settings.from_env({**threads, "MODEL_ENGINE": kind}).engine)
+               for kind in ("tf", "tflite")}
     spec = engines["tf"].input_spec
     pixels = decode_image(jpeg, (spec.height, spec.width))
     labels = engines["tf"].labels

@@ -41,12 +41,12 @@ def parse_args(argv=None):
 
 
 def load(flags):
-    """A Classifier over --graph and --labels, which need not sit in one model folder (the sidecar
+    """A TFSessionEngine over --graph and --labels, which need not sit in one model folder (the sidecar
     beside the graph, if any, still gives its input size, mean and std)."""
-    from classify_server.engines.tf_session import Classifier
+    from classify_server.engines.tf_session import TFSessionEngine
     overrides = {k: v for k, v in vars(flags).items()
                  if k.startswith(("input_", "output_")) and v is not None}
-    return Classifier(os.path.dirname(os.path.abspath(flags.graph)), overrides, graph_path=flags.graph,
+    return TFSessionEngine(os.path.dirname(os.path.abspath(flags.graph)), overrides, graph_path=flags.graph,
                       labels_path=flags.labels)
 
 
@@ -59,10 +59,10 @@ def main(argv=None):
     flags = parse_args(argv)
     tf_noise.import_tensorflow_quietly()  # before the TensorFlow engine is imported (load)
     try:
-        config = settings.from_env()  # MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES: the server's limits
+        limits = settings.current().limits  # MAX_IMAGE_PIXELS, MAX_UPLOAD_BYTES: the server's limits
         classifier = load(flags)
         classifier.warm_up()  # also checks that the graph answers as many scores as there are labels
-        core = Inference(Models.static(classifier), config)
+        core = Inference(Models.static(classifier), limits)
     except (ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

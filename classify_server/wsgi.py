@@ -13,7 +13,7 @@ from classify_server.http_api import create_app
 def load_app():
     """The WSGI app; when the models cannot be loaded, one clear line, and either this worker alone exits
     (others already serve) or gunicorn stops (none does)."""
-    if settings.from_env()["MODEL_ENGINE"] == "tf":  # a tflite worker never imports TensorFlow
+    if settings.current().engine.kind == "tf":  # a tflite worker never imports TensorFlow
         tf_noise.import_tensorflow_quietly()
     try:
         return create_app()

@@ -111,7 +111,7 @@ def test_a_graph_with_a_fixed_batch_of_one_is_never_batched(tmp_path):
     import tensorflow as tf
 
     from classify_server.core.inference import preprocess
-    from classify_server.engines.tf_session import Classifier
+    from classify_server.engines.tf_session import TFSessionEngine
     graph = tf.Graph()
     with graph.as_default():
         images = tf.compat.v1.placeholder(tf.float32, [1, 8, 8, 3], name="input")
@@ -119,7 +119,7 @@ def test_a_graph_with_a_fixed_batch_of_one_is_never_batched(tmp_path):
                       name="final_result")
     (tmp_path / "graph.pb").write_bytes(graph.as_graph_def().SerializeToString())
     (tmp_path / "labels.txt").write_text("bright\ndark\n")
-    classifier = Classifier(str(tmp_path), batch_max_size=4, batch_timeout_ms=0)
+    classifier = TFSessionEngine(str(tmp_path), batch_max_size=4, batch_timeout_ms=0)
     try:
         assert classifier.batcher is None
         classifier.warm_up()

@@ -370,11 +370,11 @@ def test_body_timeout_defaults_to_timeout(tmp_path):
     0 is a value of its own (no limit)."""
     from classify_server import settings
     assert conf_timeout(tmp_path) == 60 and conf_timeout(tmp_path, TIMEOUT="7") == 7
-    assert settings.from_env({})["BODY_TIMEOUT"] == 60
-    assert settings.from_env({"TIMEOUT": "7"})["BODY_TIMEOUT"] == 7
-    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": ""})["BODY_TIMEOUT"] == 7
-    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": "2.5"})["BODY_TIMEOUT"] == 2.5
-    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": "0"})["BODY_TIMEOUT"] == 0
+    assert settings.from_env({}).http.body_timeout == 60
+    assert settings.from_env({"TIMEOUT": "7"}).http.body_timeout == 7
+    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": ""}).http.body_timeout == 7
+    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": "2.5"}).http.body_timeout == 2.5
+    assert settings.from_env({"TIMEOUT": "7", "BODY_TIMEOUT": "0"}).http.body_timeout == 0
 
 
 DRIP_TIMEOUT = 1  # TIMEOUT of the two servers below, so BODY_TIMEOUT's default: 1 s
@@ -636,8 +636,8 @@ _project_post_worker_init = post_worker_init
 def post_worker_init(worker):
     _project_post_worker_init(worker)
     import sys, time
-    from classify_server.engines.tf_session import Classifier
-    predict, close = Classifier.predict, Classifier.close
+    from classify_server.engines.tf_session import TFSessionEngine
+    predict, close = TFSessionEngine.predict, TFSessionEngine.close
 
     def spy_predict(self, inputs):
         print("SPY run", self.model_dir, time.monotonic(), file=sys.stderr, flush=True)
@@ -647,7 +647,7 @@ def post_worker_init(worker):
         print("SPY closed", self.model_dir, time.monotonic(), file=sys.stderr, flush=True)
         return close(self)
 
-    Classifier.predict, Classifier.close = spy_predict, spy_close
+    TFSessionEngine.predict, TFSessionEngine.close = spy_predict, spy_close
 """)
     return path
 

@@ -56,8 +56,8 @@ def scores_of(response):
 def local_scores(model_dir, images):
     """The HTTP server's engine and preprocessing, in this process, on the same bytes."""
     from classify_server.core.inference import preprocess
-    from classify_server.engines.tf_session import Classifier
-    classifier = Classifier(model_dir)
+    from classify_server.engines.tf_session import TFSessionEngine
+    classifier = TFSessionEngine(model_dir)
     try:
         return classifier.predict([preprocess(classifier.input_spec, data, None) for data in images])
     finally:
@@ -97,7 +97,7 @@ def colour_model(tmp_path_factory):
 
 SLOW_PREDICT = '''\
 """Imported by the gRPC server under test at start-up (sitecustomize, through PYTHONPATH): makes
-Classifier.predict slow, and observable, for requests (not the start-up warm-up, unless SLOW_WARM_UP). Each
+TFSessionEngine.predict slow, and observable, for requests (not the start-up warm-up, unless SLOW_WARM_UP). Each
 takes SLOW_PREDICT_SECONDS more, then answers as before, and appends to SLOW_PREDICT_LOG
 "enter N" when it starts and "exit N" when it ends, N the predicts running at that moment."""
 import os
@@ -106,7 +106,7 @@ import time
 
 from classify_server.engines import tf_session
 
-_predict = tf_session.Classifier.predict
+_predict = tf_session.TFSessionEngine.predict
 _lock = threading.Lock()
 _running = 0
 
@@ -133,7 +133,7 @@ def predict(self, inputs):
             _note("exit")
 
 
-tf_session.Classifier.predict = predict
+tf_session.TFSessionEngine.predict = predict
 '''
 
 

@@ -394,7 +394,7 @@ def test_debug_mode_is_off_under_gunicorn(server):
 @pytest.fixture(scope="module")
 def classifier(trained_model):
     from classify_server import engines, settings
-    loaded = engines.load(trained_model, settings.from_env())
+    loaded = engines.load(trained_model, settings.from_env().engine)
     yield loaded
     loaded.close()
 
@@ -483,10 +483,10 @@ def test_limits_are_on_by_default(monkeypatch):
     from classify_server import settings
     for name in ("MAX_UPLOAD_BYTES", "MAX_IMAGE_PIXELS", "MAX_PARTS"):
         monkeypatch.delenv(name, raising=False)
-    config = settings.from_env()
-    assert 0 < config["MAX_UPLOAD_BYTES"] <= 100 * 2**20
-    assert 0 < config["MAX_IMAGE_PIXELS"] <= 100_000_000
-    assert 0 < config["MAX_PARTS"] <= 100
+    limits = settings.from_env().limits
+    assert 0 < limits.max_upload_bytes <= 100 * 2**20
+    assert 0 < limits.max_image_pixels <= 100_000_000
+    assert 0 < limits.max_parts <= 100
 
 
 def test_labels_are_data_never_html(classifier):
@@ -610,7 +610,7 @@ def test_fuzz_inference_classify(classifier, images):
     from classify_server import settings
     from classify_server.core.inference import Inference, InferenceError
     from classify_server.core.registry import Models
-    core = Inference(Models.static(classifier), settings.from_env())
+    core = Inference(Models.static(classifier), settings.from_env().limits)
     try:
         prediction = core.classify(images)
     except InferenceError as exc:

@@ -316,8 +316,8 @@ def two_models(trained_model, tmp_path_factory):
     write_third_party_model(root / "imagenet")
     path = write_config(root / "models.config", ("shapes", "shapes"), ("imagenet", "imagenet"))
     from classify_server.core.inference import preprocess
-    from classify_server.engines.tf_session import Classifier
-    classifier = Classifier(trained_model)
+    from classify_server.engines.tf_session import TFSessionEngine
+    classifier = TFSessionEngine(trained_model)
 
     def shapes_scores(data):
         return classifier.predict([preprocess(classifier.input_spec, data, None)])[0]

@@ -23,7 +23,7 @@ IMAGES = [shape_image(label, 60 + i) for i, label in enumerate(["red_circle", "g
 
 def engine(folder, kind):
     from classify_server import settings
-    return load(str(folder), dict(settings.from_env({}), MODEL_ENGINE=kind))
+    return load(str(folder), settings.from_env({"MODEL_ENGINE": kind}).engine)
 
 
 def held_out(folder, split="testing"):
@@ -181,9 +181,8 @@ def test_bfloat16_rewrite_answers_as_float32_does(trained_model):
     """TF_BFLOAT16=1: the same top labels and scores within 0.05; on a CPU with bf16 the rewrite really
     runs (the scores differ a little from float32's)."""
     from classify_server import settings
-    config = settings.from_env({})
-    fp32 = load(trained_model, config)
-    bf16 = load(trained_model, dict(config, TF_BFLOAT16=1))
+    fp32 = load(trained_model, settings.from_env({}).engine)
+    bf16 = load(trained_model, settings.from_env({"TF_BFLOAT16": "1"}).engine)
     x = np.stack([preprocess(fp32.input_spec, image, None) for image in IMAGES])
     a, b = fp32.predict(list(x)), bf16.predict(list(x))
     assert (np.argmax(a, 1) == np.argmax(b, 1)).all()

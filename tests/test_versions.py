@@ -181,7 +181,7 @@ def test_saved_model_gives_the_graph_probabilities(tmp_path, image_dir):
     from helpers import run_retrain
 
     from classify_server.core.inference import preprocess
-    from classify_server.engines.tf_session import Classifier
+    from classify_server.engines.tf_session import TFSessionEngine
     base = tmp_path / "models"
     # Real weights (when ../shared has them, as CI does): answers that depend on the image, so a broken
     # decode, crop or alpha step in the signature shows in its scores.
@@ -191,7 +191,7 @@ def test_saved_model_gives_the_graph_probabilities(tmp_path, image_dir):
     version = base / "1"
     assert (version / "saved_model.pb").is_file() and (version / "graph.pb").is_file()
     images = saved_model_images()
-    classifier = Classifier(str(version))
+    classifier = TFSessionEngine(str(version))
     pixels = [preprocess(classifier.input_spec, image, None) for image in images]
     expected = classifier.predict(pixels)
     if TEST_WEIGHTS != "none":

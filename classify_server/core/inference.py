@@ -1,6 +1,6 @@
 """The inference core: what happens to an image, whichever protocol brought it.
 
-    adapters: multipart POST / (api)   TF Serving REST and gRPC   V2 REST and gRPC
+    adapters: multipart POST / (multipart)   TF Serving REST and gRPC   V2 REST and gRPC
               Kafka consumer (stream)   label_image CLI   corrections (feedback)
                  |  parse the request; format the answer; map InferenceError.code to a status
                  v
@@ -16,17 +16,25 @@
 As KServe's dataplane sits under its REST and gRPC endpoints. Adapters never decode an image
 or run the model themselves; each maps the codes below to its own status in one table.
 """
+from __future__ import annotations
+
 import io
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from classify_contract import preprocessing
 from classify_server.core.ranking import top_k
+
+if TYPE_CHECKING:
+    from classify_server.core.registry import Models
+    from classify_server.settings import Limits
 
 log = logging.getLogger("classify_server")
 
@@ -69,10 +77,9 @@ class Prediction:
 class Inference:
     """The one path from encoded images to scores, over the served models (registry.Models)."""
 
-    def __init__(self, models, config, on_inference=None):
+    def __init__(self, models: Models, limits: Limits, on_inference: Callable[[float], object] | None = None):
         self.models = models
-        self.max_images, self.max_bytes = config["MAX_PARTS"], config["MAX_UPLOAD_BYTES"]
-        self.max_pixels = config["MAX_IMAGE_PIXELS"]
+        self.limits = limits  # enforced here; limits.top_k is the answers' default length
         self.on_inference = on_inference  # e.g. a Prometheus histogram's observe(seconds)
 
     def manager(self, model=None):
@@ -121,9 +128,9 @@ class Inference:
         """Raise unless a request of `count` images is allowed (adapters may ask before building them)."""
         if count < 1:
             raise InferenceError(INVALID_INPUT, "no image in the request")
-        if count > self.max_images:
+        if count > self.limits.max_parts:
             raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
-                                                  f"{self.max_images} (MAX_PARTS)")
+                                                  f"{self.limits.max_parts} (MAX_PARTS)")
 
     def classify(self, images, model=None, version=None, names=None, label=None):
         """Scores for encoded images, all or none: the first bad image fails the request.
@@ -175,11 +182,11 @@ class Inference:
         return preprocessing.probe_image(data)[0]
 
     def check_size(self, data, which):
-        check_size(data, self.max_bytes, which)
+        check_size(data, self.limits.max_upload_bytes, which)
 
     def _decode(self, engine, data, which):
         try:
-            return preprocess(engine.input_spec, data, self.max_pixels)
+            return preprocess(engine.input_spec, data, self.limits.max_image_pixels)
         except preprocessing.ImageTooLarge as exc:
             raise InferenceError(IMAGE_TOO_LARGE, f"{which}: {exc} (MAX_IMAGE_PIXELS)" if which
                                  else f"{exc} (MAX_IMAGE_PIXELS)") from None

@@ -17,13 +17,19 @@ format, read with the protos tensorflow-serving-api ships (so TF Serving's own f
 The first model is the default (multipart POST / without ?model=). Without a version policy the
 newest version is served, as TF Serving does. Each model folder's own model.json describes its graph.
 """
+from __future__ import annotations
+
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from classify_server.engines import ModelLoadError
+
+if TYPE_CHECKING:
+    from classify_server.settings import ModelSettings
 
 
 class ConfigError(ModelLoadError):
@@ -49,11 +55,11 @@ class ModelSpec:
         return list(candidates)[-self.num_versions:]
 
 
-def from_settings(config):
-    """The models of these settings (classify_server.settings): the config file's, or MODEL_DIR's one."""
-    if config["MODEL_CONFIG_FILE"]:
-        return read(config["MODEL_CONFIG_FILE"])
-    return [ModelSpec(config["MODEL_NAME"], config["MODEL_DIR"])]
+def from_settings(model: ModelSettings) -> list[ModelSpec]:
+    """The models of these settings: the config file's (MODEL_CONFIG_FILE), or MODEL_DIR's one."""
+    if model.config_file:
+        return read(model.config_file)
+    return [ModelSpec(model.name, model.dir)]
 
 
 def read(path):

@@ -1,4 +1,4 @@
-"""Probabilities -> the best labels: shared by Classifier.top_k and the stream's remote mode.
+"""Probabilities -> the best labels: shared by the inference core and the stream's remote mode.
 
 Kept apart from classify_server.engines.tf_session so that ranking does not import TensorFlow.
 """

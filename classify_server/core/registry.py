@@ -10,13 +10,19 @@ loaded anew beside the old and then swapped in, its version labels change in pla
 fails to load is reported in its status and harms no other; a config file that does not parse keeps
 the models served and says why in the log.
 """
+from __future__ import annotations
+
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from classify_server.core import model_config
 from classify_server.core.versions import ModelManager
 from classify_server.engines import ModelLoadError, load
+
+if TYPE_CHECKING:
+    from classify_server.settings import EngineSettings, ModelSettings
 
 log = logging.getLogger("classify_server")
 
@@ -127,14 +133,15 @@ class Models:
         threading.Thread(target=loop, name="model-poller", daemon=True).start()
 
 
-def load_models(config, start=True):
-    """The Models of these settings (classify_server.settings), loaded and polled; with start=False
-    not loaded yet (the gRPC server listens first, answering NOT_SERVING, then calls start()).
+def load_models(model: ModelSettings, engine: EngineSettings, start: bool = True) -> Models:
+    """The Models of these settings, loaded and polled, each version an engine of `engine`'s kind; with
+    start=False not loaded yet (the gRPC server listens first, answering NOT_SERVING, then calls start()).
 
     Shared by the HTTP app, the gRPC server and the Kafka consumer, so all load and version alike.
     """
-    models = Models(lambda folder: load(folder, config), model_config.from_settings(config),
-                    config["MODEL_CONFIG_FILE"], config["MODEL_POLL_SECONDS"], config["MODEL_CONFIG_POLL_SECONDS"])
+    overrides = model.graph_overrides()
+    models = Models(lambda folder: load(folder, engine, overrides), model_config.from_settings(model),
+                    model.config_file, model.poll_seconds, model.config_poll_seconds)
     if start:
         models.start()
     return models

@@ -6,26 +6,31 @@
 `load` chooses one by MODEL_ENGINE; each engine module imports only `base`, so nothing here is a cycle,
 and a tflite worker never imports TensorFlow.
 """
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING
 
 from classify_server.engines.base import Engine, InputSpec, ModelLoadError
+
+if TYPE_CHECKING:
+    from classify_server.settings import EngineSettings
 
 __all__ = ["Engine", "InputSpec", "ModelLoadError", "load"]
 
 
-def load(folder, config):
-    """A warmed-up engine over one model folder, with these settings (classify_server.settings): the
-    kind MODEL_ENGINE names."""
-    if config["MODEL_ENGINE"] == "tflite":
-        from classify_server.engines.tflite import TFLiteClassifier
-        engine = TFLiteClassifier(folder, config["TF_INTRA_OP_THREADS"] or os.cpu_count() or 1,
-                                  config["TF_INTER_OP_THREADS"] or os.cpu_count() or 1)
+def load(folder: str, settings: EngineSettings, overrides: dict[str, object] | None = None) -> Engine:
+    """A warmed-up engine over one model folder, of the kind settings.kind (MODEL_ENGINE) names;
+    `overrides` describe a third-party graph without model.json (settings.ModelSettings.graph_overrides)."""
+    engine: Engine
+    if settings.kind == "tflite":
+        from classify_server.engines.tflite import TFLiteEngine
+        engine = TFLiteEngine(folder, settings.intra_op_threads or os.cpu_count() or 1,
+                              settings.inter_op_threads or os.cpu_count() or 1)
     else:
-        from classify_server import settings
-        from classify_server.engines.tf_session import Classifier
-        engine = Classifier(folder, settings.graph_overrides(config), config["TF_INTRA_OP_THREADS"],
-                            config["TF_INTER_OP_THREADS"], config["BATCH_MAX_SIZE"], config["BATCH_TIMEOUT_MS"],
-                            bfloat16=config["TF_BFLOAT16"])
+        from classify_server.engines.tf_session import TFSessionEngine
+        engine = TFSessionEngine(folder, overrides or {}, settings.intra_op_threads, settings.inter_op_threads,
+                                 settings.batch_max_size, settings.batch_timeout_ms, bfloat16=bool(settings.bfloat16))
     try:
         engine.warm_up()
     except Exception:

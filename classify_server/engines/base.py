@@ -3,7 +3,7 @@
 An engine is one loaded model version. The core (classify_server.core.inference) decodes each
 image with the shared preprocessing into what `input_spec` asks for, and hands the engine
 a batch of them; the engine only runs the model. Today's engine is the persistent
-TensorFlow session over graph.pb (classify_server.engines.tf_session.Classifier, MODEL_ENGINE=tf) and LiteRT's
+TensorFlow session over graph.pb (classify_server.engines.tf_session, MODEL_ENGINE=tf) and LiteRT's
 interpreters over model.tflite (classify_server.engines.tflite, MODEL_ENGINE=tflite). Each implements the
 members below and is chosen where versions are loaded (classify_server.engines.load); no adapter
 changes.

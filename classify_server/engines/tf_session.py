@@ -1,6 +1,6 @@
 """The model session: a frozen GraphDef imported once into a persistent tf.compat.v1.Session.
 
-One `Classifier` lives as long as its gunicorn worker and serves every request;
+One `TFSessionEngine` lives as long as its gunicorn worker and serves every request;
 Session.run is thread-safe, so threaded workers share it. Any frozen
 classification graph works: ours (float32 pixels at `input:0`, scaling inside),
 the classic retrain.py output (JPEG bytes at `DecodeJpeg/contents:0`), or a
@@ -53,7 +53,7 @@ def read_spec(model_dir, overrides=None, graph_path=None, labels_path=None):
     return graph_path, labels, spec, sidecar
 
 
-class Classifier:
+class TFSessionEngine:
     """The TensorFlow session engine (classify_server.engines.base): graph.pb in one persistent session."""
 
     def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, batch_max_size=0,

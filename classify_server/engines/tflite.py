@@ -17,7 +17,7 @@ from classify_server.engines import base
 from classify_server.engines.base import InputSpec, ModelLoadError
 
 
-class TFLiteClassifier:
+class TFLiteEngine:
     """The TFLite engine (classify_server.engines.base)."""
 
     def __init__(self, model_dir, threads=1, runners=1):

@@ -65,21 +65,22 @@ def set_health(server, status):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m classify_server.grpc_server", description=(
         "Serve the models over TensorFlow Serving's gRPC API and the Open Inference Protocol's (V2)."))
-    config = settings.from_env()
-    parser.add_argument("--host", default=config["GRPC_HOST"], help="address to listen on (GRPC_HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=config["GRPC_PORT"],
+    service = settings.current()
+    parser.add_argument("--host", default=service.grpc.host, help="address to listen on (GRPC_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=service.grpc.port,
                         help="port to listen on (GRPC_PORT, default 8500; 0: any free port)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be between 0 and 65535, got {args.port}")
-    settings.setup_logging(config)
-    threads, grace = config["GRPC_THREADS"], config["GRACEFUL_TIMEOUT"]
+    settings.setup_logging(service.serving)
+    threads, grace = service.grpc.threads, service.serving.graceful_timeout
 
     try:
-        models = load_models(config, start=False)  # a model config that does not parse stops here
+        models = load_models(service.model, service.engine, start=False)  # a config that does not parse stops here
     except ModelLoadError as exc:
         raise SystemExit(f"classify_server.grpc_server: {exc}") from None
-    server = make_server(Inference(models, config), config["MAX_UPLOAD_BYTES"], threads, config["MAX_QUEUE"])
+    server = make_server(Inference(models, service.limits), service.limits.max_upload_bytes, threads,
+                         service.serving.max_queue)
     address = f"[{args.host}]:{args.port}" if ":" in args.host and not args.host.startswith("[") else \
         f"{args.host}:{args.port}"
     try:

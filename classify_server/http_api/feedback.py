@@ -12,7 +12,7 @@ import re
 import threading
 import time
 
-from flask import Blueprint, abort, current_app, jsonify, request
+from flask import Blueprint, abort, jsonify, request
 
 from classify_contract import atomic
 from classify_server.core.inference import INVALID_IMAGE, TOO_MANY_IMAGES, Inference, InferenceError
@@ -44,13 +44,6 @@ class RateLimiter:
             return True
 
 
-def _feedback_dir():
-    folder = current_app.config.get("FEEDBACK_DIR")
-    if not folder:
-        abort(404, "feedback is off: set FEEDBACK_DIR to a folder to collect corrections")
-    return folder
-
-
 def validate_label(label, known):
     label = (label or "").strip()
     if label in known:
@@ -73,9 +66,15 @@ def store(folder, label, data, kind):
     return path, True
 
 
-def blueprint(core: Inference, limiter: RateLimiter) -> Blueprint:
-    """This protocol's routes, handed the inference core and the per-client limit."""
+def blueprint(core: Inference, limiter: RateLimiter, folder: str) -> Blueprint:
+    """This protocol's routes, handed the inference core, the per-client limit and where corrections are
+    stored (FEEDBACK_DIR; empty: feedback is off)."""
     bp = Blueprint("feedback", __name__)
+
+    def _feedback_dir():
+        if not folder:
+            abort(404, "feedback is off: set FEEDBACK_DIR to a folder to collect corrections")
+        return folder
 
     def _labels(folder):
         with core.servable() as servable:

@@ -7,7 +7,7 @@ version_not_served when they are not the ones served); `?top_k=K` for K labels.
 Every answer that ran the model carries a Server-Timing header (decode and
 inference milliseconds), which browsers' developer tools and load tests read.
 """
-from flask import Blueprint, abort, current_app, jsonify, request
+from flask import Blueprint, abort, jsonify, request
 
 from classify_server.core.inference import Inference
 from classify_server.http_api.core_calls import classify, parse_top_k, uploaded_images
@@ -20,7 +20,7 @@ def blueprint(core: Inference) -> Blueprint:
     @bp.post("/")
     def classify_upload():
         images, names = uploaded_images()
-        top_k = parse_top_k(current_app.config["TOP_K"])
+        top_k = parse_top_k(core.limits.top_k)
         version = request.args.get("version")
         if version is not None and not version.isdigit():
             abort(400, f"version must be a version number, got {version[:40]!r}")

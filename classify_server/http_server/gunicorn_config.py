@@ -21,16 +21,17 @@ from classify_contract import model_folder
 from classify_server import settings
 
 service = settings.from_env()  # every setting, checked: a bad one stops gunicorn here with one line
+http = service.http
 cores = os.cpu_count() or 1
-bind = service["BIND"] or f"{service['HOST']}:{service['PORT']}"
-workers = service["WEB_CONCURRENCY"]
-worker_class = service["WORKER_CLASS"]
-threads = service["THREADS"]
-timeout = service["TIMEOUT"]
-graceful_timeout = service["GRACEFUL_TIMEOUT"]
-keepalive = service["KEEPALIVE"]
-accesslog = service["ACCESS_LOG"] or None
-loglevel = service["LOG_LEVEL"]
+bind = http.bind or f"{http.host}:{http.port}"
+workers = http.workers
+worker_class = http.worker_class
+threads = http.threads
+timeout = http.timeout
+graceful_timeout = service.serving.graceful_timeout
+keepalive = http.keepalive
+accesslog = http.access_log or None
+loglevel = service.serving.log_level
 # The model must be loaded in each worker after the fork: a TensorFlow session
 # does not survive fork(), so never preload.
 preload_app = False
@@ -52,13 +53,13 @@ def on_starting(server):
     # Fail at once, before the workers spend seconds importing TensorFlow, when a model is not there at all.
     from classify_server.core import model_config
     try:
-        specs = model_config.from_settings(service)
+        specs = model_config.from_settings(service.model)
     except model_config.ConfigError as exc:
         sys.exit(f"classify_server: {exc}")
     for spec in specs:
         path = spec.base_path
         if not (model_folder.is_model(path) or model_folder.versions(path)):
-            where = f"model {spec.name!r} of {service['MODEL_CONFIG_FILE']}: " if service["MODEL_CONFIG_FILE"] else ""
+            where = f"model {spec.name!r} of {service.model.config_file}: " if service.model.config_file else ""
             fix = "fix its base_path" if where else "set MODEL_DIR"
             inside = model_folder.models_inside(path)
             if inside:
@@ -70,7 +71,7 @@ def on_starting(server):
 
 
 # Set once any worker has loaded the model: after that a worker that cannot load it
-# (its files broke meanwhile) exits alone instead of halting gunicorn (classify_server.__getattr__).
+# (its files broke meanwhile) exits alone instead of halting gunicorn (classify_server.wsgi.load_app).
 os.environ["CLASSIFY_MODEL_LOADED_FLAG"] = os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "model-loaded.flag")
 
 
@@ -102,5 +103,6 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 
+# Each worker reads its settings once, after the fork (settings.current()), these two with the rest.
 os.environ.setdefault("TF_INTRA_OP_THREADS", str(max(1, cores // workers)))
 os.environ.setdefault("TF_INTER_OP_THREADS", os.environ["TF_INTRA_OP_THREADS"])

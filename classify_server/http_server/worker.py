@@ -84,13 +84,13 @@ class Worker(base.Worker):
             self.log.error("classify_server.http_server.worker does not read TLS: terminate TLS in front of it "
                            "(nginx, the ingress), or set WORKER_CLASS=gthread")
             sys.exit(3)  # gunicorn's 'worker failed to boot': the master stops with that line
-        config = settings.from_env()
-        self.timeouts = {name: config[name] for name in ("HEADER_TIMEOUT", "BODY_TIMEOUT", "BODY_MIN_RATE")}
+        service = settings.current()  # this worker's one read of the environment (create_app gets the same)
+        self.http = service.http  # header_timeout, body_timeout, body_min_rate
         self.limits = reader.Limits(max_line=self.cfg.limit_request_line or 2 ** 20,
-                                          max_fields=self.cfg.limit_request_fields,
-                                          max_field=self.cfg.limit_request_field_size or 2 ** 20,
-                                          max_body=config["MAX_UPLOAD_BYTES"])
-        self.max_queue = config["MAX_QUEUE"]
+                                    max_fields=self.cfg.limit_request_fields,
+                                    max_field=self.cfg.limit_request_field_size or 2 ** 20,
+                                    max_body=service.limits.max_upload_bytes)
+        self.max_queue = service.serving.max_queue
         self.connections = {}  # socket: Connection
         self.in_pool = 0  # requests given to the request threads and not finished
         self.done = deque()  # (connection, answer, bytes sent) from the threads
@@ -441,34 +441,34 @@ class Worker(base.Worker):
         for conn in list(self.connections.values()):
             if conn.state == READING:
                 self.guarded(conn, lambda c: self.check_reading(c, now))
-            elif conn.state == WRITING and self.timeouts["BODY_TIMEOUT"] and \
-                    now - conn.since > self.timeouts["BODY_TIMEOUT"]:
+            elif conn.state == WRITING and self.http.body_timeout and \
+                    now - conn.since > self.http.body_timeout:
                 self.log.info("closing the connection of %s: its answer was not read within %gs (BODY_TIMEOUT)",
-                              conn.peer.client, self.timeouts["BODY_TIMEOUT"])
+                              conn.peer.client, self.http.body_timeout)
                 self.close(conn)
             elif conn.state == LINGERING and now - conn.since > LINGER:
                 self.close(conn)
 
     def check_reading(self, conn, now):
-        reader, limits = conn.reader, self.timeouts
+        reader, limits = conn.reader, self.http
         if reader.idle and conn.began is None:
-            idle = limits["HEADER_TIMEOUT"] if not conn.served else self.cfg.keepalive
+            idle = limits.header_timeout if not conn.served else self.cfg.keepalive
             if now - conn.since > idle:
                 self.close(conn)  # said nothing: nothing to answer
             return
         late = None
         if reader.in_head or conn.body_began is None:
-            if now - conn.began > limits["HEADER_TIMEOUT"]:
-                late = "headers", f"request headers not received within {limits['HEADER_TIMEOUT']:g}s (HEADER_TIMEOUT)"
+            if now - conn.began > limits.header_timeout:
+                late = "headers", f"request headers not received within {limits.header_timeout:g}s (HEADER_TIMEOUT)"
         else:
             took = now - conn.body_began
             rate = reader.body_bytes / took if took else 0
-            if limits["BODY_TIMEOUT"] and took > limits["BODY_TIMEOUT"]:
-                late = "body", (f"the request body did not arrive in time: not within {limits['BODY_TIMEOUT']:g}s "
+            if limits.body_timeout and took > limits.body_timeout:
+                late = "body", (f"the request body did not arrive in time: not within {limits.body_timeout:g}s "
                                 "(BODY_TIMEOUT)")
-            elif limits["BODY_MIN_RATE"] and took > RATE_GRACE and rate < limits["BODY_MIN_RATE"]:
+            elif limits.body_min_rate and took > RATE_GRACE and rate < limits.body_min_rate:
                 late = "body", (f"the request body did not arrive in time: {rate:.0f} bytes/s, under "
-                                f"{limits['BODY_MIN_RATE']} (BODY_MIN_RATE)")
+                                f"{limits.body_min_rate} (BODY_MIN_RATE)")
         if late:
             part, message = late
             metrics.CUT_OFF.labels(part).inc()

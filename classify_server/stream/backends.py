@@ -14,6 +14,7 @@ import urllib.parse
 from classify_server.core import inference
 from classify_server.core.inference import InferenceError
 from classify_server.core.ranking import top_k
+from classify_server.settings import Settings
 
 log = logging.getLogger("classify_server.stream")
 
@@ -30,11 +31,10 @@ PER_IMAGE = {inference.EMPTY_IMAGE, inference.REQUEST_TOO_LARGE, inference.INVAL
 class Embedded:
     """The model in this process, behind the HTTP server's inference core."""
 
-    def __init__(self, config, model=None):
+    def __init__(self, service: Settings, model: str | None = None):
         from classify_server.core.inference import Inference
         from classify_server.core.registry import load_models
-        self.config = config
-        self.core = Inference(load_models(config), config)
+        self.core = Inference(load_models(service.model, service.engine), service.limits)
         self.name = self.core.manager(model).name  # an unknown model stops here
 
     def describe(self):
@@ -44,7 +44,7 @@ class Embedded:
     def classify(self, images):
         """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""
         version, labels, results = self.core.classify_each(images, self.name)
-        return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.config["TOP_K"])
+        return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.core.limits.top_k)
                          for r in results]
 
     def close(self):
@@ -59,16 +59,19 @@ class Remote:
     never mislabels an answer.
     """
 
-    def __init__(self, url, config, batch_size, model=None, timeout=60):
+    def __init__(self, url: str, default_model: str, top_k: int, batch_size: int, model: str | None = None,
+                 timeout: float = 60):
+        """`model` is asked for, else the one in `url` (.../v1/models/NAME), else `default_model` (MODEL_NAME);
+        answers carry `top_k` labels (TOP_K)."""
         parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise SystemExit(f"classify_server.stream: --remote must be an http(s) URL, got {url!r}")
         match = re.match(r"^(.*?)/v1/models/([^/:]+)", parts.path)
         self.prefix = (match.group(1) if match else parts.path).rstrip("/")
-        self.name = model or (urllib.parse.unquote(match.group(2)) if match else config["MODEL_NAME"])
+        self.name = model or (urllib.parse.unquote(match.group(2)) if match else default_model)
         self.url = f"{parts.scheme}://{parts.netloc}{self.prefix}/v1/models/{self.name}"
         self.https, self.host, self.port = parts.scheme == "https", parts.hostname, parts.port
-        self.timeout, self.batch_size, self.top_k = timeout, batch_size, config["TOP_K"]
+        self.timeout, self.batch_size, self.top_k = timeout, batch_size, top_k
         self.connection = None
         self.labels = self.version = None
 

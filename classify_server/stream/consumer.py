@@ -7,6 +7,7 @@ import time
 
 from classify_server.core import inference
 from classify_server.core.inference import CODES, InferenceError, check_size
+from classify_server.settings import Limits
 from classify_server.stream.backends import RemoteUnavailable
 
 log = logging.getLogger("classify_server.stream")
@@ -47,9 +48,9 @@ def kafka_settings(items):
 class StreamClassifier:
     """Poll a batch, classify it, produce the answers, wait for their acks, commit, repeat."""
 
-    def __init__(self, engine, args, config):
+    def __init__(self, engine, args, limits: Limits):
         from confluent_kafka import Consumer, Producer
-        self.engine, self.args, self.config = engine, args, config
+        self.engine, self.args, self.limits = engine, args, limits
         consumer_extra, producer_extra = kafka_settings(args.kafka_config)
         common = {"bootstrap.servers": args.bootstrap_servers, "client.id": "classify-stream"}
         self.consumer = Consumer({
@@ -170,7 +171,7 @@ class StreamClassifier:
         answers, images, where = [None] * len(batch), [], []
         for i, message in enumerate(batch):
             try:
-                check_size(message.value(), self.config["MAX_UPLOAD_BYTES"], "the message's value")
+                check_size(message.value(), self.limits.max_upload_bytes, "the message's value")
             except InferenceError as exc:
                 answers[i] = exc
             else:

@@ -53,14 +53,14 @@ class FlowerFolds:
         if not (os.path.isdir(C.FLOWERS) and os.path.isfile(C.MOBILENET_WEIGHTS)):
             raise SystemExit(f"needs {C.FLOWERS} and {C.MOBILENET_WEIGHTS}")
         from classify_contract import tf_noise
-        from retrain import backbones, bottlenecks, cli
+        from retrain import backbones, bottlenecks, steps
         tf_noise.import_tensorflow_quietly()
         self.arch = backbones.ARCHITECTURES["mobilenet_v2"]
         self.labels = sorted(d for d in os.listdir(C.FLOWERS) if os.path.isdir(os.path.join(C.FLOWERS, d)))
         photos = [(os.path.join(C.FLOWERS, label, name), i) for i, label in enumerate(self.labels)
                   for name in sorted(os.listdir(os.path.join(C.FLOWERS, label)))]
         fold_of = np.random.default_rng(seed).permutation(len(photos)) % folds  # stratified by the shuffle alone
-        self.backbone_def = cli.backbone_graph_def(
+        self.backbone_def = steps.backbone_graph_def(
             cache_dir, lambda: backbones.build_backbone(self.arch, C.MOBILENET_WEIGHTS), self.arch.size)
         C.log(f"bottlenecks of {len(photos)} photos")
         features, _ = bottlenecks.get_bottlenecks([p for p, _ in photos],

@@ -30,16 +30,10 @@ data set is downloaded to ~/flower_photos. For the last points of accuracy, and
 time to spare, --fine_tune also trains the top of the backbone.
 """
 import argparse
-import functools
 import os
-import sys
 import time
 
-import numpy as np
-
-from classify_contract import atomic, model_folder, tf_noise
-from classify_contract.preprocessing import PREPROCESSING_VERSION
-from retrain.images import create_image_lists, maybe_download_flowers
+from classify_contract import model_folder, tf_noise
 from retrain.tflite import QUANTIZATIONS as TFLITE_QUANTIZATIONS
 
 
@@ -138,202 +132,24 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """A retrain run, step by step (retrain.steps says what each does)."""
     flags = parse_args(argv)
     tf_noise.import_tensorflow_quietly()  # its start-up lines drown the progress and read like failures
-    # Heavy imports after parsing, so that --help and flag errors are instant.
-    from retrain import backbones, bottlenecks, export, report, train
+    from retrain import steps  # TensorFlow and Keras: after parsing, so that --help and flag errors are instant
 
-    if flags.architecture not in backbones.ARCHITECTURES:
-        raise SystemExit(f"error: unknown --architecture {flags.architecture!r}; "
-                         f"choose one of {', '.join(backbones.ARCHITECTURES)}")
-    arch = backbones.ARCHITECTURES[flags.architecture]
-    image_dir = flags.image_dir or maybe_download_flowers(os.path.expanduser("~/flower_photos"))
-    for folder in flags.extra_image_dir:
-        if not os.path.isdir(folder):
-            print(f"note: --extra_image_dir {folder} does not exist (no feedback yet?); skipped", file=sys.stderr)
-    image_dirs = [image_dir] + [d for d in flags.extra_image_dir if os.path.isdir(d)]
-    lists = create_image_lists(image_dirs, flags.validation_percentage, flags.testing_percentage)
-    labels = lists.labels
-    if flags.weights == "none":
-        print("\n" + "!" * 72 + "\n!! --weights none: RANDOM backbone weights. The model will be close to\n"
-              "!! useless; this is for tests and speed benchmarks only.\n" + "!" * 72 + "\n", file=sys.stderr)
-
+    arch = steps.choose_architecture(flags.architecture)
+    image_dir, lists = steps.list_images(flags)
+    steps.warn_if_random(flags.weights)
     start = time.time()
-    # Built on first use: a run whose bottlenecks are all cached never needs the Keras backbone.
-    backbone = functools.cache(lambda: backbones.build_backbone(arch, flags.weights))
-    cache_dir = os.path.join(flags.bottleneck_dir, f"{arch.name}-{backbones.weights_tag(flags.weights)}"
-                                                   f"-p{PREPROCESSING_VERSION}")
-    # The frozen backbone computes the bottlenecks and, with the new layer appended, becomes graph.pb.
-    backbone_def = functools.cache(lambda: backbone_graph_def(cache_dir, backbone, arch.size))
-    all_paths = [p for s in lists.sets().values() for paths in s.values() for p in paths]
-    features, skipped = bottlenecks.get_bottlenecks(
-        all_paths, lambda: bottlenecks.frozen_forward(backbone_def()), arch.size, cache_dir)
-    timings = {"bottlenecks": time.time() - start}
-    if skipped:
-        print(f"warning: skipped {len(skipped)} unreadable image(s):", file=sys.stderr)
-        for path, reason in sorted(skipped.items()):
-            print(f"  {path}: {reason}", file=sys.stderr)
-    for label in labels:
-        if not any(p in features for s in lists.sets().values() for p in s[label]):
-            raise SystemExit(f"error: class {label!r} has no usable image; add images or remove its folder")
-
-    def arrays(image_set):
-        paths = [p for i, label in enumerate(labels) for p in image_set[label] if p in features]
-        y = np.array([i for i, label in enumerate(labels) for p in image_set[label] if p in features], np.int64)
-        x = np.stack([features[p] for p in paths]) if paths else np.zeros((0, 1), np.float32)
-        return paths, x, y
-
-    (train_paths, train_x, train_y), (val_paths, val_x, val_y), (test_paths, test_x, test_y) = (
-        arrays(lists.training), arrays(lists.validation), arrays(lists.testing))
-    print(f"{len(train_y)} training, {len(val_y)} validation, {len(test_y)} testing images "
-          f"in {len(labels)} classes", file=sys.stderr)
-    if not len(train_y):
-        raise SystemExit("error: no training images; lower --testing_percentage/--validation_percentage "
-                         "or add images")
-    run = report.Run(labels, arch.name, flags.weights, skipped=skipped, settings=vars(flags),
-                     counts={name: {label: sum(p in features for p in image_set[label]) for label in labels}
-                             for name, image_set in lists.sets().items()})
-    stage = time.time()
-    head = train.train_head(train_x, train_y, (val_x, val_y) if len(val_y) else None, len(labels), flags,
-                            run.head_history)
-    on_pixels = flags.fine_tune or train.augmentation_layers(flags) is not None
-    if flags.refit and len(val_y) and not on_pixels:
-        head = refit_head(head, (train_x, train_y), (val_x, val_y), len(labels), flags, run)
-    timings["training the new layer"] = time.time() - stage
-
-    if on_pixels:
-        stage = time.time()
-        trained = train.train_on_images(backbone(), head, train_paths, train_y, (val_paths, val_y), arch.size, flags,
-                                        run.fine_tune_history)
-        timings["training on pixels" + (" (fine-tuning)" if flags.fine_tune else "")] = time.time() - stage
-        model = lambda: trained  # noqa: E731
-
-        def predict(paths, x):
-            return trained.predict(train.load_images(paths, arch.size).astype(np.float32), verbose=0)
-
-        def graph_def():
-            return export.frozen_graph_def(trained, [None, arch.size, arch.size, 3])
-    else:
-        model = functools.cache(lambda: train.build_classifier(backbone(), head))
-
-        def predict(paths, x):
-            return head.predict(x, verbose=0)
-
-        def graph_def():
-            return export.stitched_graph_def(backbone_def(),
-                                             export.frozen_graph_def(head, [None, train_x.shape[1]]))
-
-    accuracy = run.accuracy
-    for name, paths, x, y in (("validation", val_paths, val_x, val_y), ("test", test_paths, test_x, test_y)):
-        if len(y) and name not in accuracy:  # validation is already judged when the layer was refit
-            scores = predict(paths, x)
-            predicted = np.argmax(scores, axis=1)
-            accuracy[name], run.sizes[name] = float(np.mean(predicted == y)), len(y)
-            print(f"{name} accuracy = {accuracy[name]:.4f} (N={len(y)})")
-    if "test" in accuracy:
-        run.test_paths, run.test_truth, run.test_scores = test_paths, test_y, scores
-        print("confusion matrix (test set):")
-        print(report.format_confusion(report.confusion_matrix(test_y, predicted, len(labels)), labels))
-        if flags.print_misclassified_test_images:
-            print("misclassified test images:")
-            for path, truth, guess, _ in report.misclassified(run):
-                print(f"  {path}  (true {truth}, predicted {guess})")
-    else:
-        print("warning: the test set is empty; no test accuracy (raise --testing_percentage or add images)",
-              file=sys.stderr)
-
-    # Paths in model.json are absolute, whatever folder retrain ran from (the server may run elsewhere).
-    weights = flags.weights if flags.weights in ("imagenet", "none") else os.path.abspath(flags.weights)
-    info = {"architecture": arch.name, "weights": weights, "labels_count": len(labels),
-            "accuracy": accuracy, "fine_tuned": bool(flags.fine_tune), "refit": run.refit,
-            "image_dir": os.path.abspath(image_dir),
-            "training_seconds": round(time.time() - start, 1)}
-    stage = time.time()
-    frozen = graph_def()
-    quantization = arch.quantization if flags.tflite_quantization == "auto" else flags.tflite_quantization
-    tflite_model = None
-    if quantization != "none":
-        from retrain import tflite
-        tflite_model, info["tflite"] = tflite.export(frozen, arch.size, quantization, train_paths, test_paths, test_y,
-                                                     accuracy.get("test"), flags.max_quantization_drop)
-        run.tflite = info["tflite"]
-    timings["export"] = time.time() - stage
-    timings["total"] = time.time() - start
-    run.timings = timings
+    backbone = steps.Backbone(arch, flags.weights, flags.bottleneck_dir)
+    data = steps.compute_bottlenecks(lists, backbone)
+    run = steps.start_report(data, arch, flags)
+    run.timings["bottlenecks"] = time.time() - start
+    trained = steps.train_model(data, backbone, flags, run)
+    steps.evaluate(trained, data, flags, run)
+    info = steps.model_info(arch, flags, image_dir, run, time.time() - start)
+    frozen, tflite_model = steps.export_model(trained, data, arch, flags, run, info)
+    run.timings["total"] = time.time() - start
     if flags.model_base_path:
-        return publish_version(flags, export, frozen, model, arch.size, labels, info, tflite_model, run)
-    export.write_model(flags.output_graph, flags.output_labels, frozen, arch.size, labels, info, tflite_model)
-    print(f"wrote {flags.output_graph} and {flags.output_labels}" + (" and model.tflite" if tflite_model else ""))
-    print(f"report: {report.write(os.path.dirname(os.path.abspath(flags.output_graph)), run)}")
-    if flags.saved_model_dir:
-        export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, model(), arch.size))
-        print(f"wrote SavedModel {flags.saved_model_dir}")
-    return 0
-
-
-def refit_head(head, training, validation, class_count, flags, run):
-    """The new layer trained again, the same way, on the training and validation images together.
-
-    Validation has chosen nothing by then (the schedule is fixed, the settings came from cross-validation,
-    bench/cv.py), so its images may as well train the final layer: 10 % more images, +0.2 points of accuracy
-    on unseen photos by CV (BENCHMARKS.md run Q). `head`'s validation accuracy, judged first, is the one
-    reported; the test images stay unseen.
-    """
-    from retrain import train
-    (train_x, train_y), (val_x, val_y) = training, validation
-    run.accuracy["validation"], run.sizes["validation"] = train.accuracy_of(head, val_x, val_y), len(val_y)
-    run.refit = True
-    print(f"validation accuracy = {run.accuracy['validation']:.4f} (N={len(val_y)}); refitting the new layer on "
-          f"the {len(train_y)} training and {len(val_y)} validation images")
-    quiet = argparse.Namespace(**dict(vars(flags), summaries_dir=""))  # TensorBoard has the first fit's curves
-    return train.train_head(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), None, class_count,
-                            quiet)
-
-
-def publish_version(flags, export, graph_def, model, size, labels, info, tflite_model=None, run=None):
-    """Write MODEL_BASE_PATH/N+1 complete, or refuse if it is worse than version N."""
-    existing = model_folder.versions(flags.model_base_path)
-    if existing:
-        try:
-            previous = model_folder.read_sidecar(os.path.join(flags.model_base_path, str(existing[-1])))
-        except ValueError:  # nothing to compare with
-            previous = {}
-        old, new = previous.get("accuracy", {}).get("test"), info["accuracy"].get("test")
-        if old is not None and new is not None and new < old - flags.max_accuracy_drop:
-            print(f"error: not publishing: test accuracy {new:.4f} is below version {existing[-1]}'s "
-                  f"{old:.4f} by more than --max_accuracy_drop {flags.max_accuracy_drop}", file=sys.stderr)
-            return 3
-    version = (existing[-1] if existing else 0) + 1
-    info = dict(info, version=version)
-
-    def write(folder):
-        export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
-                           graph_def, size, labels, info, tflite_model)
-        export.write_saved_model(folder, model(), size)  # saved_model.pb beside graph.pb, for TF Serving
-        if run is not None:
-            from retrain import report
-            report.write(folder, run)
-
-    target = os.path.join(flags.model_base_path, str(version))
-    export.publish(target, write)
-    print(f"wrote version {version}: {target}")
-    return 0
-
-
-def backbone_graph_def(cache_dir, backbone, size):
-    """The frozen backbone (`input:0` -> `bottleneck:0`), cached beside its bottlenecks."""
-    import tensorflow as tf
-    from google.protobuf.message import DecodeError
-
-    from retrain import export
-    path = os.path.join(cache_dir, f"backbone-tf{tf.__version__}.pb")
-    graph_def = tf.compat.v1.GraphDef()
-    try:
-        with open(path, "rb") as f:
-            graph_def.ParseFromString(f.read())
-        return graph_def
-    except (OSError, DecodeError):  # absent, or damaged: rebuild it
-        pass
-    graph_def = export.frozen_graph_def(backbone(), [None, size, size, 3], export.BOTTLENECK_NAME)
-    atomic.write_bytes(path, graph_def.SerializeToString(), durable=False)
-    return graph_def
+        return steps.publish_version(flags, frozen, trained, arch.size, data.labels, info, tflite_model, run)
+    return steps.write_model_folder(flags, frozen, trained, arch.size, data.labels, info, tflite_model, run)

@@ -275,7 +275,7 @@ def refit_head(head, training, validation, class_count, flags, run):
     """The new layer trained again, the same way, on the training and validation images together.
 
     Validation has chosen nothing by then (the schedule is fixed, the settings came from cross-validation,
-    bench/cv.py), so its images may as well train the final layer: 10 % more images, +0.2 points of accuracy
+    bench/studies/cv.py), so its images may as well train the final layer: 10 % more images, +0.2 points of accuracy
     on unseen photos by CV (BENCHMARKS.md run Q). `head`'s validation accuracy, judged first, is the one
     reported; the test images stay unseen.
     """

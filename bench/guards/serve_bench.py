@@ -1,6 +1,8 @@
-"""Benchmark the classification server against its ceiling and against the alternatives.
+"""Guard: re-run when the server or its defaults change; throughput and latency against ceiling and alternatives.
 
-    .venv/bin/python bench/serve_bench.py [--quick] [--variant K=V,K=V ...]
+Benchmark the classification server against its ceiling and against the alternatives.
+
+    .venv/bin/python -m bench.guards.serve_bench [--quick] [--variant K=V,K=V ...]
 
 One run, one model: graph.pb of the default architecture (inception_v3) with
 --weights none (random weights cost the same per image as real ones), retrained
@@ -25,8 +27,8 @@ here on a few flower photos unless --model_dir is given. Prints tables of:
   c. the simple-ml-serving baseline: `python -m classify_server.label_image --graph
      ... --image ...` once per image (the graph reloaded for every image).
   d. a typical Flask app calling keras.Model.predict per request
-     (bench/alt_flask_predict.py), under gunicorn with the same worker count, same load.
-  e. BentoML (bench/bentoml_service.py) over the same graph.pb, from a separate
+     (bench/studies/alt_flask_predict.py), under gunicorn with the same worker count, same load.
+  e. BentoML (bench/studies/bentoml_service.py) over the same graph.pb, from a separate
      virtualenv (--bentoml_venv); skipped, with the reason, when it is not there.
 Then ratios against the targets.
 
@@ -46,10 +48,9 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+from bench import _common as C
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+STUDIES = os.path.join(C.ROOT, "bench", "studies")  # the alternatives (d, e) are served from there: no gunicorn.conf.py
 BOUNDARY = "----servebench7MA4YWxkTrZu0gW"
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 CORES = os.cpu_count() or 1
@@ -58,7 +59,6 @@ CORES = os.cpu_count() or 1
 def _server_settings():
     """The service's settings (classify_server.settings) and the variables gunicorn.conf.py sets for its
     workers: never inherited from the caller's environment, so that "default" means the defaults."""
-    sys.path.insert(0, C.ROOT)
     from classify_server.settings import NAMES
     return NAMES | {"PROMETHEUS_MULTIPROC_DIR", "CLASSIFY_MODEL_LOADED_FLAG"}
 
@@ -117,7 +117,6 @@ def parse_variant(text):
 
 def child_main(kind, opts):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, C.ROOT)
     if kind == "ceiling":
         print("BENCH_JSON " + json.dumps(ceiling(opts)), flush=True)
     elif kind == "sweep":
@@ -350,7 +349,7 @@ def paired(opts):
 
 
 def run_child(kind, opts, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, json.dumps(opts)]
+    cmd = [sys.executable, "-m", "bench.guards.serve_bench", "--_child", kind, json.dumps(opts)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     code, wall, lines = C.run_timed(cmd, timeout, env=env)
     for _, stream, line in lines:
@@ -362,7 +361,7 @@ def run_child(kind, opts, timeout):
 def parallel_loops(opts, processes, seconds, timeout=600):
     """`processes` fresh processes, each loading the graph, then running batch 1 together."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    procs = [C.start([sys.executable, os.path.abspath(__file__), "--_child", "loop",
+    procs = [C.start([sys.executable, "-m", "bench.guards.serve_bench", "--_child", "loop",
                       json.dumps(dict(opts, seconds=seconds))], env=env, cwd=C.ROOT, stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(processes)]
     try:
@@ -444,7 +443,7 @@ def wrk(url, lua, connections, duration):
     threads = min(connections, 2)
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "60s",
            "-s", lua, url]
-    code, wall, lines = C.run_timed(cmd, duration + 120, cwd=BENCH)
+    code, wall, lines = C.run_timed(cmd, duration + 120, cwd=STUDIES)
     for _, _stream, line in lines:
         if line.startswith("BENCH_JSON "):
             r = json.loads(line[len("BENCH_JSON "):])
@@ -790,12 +789,12 @@ def bench(flags, work, sections):
     if "flask" not in flags.skip:
         port = C.free_port()
         env = caller_env()
-        env.update(MODEL_DIR=model_dir, TF_CPP_MIN_LOG_LEVEL="2")
+        env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, TF_CPP_MIN_LOG_LEVEL="2")
         servers.append(serve_and_load(
             f"flask+keras predict (gunicorn -w {default_workers}, sync)",
             [sys.executable, "-m", "gunicorn", "-w", str(default_workers), "-b", f"127.0.0.1:{port}",
-             "--timeout", "120", "--chdir", BENCH, "alt_flask_predict:app"],
-            env, BENCH, port, "/", "/readyz", default_workers, flags, body, lua, work))
+             "--timeout", "120", "--chdir", STUDIES, "alt_flask_predict:app"],
+            env, STUDIES, port, "/", "/readyz", default_workers, flags, body, lua, work))
 
     # ---------------------------------------------------------------- e. bentoml
     if "bentoml" not in flags.skip:
@@ -815,8 +814,8 @@ def bench(flags, work, sections):
                 servers.append(serve_and_load(
                     f"bentoml ({default_workers} workers)",
                     [bentoml, "serve", "bentoml_service:Classifier", "--host", "127.0.0.1", "--port", str(port),
-                     "--working-dir", BENCH, "--do-not-track"],
-                    env, BENCH, port, "/classify", "/readyz", default_workers, flags, body, lua, work))
+                     "--working-dir", STUDIES, "--do-not-track"],
+                    env, STUDIES, port, "/classify", "/readyz", default_workers, flags, body, lua, work))
                 servers[-1].update(intra=default_intra, inter=default_inter)
             except Exception as exc:
                 sections.append(f"### e. BentoML\n\nfailed: {exc}\n")

@@ -25,7 +25,7 @@ class Setting:
 MiB = 1024 * 1024
 SETTINGS = (
     # The model
-    Setting("MODEL_DIR", "model", "model folder, or a base folder of numbered versions (README: Versions)"),
+    Setting("MODEL_DIR", "model", "model folder, or a base folder of numbered versions (docs/operations.md: Versions)"),
     Setting("MODEL_NAME", "model", "the name clients address the model by (TF Serving's model name)"),
     Setting("MODEL_POLL_SECONDS", 10, "seconds between looks for a new numbered version (0: never)", int, 0),
     Setting("MODEL_CONFIG_FILE", "", "several models: TF Serving's model_config_list file (then MODEL_DIR, "
@@ -50,7 +50,7 @@ SETTINGS = (
     Setting("TF_INTER_OP_THREADS", 0, "ops (and requests) run at once in the session (0: TensorFlow decides)",
             int, 0),
     Setting("TF_BFLOAT16", 0, "1: the tf engine lets oneDNN compute in bfloat16 where safe (CPUs with AVX512_BF16 "
-                              "or AMX; README: Engines)", int, 0, 1),
+                              "or AMX; docs/operations.md: Engines)", int, 0, 1),
     Setting("BATCH_MAX_SIZE", 0, "dynamic batching of concurrent requests, most images per run (0: off)", int, 0),
     Setting("BATCH_TIMEOUT_MS", 5, "how long a batch waits for more requests", int, 0),
     # Corrections from users (POST /feedback)
@@ -115,7 +115,8 @@ def from_env(environ=None):
         for name in GRAPH_SETTINGS:
             if config[name] not in (None, ""):
                 raise SystemExit(f"error: environment variable {name} describes MODEL_DIR's graph; with "
-                                 "MODEL_CONFIG_FILE each model's model.json describes its own (README: Several models)")
+                                 "MODEL_CONFIG_FILE each model's model.json describes its own "
+                                 "(docs/operations.md: Several models)")
     if config["BODY_TIMEOUT"] is None:  # its default is another setting's value: resolved here, once
         config["BODY_TIMEOUT"] = config["TIMEOUT"]
     if config["MODEL_ENGINE"] not in ("tf", "tflite"):

@@ -1,6 +1,6 @@
 """Guard: re-run when a model, an engine or the server changes; the memory figures the docs quote.
 
-What each model costs in memory, in every gunicorn worker: the figures README's "Several models" quotes.
+What each model costs in memory, in every gunicorn worker: the figures docs/operations.md's "Several models" quotes.
 
     .venv/bin/python -m bench.guards.model_memory [--requests 20]
 

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The image serves one model with `gunicorn classify_server:app` on port 8000 (see README.md,
-# "Deploy and scale out"). The model is baked in at /models/model (MODEL_DIR), made in one of three ways:
+# The image serves one model with `gunicorn classify_server:app` on port 8000 (see docs/deployment.md,
+# "Docker"). The model is baked in at /models/model (MODEL_DIR), made in one of three ways:
 #
 #   docker build -t classify-service .                                  # retrain on flower_photos and the
 #                                                                       # ImageNet weights, both downloaded
@@ -74,7 +74,7 @@ ENV VIRTUAL_ENV=/opt/venv \
     XDG_RUNTIME_DIR=/tmp
 # os.cpu_count() in a container is the host's core count, not the container's CPU limit, so the
 # image does not let gunicorn.conf.py guess: WEB_CONCURRENCY x TF_INTRA_OP_THREADS = 2 cores. Set them
-# (with the container's CPU and memory) for a bigger container: README.md, "Deploy and scale out".
+# (with the container's CPU and memory) for a bigger container: docs/deployment.md, "Workers, threads, instances or pods".
 # XDG_RUNTIME_DIR: where gunicorn puts its control socket (else in $HOME, which this user has not).
 RUN groupadd --system --gid 10001 classify \
  && useradd --system --uid 10001 --gid classify --no-create-home --home-dir /nonexistent \

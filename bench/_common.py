@@ -18,9 +18,6 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 FLOWERS = os.path.join(SHARED, "data", "flower_photos")
 MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.weights.h5")
 
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 _children = []
 
 

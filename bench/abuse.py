@@ -1,7 +1,9 @@
-"""Slow clients and a crowd against a running server, on 127.0.0.1: what issue 18 asks it to survive.
+"""Guard: re-run when the server's front (reader, timeouts, overload) changes; tests/test_overload.py runs it too.
 
-    python bench/abuse.py --url http://127.0.0.1:8000            # both attacks, then the figures
-    python bench/abuse.py --url http://127.0.0.1:8080 --only crowd
+Slow clients and a crowd against a running server, on 127.0.0.1: what issue 18 asks it to survive.
+
+    python -m bench.abuse --url http://127.0.0.1:8000            # both attacks, then the figures
+    python -m bench.abuse --url http://127.0.0.1:8080 --only crowd
 
 slow: --header_drippers connections send a request's headers one line every 2 s, never finishing them,
 and --body_drippers promise a 1 MB body and send one byte every 2 s, while one well-behaved client

@@ -36,7 +36,7 @@ def setting(env: str, default: object, help: str, *, minimum: float | None = Non
 class ModelSettings:
     """The model: where it is, what clients call it, how new versions are found."""
     dir: str = setting("MODEL_DIR", "model", "model folder, or a base folder of numbered versions "
-                                             "(docs: Versions)")
+                                             "(docs/operations.md: Versions)")
     name: str = setting("MODEL_NAME", "model", "the name clients address the model by (TF Serving's model name)")
     poll_seconds: int = setting("MODEL_POLL_SECONDS", 10, "seconds between looks for a new numbered version "
                                                           "(0: never)", minimum=0)
@@ -72,7 +72,8 @@ class EngineSettings:
     inter_op_threads: int = setting("TF_INTER_OP_THREADS", 0, "ops (and requests) run at once in the session "
                                                               "(0: TensorFlow decides)", minimum=0)
     bfloat16: int = setting("TF_BFLOAT16", 0, "1: the tf engine lets oneDNN compute in bfloat16 where safe (CPUs "
-                                              "with AVX512_BF16 or AMX; docs: Engines)", minimum=0, maximum=1)
+                                              "with AVX512_BF16 or AMX; docs/operations.md: Engines)",
+                            minimum=0, maximum=1)
     batch_max_size: int = setting("BATCH_MAX_SIZE", 0, "dynamic batching of concurrent requests, most images per "
                                                        "run (0: off)", minimum=0)
     batch_timeout_ms: int = setting("BATCH_TIMEOUT_MS", 5, "how long a batch waits for more requests", minimum=0)
@@ -225,7 +226,8 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         for s in SETTINGS:
             if s.group == "model" and s.field in GRAPH_FIELDS and model[s.field] not in (None, ""):
                 raise SystemExit(f"error: environment variable {s.name} describes MODEL_DIR's graph; with "
-                                 "MODEL_CONFIG_FILE each model's model.json describes its own (docs: Several models)")
+                                 "MODEL_CONFIG_FILE each model's model.json describes its own "
+                                 "(docs/operations.md: Several models)")
     if http["body_timeout"] is None:  # its default is another setting's value: resolved here, once
         http["body_timeout"] = float(typing.cast(int, http["timeout"]))
     groups = typing.get_type_hints(Settings)

@@ -25,7 +25,7 @@
 #   STOP_TIMEOUT     seconds to wait for a graceful stop before SIGKILL (GRACEFUL_TIMEOUT + 5, so 35)
 #   PYTHON           the interpreter with the package ($VIRTUAL_ENV, ./.venv or python3)
 #   NGINX_BIN        the nginx binary (nginx on PATH, or /usr/sbin/nginx)
-# Any other setting of README's table (THREADS, GRACEFUL_TIMEOUT, ...) passes through to every instance.
+# Any other setting of docs/settings.md's table (THREADS, GRACEFUL_TIMEOUT, ...) passes through to every instance.
 set -euo pipefail
 set -m  # every background job in its own process group: an instance is stopped or killed as a whole
 
@@ -266,7 +266,7 @@ $servers
         # writes, /feedback, stores an image under its content hash, so a second copy is the same file:
         # resending is safe, and without it every request in flight on an instance that dies would fail.
         # Not http_503: an instance answers 503 when its queue is full (MAX_QUEUE), and nginx would count
-        # each as a failure, take every busy instance out and answer 502 to everyone (RELIABILITY.md:
+        # each as a failure, take every busy instance out and answer 502 to everyone (docs/reliability.md:
         # 342,044 of 342,238 answers under a crowd); the 503 and its Retry-After go to the client instead.
         proxy_next_upstream error timeout http_502 non_idempotent;
         proxy_next_upstream_timeout ${TIMEOUT}s;

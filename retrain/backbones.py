@@ -18,7 +18,8 @@ class Architecture:
     size: int              # input height = width
     scale: float           # pixels are fed to the backbone as x * scale + offset
     offset: float
-    quantization: str      # --tflite_quantization's default: the fastest within 0.5 points of float (README)
+    quantization: str      # --tflite_quantization's default: the fastest within 0.5 points of float
+                           # (docs/operations.md: Engines)
     caffe: bool = False    # preprocess_input's "caffe" mode instead: RGB to BGR, minus ImageNet's channel means
 
 

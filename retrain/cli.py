@@ -78,7 +78,7 @@ def build_parser():
                         "than the newest version's by more than this")
     p.add_argument("--tflite_quantization", default="auto", choices=("auto",) + TFLITE_QUANTIZATIONS,
                    help="model.tflite beside graph.pb, for MODEL_ENGINE=tflite: int8, dynamic, float16, float32 or "
-                        "none (auto: int8 for mobilenet_v2, dynamic for inception_v3; README)")
+                        "none (auto: int8 for mobilenet_v2, dynamic for inception_v3; docs/operations.md: Engines)")
     p.add_argument("--max_quantization_drop", type=float, default=0.01,
                    help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more")
     p.add_argument("--bottleneck_dir", default="/tmp/bottleneck",
@@ -90,7 +90,7 @@ def build_parser():
                    help="Adam learning rate of the new layer, decaying to 0 over the steps")
     p.add_argument("--train_batch_size", type=int, default=100, help="bottlenecks per training step")
     p.add_argument("--l2_regularization", type=float, default=0.01,
-                   help="L2 penalty on the new layer's weights (chosen by 5-fold CV: BENCHMARKS.md run P)")
+                   help="L2 penalty on the new layer's weights (chosen by 5-fold CV: docs/benchmark-history.md run P)")
     p.add_argument("--eval_step_interval", type=int, default=100, help="steps between validation reports")
     refit = p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True)
     refit.help = ("once validated, train the new layer again on the training and validation images together "
@@ -109,7 +109,7 @@ def build_parser():
     p.add_argument("--fine_tune_epochs", type=int, default=8, help="epochs of fine-tuning")
     p.add_argument("--fine_tune_learning_rate", type=float, default=1e-4,
                    help="fine-tuning's learning rate, decaying to 0 over the epochs (rate, epochs and fraction "
-                        "chosen by 5-fold CV: BENCHMARKS.md run Q)")
+                        "chosen by 5-fold CV: docs/benchmark-history.md run Q)")
     p.add_argument("--fine_tune_fraction", type=float, default=0.3, help="share of the backbone's layers to train")
     p.add_argument("--fine_tune_batch_size", type=int, default=32, help="images per fine-tuning step")
     p.add_argument("--print_misclassified_test_images", action="store_true",

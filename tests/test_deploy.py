@@ -280,7 +280,7 @@ def quantity(value):
     return float(match.group(1)) * units.get(match.group(2), 1)
 
 
-# Peak memory measured with THREADS=4 requests of MAX_PARTS=32 images at once (README): the TensorFlow
+# Peak memory measured with THREADS=4 requests of MAX_PARTS=32 images at once (docs/deployment.md): the TensorFlow
 # libraries once per pod, then each worker's model and activations (mobilenet_v2, the image's default).
 POD_BASE_BYTES = 0.5 * 2**30
 WORKER_PEAK_BYTES = 1.0 * 2**30
@@ -485,7 +485,7 @@ def test_cluster_balances_over_both_instances(cluster):
     assert "[emerg]" not in errors and "[crit]" not in errors, errors
 
 
-MAX_UPLOAD_BYTES = 10485760  # README's default, which local_cluster.sh gives nginx's client_max_body_size
+MAX_UPLOAD_BYTES = 10485760  # docs/settings.md's default, which local_cluster.sh gives nginx's client_max_body_size
 
 
 def multipart_of_size(size):
@@ -510,7 +510,7 @@ def post_body(url, body, content_type):
 
 
 def test_cluster_nginx_limits_bodies_to_max_upload_bytes(cluster):
-    """README: nginx limits bodies to MAX_UPLOAD_BYTES, answering 413 as the app does. A body just under the
+    """docs/deployment.md: nginx limits bodies to MAX_UPLOAD_BYTES, answering 413 as the app does. A body just under the
     limit (over nginx's own 1 MB default, and over client_body_buffer_size: buffered to nginx's temp folder)
     is passed on and classified; one byte over it is refused by nginx itself (no instance is asked), with the
     app's JSON error, whether its length is announced or it comes chunked."""

@@ -3,7 +3,7 @@ clients, retrain killed midway.
 
 Each test drives a real gunicorn on 127.0.0.1 (or `python -m retrain`) with client threads; every loop
 is bounded in count and in time. The figures (failed requests, recovery time, ...) are printed as
-`FIGURE ...` lines: `python -m pytest tests/test_faults.py -s | grep FIGURE`, and RELIABILITY.md
+`FIGURE ...` lines: `python -m pytest tests/test_faults.py -s | grep FIGURE`, and docs/reliability.md
 collects them. Other work on the machine slows everything down, so time limits are generous.
 """
 import json
@@ -318,14 +318,14 @@ def trickle(port, seconds, results, index):
 
 
 def assert_body_timeout_answer(status, answer):
-    """README: a body that does not arrive within BODY_TIMEOUT is answered 408, with the JSON error."""
+    """docs/operations.md: a body that does not arrive within BODY_TIMEOUT is answered 408, with the JSON error."""
     assert status == 408, (status, answer)
     assert isinstance(answer, dict) and list(answer) == ["error"] and "BODY_TIMEOUT" in answer["error"], answer
 
 
 def test_slow_clients_do_not_block_others_beyond_body_timeout(servers, reference):
     """As many clients trickling their bodies as the worker has threads, BODY_TIMEOUT=5: they hold no thread
-    (normal requests are answered meanwhile), and each is cut at BODY_TIMEOUT with a 408 (README), not a
+    (normal requests are answered meanwhile), and each is cut at BODY_TIMEOUT with a 408 (docs/operations.md), not a
     reset or a generic 400. tests/test_overload.py has the 64-client attack."""
     s = servers["single"]
     threads = 4
@@ -366,7 +366,7 @@ def conf_timeout(tmp_path, **env):
 
 
 def test_body_timeout_defaults_to_timeout(tmp_path):
-    """README: BODY_TIMEOUT's default is TIMEOUT, whose default is 60 s (gunicorn's worker timeout too);
+    """docs/settings.md: BODY_TIMEOUT's default is TIMEOUT, whose default is 60 s (gunicorn's worker timeout too);
     0 is a value of its own (no limit)."""
     from classify_server import settings
     assert conf_timeout(tmp_path) == 60 and conf_timeout(tmp_path, TIMEOUT="7") == 7
@@ -663,7 +663,7 @@ def spied(server, what, folder):
 
 
 def test_hot_swap_closes_the_old_session_after_its_requests_in_flight(tmp_path, start_server):
-    """README: a new version is loaded and warmed up beside the old one, then swapped in; requests in flight
+    """docs/operations.md: a new version is loaded and warmed up beside the old one, then swapped in; requests in flight
     finish on the old session, which is closed after them. Version 1 takes SWAP_REQUEST_SECONDS per request;
     version 2 is published while one is in flight."""
     from helpers import write_colour_model

@@ -7,7 +7,7 @@ may answer 500. The fuzz (hypothesis, bounded: FUZZ_EXAMPLES cases per test, 200
 mutated valid images and random bytes to `decode_image` and the inference core's `classify`, which may
 only raise InvalidImage or ImageTooLarge (the core: an InferenceError), the API's 400 and 413.
 
-RELIABILITY.md lists the corpus; `python -m pytest tests/test_hostile.py -v` repeats it.
+docs/reliability.md lists the corpus; `python -m pytest tests/test_hostile.py -v` repeats it.
 """
 import io
 import json
@@ -28,7 +28,7 @@ from PIL import Image
 TIMEOUT = 60  # seconds, for every HTTP exchange
 GOOD = shape_image("red_circle", 1)
 BOUNDARY = b"hostile-boundary-7d3a"
-MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the defaults the server runs with (README's Settings table)
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # the defaults the server runs with (docs/settings.md's table)
 MAX_PARTS = 32
 
 

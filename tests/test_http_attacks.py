@@ -297,7 +297,7 @@ def test_pipelined_requests_are_framed_by_the_same_parser_when_shed(shedding):
 
 
 def test_access_log_empty_is_off_and_dash_is_standard_output(server, shedding):
-    """README: ACCESS_LOG '-' (the default) logs each request to standard output; empty, none."""
+    """docs/settings.md: ACCESS_LOG '-' (the default) logs each request to standard output; empty, none."""
     for s in (server, shedding):
         assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
     time.sleep(0.5)

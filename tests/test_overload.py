@@ -1,6 +1,6 @@
 """Slow clients and a crowd against the default server (classify_server.http_server.worker): what an attacker with a
 laptop, or a crowd, does to `gunicorn classify_server:app`, on 127.0.0.1, bounded in count and time. The
-attacks are bench/abuse.py's (which also runs them against nginx, RELIABILITY.md); their figures are
+attacks are bench/abuse.py's (which also runs them against nginx, docs/reliability.md); their figures are
 printed as `FIGURE ...` lines."""
 import json
 import os
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import abuse  # noqa: E402
 
 GOOD = shape_image("red_circle", 1)
-HEADER_TIMEOUT, RATE_GRACE, MAX_QUEUE, THREADS = 10, 5, 64, 4  # the defaults (README)
+HEADER_TIMEOUT, RATE_GRACE, MAX_QUEUE, THREADS = 10, 5, 64, 4  # the defaults (docs/settings.md)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ The model is a tiny frozen graph whose answer depends on the image (the softmax 
 red, green and blue), loaded by the same code as the HTTP server's, so that comparing answers
 between the stream and the HTTP server means something and every process starts fast.
 
-Tansu needs two client settings (see README, "Stream processing"): a short session.timeout.ms,
+Tansu needs two client settings (see docs/protocols.md, "Stream processing"): a short session.timeout.ms,
 because it completes a group join only after half the session timeout, and a short
 fetch.wait.max.ms, because it answers a fetch when that wait is over, not when data arrives.
 """

@@ -9,7 +9,7 @@ Up to `runners` batches are in the session at once (the worker's inter-op
 threads, as for unbatched requests): one run alone leaves cores idle between
 its ops, so one batch at a time would lose to plain concurrent runs.
 It pays off where a big run costs little more than a small one (a GPU); on this
-2-core CPU it won some benchmark runs and lost others (BENCHMARKS.md).
+2-core CPU it won some benchmark runs and lost others (docs/benchmark-history.md).
 """
 import queue
 import threading

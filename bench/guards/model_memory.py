@@ -1,6 +1,8 @@
-"""What each model costs in memory, in every gunicorn worker: the figures README's "Several models" quotes.
+"""Guard: re-run when a model, an engine or the server changes; the memory figures the docs quote.
 
-    .venv/bin/python bench/model_memory.py [--requests 20]
+What each model costs in memory, in every gunicorn worker: the figures docs/operations.md's "Several models" quotes.
+
+    .venv/bin/python -m bench.guards.model_memory [--requests 20]
 
 Makes a MobileNetV2 and an Inception-v3 model (random weights: the same sizes as real ones), then
 serves each configuration below with one worker (`gunicorn classify_server:app`, MODEL_CONFIG_FILE),
@@ -21,13 +23,11 @@ import argparse
 import http.client
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-import serve_bench  # noqa: E402
+from bench import _common as C
+from bench.guards import serve_bench
 
 
 def parse_args(argv=None):
@@ -88,8 +88,7 @@ def main(argv=None):
     flags = parse_args(argv)
     work = tempfile.mkdtemp(prefix="model-memory-")
     try:
-        sys.path.insert(0, os.path.join(C.ROOT, "tests"))
-        from helpers import write_colour_model
+        from tests.helpers import write_colour_model  # tests/ as a namespace package, from the repo root
         colour = write_colour_model(os.path.join(work, "colour"))
         built = {}
         for architecture in ("mobilenet_v2", "inception_v3"):

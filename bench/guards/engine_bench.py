@@ -1,7 +1,9 @@
-"""The engines side by side, in one run: TensorFlow's float32 session over graph.pb against LiteRT over
+"""Guard: re-run when an engine, TensorFlow or LiteRT changes; every engine's speed and accuracy.
+
+The engines side by side, in one run: TensorFlow's float32 session over graph.pb against LiteRT over
 model.tflite in each quantization, for MobileNetV2 and Inception-v3, in this process (no HTTP).
 
-    .venv/bin/python bench/engine_bench.py [--per_class 200] [--rounds 3] [--seconds 3]
+    .venv/bin/python -m bench.guards.engine_bench [--per_class 200] [--rounds 3] [--seconds 3]
 
 MobileNetV2 is retrained on the real ImageNet weights (../shared) over `--per_class` flower photos a
 class, 30 % of them held out as its test split, so its accuracies mean something; Inception-v3 has
@@ -25,13 +27,10 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-sys.path.insert(0, C.ROOT)
-from classify_contract import model_folder  # noqa: E402
-from classify_contract.preprocessing import decode_image  # noqa: E402
-from retrain.images import create_image_lists  # noqa: E402
+from bench import _common as C
+from classify_contract import model_folder
+from classify_contract.preprocessing import decode_image
+from retrain.images import create_image_lists
 
 VARIANTS = ("float32", "float16", "dynamic", "int8")
 

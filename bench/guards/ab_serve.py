@@ -1,6 +1,8 @@
-"""The serving path of two commits side by side, in one run: did a change make the server slower?
+"""Guard: re-run for any change to the serving path; two commits measured in one run, alternating.
 
-    .venv/bin/python bench/ab_serve.py --old COMMIT [--new COMMIT] [--rounds 5] [--duration 5]
+The serving path of two commits side by side, in one run: did a change make the server slower?
+
+    .venv/bin/python -m bench.guards.ab_serve --old COMMIT [--new COMMIT] [--rounds 5] [--duration 5]
 
 Each commit is checked out in a temporary git worktree (removed at exit) and served from there,
 `gunicorn classify_server:app` with that commit's gunicorn.conf.py defaults, over one model
@@ -19,9 +21,8 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-import serve_bench  # noqa: E402  (its multipart body, wrk script and runner)
+from bench import _common as C
+from bench.guards import serve_bench  # its multipart body, wrk script and runner
 
 
 def parse_args(argv=None):

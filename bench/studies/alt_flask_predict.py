@@ -1,26 +1,27 @@
-"""What a typical user writes: Flask, a Keras model, and `model.predict` per request.
+"""Study: the Flask + model.predict alternative serve_bench's part d compares with; not the service.
 
-A comparison point for bench/serve_bench.py, not part of the service. It builds
+What a typical user writes: Flask, a Keras model, and `model.predict` per request.
+
+A comparison point for bench/guards/serve_bench.py, not part of the service. It builds
 the same Keras classifier that retrain exports (retrain.backbones + retrain.train,
 random weights seeded as `--weights none` seeds them, so the cost per image is the
 same), decodes uploads with the same classify_contract.preprocessing.decode_image, and calls
 keras.Model.predict on each request, as tutorials do. Serve it like
 
-    MODEL_DIR=model gunicorn -w 2 --chdir bench alt_flask_predict:app
+    MODEL_DIR=model PYTHONPATH=$PWD gunicorn -w 2 --chdir bench/studies alt_flask_predict:app
+
+from the repo root (bench/studies has no gunicorn.conf.py, so gunicorn's own defaults apply).
 
 MODEL_DIR is read for labels.txt and model.json (architecture) only.
 """
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from flask import Flask, jsonify, request
 
-import numpy as np  # noqa: E402
-from flask import Flask, jsonify, request  # noqa: E402
-
-from classify_contract.preprocessing import decode_image  # noqa: E402
-from retrain import backbones, train  # noqa: E402
+from classify_contract.preprocessing import decode_image
+from retrain import backbones, train
 
 MODEL_DIR = os.environ.get("MODEL_DIR", "model")
 with open(os.path.join(MODEL_DIR, "labels.txt"), encoding="utf-8") as f:

@@ -1,7 +1,9 @@
-"""Does quantization cost accuracy? k-fold cross-validation over all the shared flower photos, so that a
+"""Study: chose the quantization defaults by cross-validation; re-run only to choose again.
+
+Does quantization cost accuracy? k-fold cross-validation over all the shared flower photos, so that a
 default is chosen on more than one lucky split.
 
-    .venv/bin/python bench/quantization_cv.py [--folds 5] [--quantizations float16,int8]
+    .venv/bin/python -m bench.studies.quantization_cv [--folds 5] [--quantizations float16,int8]
 
 MobileNetV2 on the real ImageNet weights (../shared). Every photo's bottleneck is computed once
 (cached as retrain caches them, in a temp folder); for each fold, the new layer is trained with
@@ -15,15 +17,11 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-sys.path.insert(0, C.ROOT)
+from bench import _common as C
 
 
 def parse_args(argv=None):

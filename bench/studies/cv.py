@@ -1,11 +1,13 @@
-"""Choose retrain's settings by k-fold cross-validation over all the shared flower photos, never by the
+"""Study: chose retrain's defaults (L2, --refit, fine-tuning) by cross-validation; re-run only to choose again.
+
+Choose retrain's settings by k-fold cross-validation over all the shared flower photos, never by the
 test split of one run.
 
-    .venv/bin/python bench/cv.py                                   # retrain's defaults, 5 folds
-    .venv/bin/python bench/cv.py --variants "default;l2_regularization=0.001;how_many_training_steps=8000"
-    .venv/bin/python bench/cv.py --folds 10 --variants "no-refit;default"  # as users train: 10 % test
-    .venv/bin/python bench/cv.py --bottleneck_dir /var/tmp/cv-bottlenecks   # keep the cache between runs
-    .venv/bin/python bench/cv.py --only_folds 1,2 --variants "fine_tune;fine_tune,fine_tune_fraction=0.6"
+    .venv/bin/python -m bench.studies.cv                                   # retrain's defaults, 5 folds
+    .venv/bin/python -m bench.studies.cv --variants "default;l2_regularization=0.001;how_many_training_steps=8000"
+    .venv/bin/python -m bench.studies.cv --folds 10 --variants "no-refit;default"  # as users train: 10 % test
+    .venv/bin/python -m bench.studies.cv --bottleneck_dir /var/tmp/cv-bottlenecks   # keep the cache between runs
+    .venv/bin/python -m bench.studies.cv --only_folds 1,2 --variants "fine_tune;fine_tune,fine_tune_fraction=0.6"
 
 MobileNetV2 on the real ImageNet weights (../shared). Every photo's bottleneck is computed once, as
 retrain computes and caches them (--bottleneck_dir; a temp folder by default), so each fold of each
@@ -23,15 +25,11 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
-sys.path.insert(0, C.ROOT)
+from bench import _common as C
 
 
 def parse_args(argv=None):

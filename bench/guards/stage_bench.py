@@ -1,6 +1,8 @@
-"""Where a request's CPU goes, stage by stage, in this process: what is left to cut once the engine is fast.
+"""Guard: re-run when a request's path changes; the CPU each stage of one request costs.
 
-    .venv/bin/python bench/stage_bench.py --model_dir MODEL [--image JPEG] [--seconds 2]
+Where a request's CPU goes, stage by stage, in this process: what is left to cut once the engine is fast.
+
+    .venv/bin/python -m bench.guards.stage_bench --model_dir MODEL [--image JPEG] [--seconds 2]
 
 For one JPEG (default: the first 500x375 flower photo) and a model folder with graph.pb and
 model.tflite, each stage of a multipart request alone, repeated for `--seconds`, one thread:
@@ -15,14 +17,10 @@ server's req/s is judged against: decode + engine, 1, 4 and 16 threads at once, 
 import argparse
 import io
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-import serve_bench  # noqa: E402
-
-sys.path.insert(0, C.ROOT)
+from bench import _common as C
+from bench.guards import serve_bench
 
 
 def parse_args(argv=None):

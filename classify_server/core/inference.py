@@ -21,10 +21,10 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from PIL import Image
@@ -34,6 +34,9 @@ from classify_server.core.ranking import top_k
 
 if TYPE_CHECKING:
     from classify_server.core.registry import Models
+    from classify_server.core.versions import ModelManager, Servable
+    from classify_server.engines import Engine, InputSpec
+    from classify_server.engines.base import Preprocessed
     from classify_server.settings import Limits
 
 log = logging.getLogger("classify_server")
@@ -55,7 +58,7 @@ CODES = (INVALID_INPUT, INVALID_IMAGE, EMPTY_IMAGE, IMAGE_TOO_LARGE, REQUEST_TOO
 class InferenceError(Exception):
     """A request the core will not answer: `code` (one of CODES) for machines, `message` for people."""
 
-    def __init__(self, code, message):
+    def __init__(self, code: str, message: str) -> None:
         assert code in CODES, code
         super().__init__(message)
         self.code, self.message = code, message
@@ -65,11 +68,11 @@ class InferenceError(Exception):
 class Prediction:
     model: str
     version: int
-    labels: list
+    labels: list[str]
     scores: np.ndarray  # [images, classes], in the order of `labels`
-    timing: dict = field(default_factory=dict)  # seconds: decode, inference
+    timing: dict[str, float] = field(default_factory=dict)  # seconds: decode, inference
 
-    def top_k(self, k):
+    def top_k(self, k: int) -> list[list[list[str | float]]]:
         """[[label, score], ...] best first, one list per image."""
         return [top_k(self.labels, row, k) for row in self.scores]
 
@@ -77,12 +80,12 @@ class Prediction:
 class Inference:
     """The one path from encoded images to scores, over the served models (registry.Models)."""
 
-    def __init__(self, models: Models, limits: Limits, on_inference: Callable[[float], object] | None = None):
+    def __init__(self, models: Models, limits: Limits, on_inference: Callable[[float], object] | None = None) -> None:
         self.models = models
         self.limits = limits  # enforced here; limits.top_k is the answers' default length
         self.on_inference = on_inference  # e.g. a Prometheus histogram's observe(seconds)
 
-    def manager(self, model=None):
+    def manager(self, model: str | None = None) -> ModelManager:
         """The versions.ModelManager of `model` (None: the default model)."""
         if not self.models.ready:
             raise InferenceError(NOT_READY, "the models are still loading; retry shortly")
@@ -93,7 +96,8 @@ class Inference:
         return manager
 
     @contextmanager
-    def servable(self, model=None, version=None, label=None):
+    def servable(self, model: str | None = None, version: int | None = None,
+                 label: str | None = None) -> Iterator[Servable]:
         """The served version of `model` (None: the default model; `version` or `label` None: its newest),
         held for one request.
 
@@ -114,7 +118,8 @@ class Inference:
                                      f"{', '.join(map(str, served)) or 'none'} served")
             yield servable
 
-    def status(self, model=None, version=None, label=None):
+    def status(self, model: str | None = None, version: int | None = None,
+               label: str | None = None) -> list[dict[str, object]]:
         """TF Serving's model_version_status entries of `model`, of one version (or label) or all."""
         manager = self.models.get(model)
         if manager is None:
@@ -124,7 +129,7 @@ class Inference:
             raise InferenceError(VERSION_NOT_SERVED, f"Could not find version {version} of model {model}")
         return entries
 
-    def check_count(self, count):
+    def check_count(self, count: int) -> None:
         """Raise unless a request of `count` images is allowed (adapters may ask before building them)."""
         if count < 1:
             raise InferenceError(INVALID_INPUT, "no image in the request")
@@ -132,7 +137,8 @@ class Inference:
             raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
                                                   f"{self.limits.max_parts} (MAX_PARTS)")
 
-    def classify(self, images, model=None, version=None, names=None, label=None):
+    def classify(self, images: Sequence[bytes], model: str | None = None, version: int | None = None,
+                 names: Sequence[str | None] | None = None, label: str | None = None) -> Prediction:
         """Scores for encoded images, all or none: the first bad image fails the request.
 
         `names` (file names, when the protocol has them) make the error messages say which image.
@@ -149,12 +155,15 @@ class Inference:
             return Prediction(servable.model, servable.version, engine.labels, scores,
                               {"decode": decoded - start, "inference": time.perf_counter() - decoded})
 
-    def classify_each(self, images, model=None, version=None):
+    def classify_each(self, images: Sequence[bytes], model: str | None = None, version: int | None = None
+                      ) -> tuple[int, list[str], list[np.ndarray | InferenceError]]:
         """(version, labels, [scores or InferenceError, one per image]): a bad image fails alone.
 
         For a stream of independent messages, where one bad message must not hold up the others.
         """
-        results, inputs, where = [None] * len(images), [], []
+        results: list[np.ndarray | InferenceError | None] = [None] * len(images)
+        inputs: list[Preprocessed] = []
+        where: list[int] = []
         with self.servable(model, version) as servable:
             engine = servable.engine
             for i, data in enumerate(images):
@@ -170,9 +179,10 @@ class Inference:
             if inputs:
                 for i, row in zip(where, self._run(engine, inputs)):
                     results[i] = row
-            return servable.version, engine.labels, results
+            # Each image failed or was run: no result is None.
+            return servable.version, engine.labels, cast("list[np.ndarray | InferenceError]", results)
 
-    def check_image(self, data, name=None):
+    def check_image(self, data: bytes, name: str | None = None) -> str:
         """The format ("JPEG", "PNG"...) of one image that the shared preprocessing decodes whole,
         or InferenceError. The model is not run."""
         which = _which(0, [name])
@@ -181,10 +191,10 @@ class Inference:
             self._decode(servable.engine, data, which)
         return preprocessing.probe_image(data)[0]
 
-    def check_size(self, data, which):
+    def check_size(self, data: bytes, which: str) -> None:
         check_size(data, self.limits.max_upload_bytes, which)
 
-    def _decode(self, engine, data, which):
+    def _decode(self, engine: Engine, data: bytes, which: str) -> Preprocessed:
         try:
             return preprocess(engine.input_spec, data, self.limits.max_image_pixels)
         except preprocessing.ImageTooLarge as exc:
@@ -194,7 +204,7 @@ class Inference:
             raise InferenceError(INVALID_IMAGE, f"{which or 'the image'} is not a readable image "
                                                 f"(JPEG, PNG, GIF, BMP, WebP...): {exc}") from None
 
-    def _run(self, engine, inputs):
+    def _run(self, engine: Engine, inputs: list[Preprocessed]) -> np.ndarray:
         start = time.perf_counter()
         scores = engine.predict(inputs)
         if self.on_inference:
@@ -202,7 +212,7 @@ class Inference:
         return scores
 
 
-def preprocess(spec, data, max_pixels):
+def preprocess(spec: InputSpec, data: bytes, max_pixels: int) -> Preprocessed:
     """Encoded image bytes -> what an engine's input takes (engine.InputSpec), through the one shared
     preprocessing (classify_contract.preprocessing.decode_image, as training used it)."""
     if spec.encoded:
@@ -220,7 +230,7 @@ def preprocess(spec, data, max_pixels):
     return pixels
 
 
-def check_size(data, max_bytes, which=""):
+def check_size(data: bytes, max_bytes: int, which: str = "") -> None:
     """Raise unless `data` holds something and at most `max_bytes` (MAX_UPLOAD_BYTES) bytes.
 
     A function too, for the stream's remote mode, which checks its messages without a model.
@@ -232,7 +242,7 @@ def check_size(data, max_bytes, which=""):
                                                 f"of {max_bytes} (MAX_UPLOAD_BYTES)")
 
 
-def _labelled(manager, version, label):
+def _labelled(manager: ModelManager, version: int | None, label: str | None) -> int | None:
     """`version`, or the version that `label` names (MODEL_CONFIG_FILE's version_labels)."""
     if label is None:
         return version
@@ -242,7 +252,7 @@ def _labelled(manager, version, label):
     return named
 
 
-def _which(i, names):
+def _which(i: int, names: Sequence[str | None] | None) -> str:
     """How messages name image i: 'image 2', or 'image 2 (cat.jpg)' when the protocol has names."""
     name = names[i] if names and i < len(names) and names[i] else None
     return f"image {i + 1}" + (f" ({name})" if name else "")

@@ -20,6 +20,7 @@ newest version is served, as TF Serving does. Each model folder's own model.json
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -43,10 +44,10 @@ class ModelSpec:
     base_path: str
     policy: str = "latest"            # latest, all or specific (TF Serving's model_version_policy)
     num_versions: int = 1             # for latest
-    versions: frozenset = frozenset()  # for specific
-    labels: dict = field(default_factory=dict, compare=False)  # version label -> version
+    versions: frozenset[int] = frozenset()  # for specific
+    labels: dict[str, int] = field(default_factory=dict, compare=False)  # version label -> version
 
-    def wanted(self, candidates):
+    def wanted(self, candidates: Iterable[int]) -> list[int]:
         """Of the complete versions that have not failed (ascending), those the policy serves."""
         if self.policy == "all":
             return list(candidates)
@@ -62,7 +63,7 @@ def from_settings(model: ModelSettings) -> list[ModelSpec]:
     return [ModelSpec(model.name, model.dir)]
 
 
-def read(path):
+def read(path: str) -> list[ModelSpec]:
     """The ModelSpecs of a model config file, in its order; ConfigError when it is not a usable one."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -72,7 +73,7 @@ def read(path):
     return parse(text, os.path.dirname(os.path.abspath(path)), path)
 
 
-def parse(text, folder, where="model config"):
+def parse(text: str, folder: str, where: str = "model config") -> list[ModelSpec]:
     try:
         server_config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     except text_format.ParseError as exc:
@@ -90,7 +91,7 @@ def parse(text, folder, where="model config"):
     return specs
 
 
-def _spec(c, folder, where):
+def _spec(c: model_server_config_pb2.ModelConfig, folder: str, where: str) -> ModelSpec:
     if not c.name:
         raise ConfigError(f"{where}: a config has no name")
     if not c.base_path:

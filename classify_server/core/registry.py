@@ -15,38 +15,43 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from classify_server.core import model_config
 from classify_server.core.versions import ModelManager
-from classify_server.engines import ModelLoadError, load
+from classify_server.engines import Engine, ModelLoadError, load
 
 if TYPE_CHECKING:
+    from classify_server.core.model_config import ModelSpec
     from classify_server.settings import EngineSettings, ModelSettings
 
 log = logging.getLogger("classify_server")
 
 
 class Models:
-    def __init__(self, load, specs=(), config_file="", poll_seconds=0, config_poll_seconds=0):
+    def __init__(self, load: Callable[[str], Engine] | None, specs: Iterable[ModelSpec] = (), config_file: str = "",
+                 poll_seconds: float = 0, config_poll_seconds: float = 0) -> None:
         """`load(folder)` returns a warmed-up engine or raises ModelLoadError; `specs` are the
         model_config.ModelSpecs to serve, loaded by `start`."""
         self.load, self.specs, self.config_file = load, list(specs), config_file
         self.poll_seconds, self.config_poll_seconds = poll_seconds, config_poll_seconds
-        self.managers = {}  # name -> ModelManager, in the config's order; replaced whole, never changed in place
-        self.rejected = {}  # name -> the changed ModelSpec that did not load (not tried again on every poll)
+        # name -> ModelManager, in the config's order; replaced whole, never changed in place
+        self.managers: dict[str, ModelManager] = {}
+        # name -> the changed ModelSpec that did not load (not tried again on every poll)
+        self.rejected: dict[str, ModelSpec] = {}
         self.started = False
 
     @classmethod
-    def static(cls, engine, name="model"):
+    def static(cls, engine: Engine, name: str = "model") -> Models:
         """One already loaded engine as the only model (no folder, no polling)."""
         models = cls(None)
         models.managers, models.started = {name: ModelManager.static(engine, name)}, True
         return models
 
-    def start(self):
+    def start(self) -> None:
         """Load every model, then poll; ModelLoadError, naming each model that did not load, when any did not."""
-        managers = {spec.name: ModelManager(spec, self.load) for spec in self.specs}
+        managers = {spec.name: self._manager(spec) for spec in self.specs}
         failed = [m for m in managers.values() if m.error]
         if failed:
             for manager in managers.values():
@@ -57,13 +62,13 @@ class Models:
         self._start_polling()
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         """Whether the models are loaded and warmed up: what every readiness probe asks. A model added
         later that failed to load does not count (it is reported in its own status and readiness):
         an unready server would stop serving every other model too."""
         return self.started and all(m.ready or m.error for m in self.managers.values())
 
-    def get(self, name=None):
+    def get(self, name: str | None = None) -> ModelManager | None:
         """The ModelManager of `name` (None: the default, the config's first), or None."""
         managers = self.managers
         if name is None:
@@ -71,14 +76,14 @@ class Models:
         return managers.get(name)
 
     @property
-    def names(self):
+    def names(self) -> list[str]:
         return list(self.managers)
 
-    def poll_versions(self):
+    def poll_versions(self) -> None:
         for manager in list(self.managers.values()):
             manager.sync()
 
-    def reload_config(self):
+    def reload_config(self) -> None:
         """Read MODEL_CONFIG_FILE again and serve what it says; keep the models served if it is not usable."""
         try:
             specs = model_config.read(self.config_file)
@@ -94,10 +99,10 @@ class Models:
                 pass  # that change failed already: the old one keeps serving
             else:
                 log.info("model %r %s: loading from %s", spec.name, "changed" if manager else "added", spec.base_path)
-                fresh = ModelManager(spec, self.load)
+                fresh = self._manager(spec)
                 if fresh.error and not (manager and manager.ready):
                     log.error("model %r failed to load: %s", spec.name, fresh.error)
-                elif fresh.error:
+                elif fresh.error and manager is not None:  # and so ready (else the branch above)
                     log.error("model %r: its new config does not load, the old one keeps serving: %s",
                               spec.name, fresh.error)
                     fresh.close()
@@ -110,7 +115,12 @@ class Models:
                 log.info("model %r %s", name, "replaced" if name in new else "removed")
                 manager.close()
 
-    def _start_polling(self):
+    def _manager(self, spec: ModelSpec) -> ModelManager:
+        """A ModelManager of `spec`, loaded by `load` (Models.static has none, and no spec to load)."""
+        assert self.load is not None, "Models.static loads no model"
+        return ModelManager(spec, self.load)
+
+    def _start_polling(self) -> None:
         """One daemon thread: versions every poll_seconds, the config file every config_poll_seconds (0: never)."""
         tasks = [(seconds, job) for seconds, job in (
             (self.poll_seconds, self.poll_versions),
@@ -119,7 +129,7 @@ class Models:
             return
         due = [time.monotonic() + seconds for seconds, _ in tasks]
 
-        def loop():
+        def loop() -> None:
             while True:
                 time.sleep(max(0.0, min(due) - time.monotonic()))
                 for i, (seconds, job) in enumerate(tasks):

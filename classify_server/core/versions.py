@@ -9,14 +9,21 @@ up, then swapped in; versions no longer wanted are retired: requests in flight f
 and each is closed after the last. A version that fails to load is reported in its status, never
 retried, and the versions served keep serving; the last one served is never dropped for nothing.
 """
+from __future__ import annotations
+
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from classify_contract import model_folder
-from classify_server.engines import ModelLoadError
+from classify_server.engines import Engine, ModelLoadError
+
+if TYPE_CHECKING:
+    from classify_server.core.model_config import ModelSpec
 
 log = logging.getLogger("classify_server")
 
@@ -24,19 +31,19 @@ log = logging.getLogger("classify_server")
 class Servable:
     """One loaded version of a model and the number of requests using it."""
 
-    def __init__(self, model, version, engine):
+    def __init__(self, model: str, version: int, engine: Engine) -> None:
         self.model, self.version, self.engine = model, version, engine
         self.users, self.retired = 0, False
 
 
 class ModelManager:
-    def __init__(self, spec, load):
+    def __init__(self, spec: ModelSpec, load: Callable[[str], Engine]) -> None:
         """`spec` is a model_config.ModelSpec; `load(folder)` returns a warmed-up engine or raises
         ModelLoadError. Loads what the policy wants; `error` says why when nothing loaded."""
         self.spec, self.load = spec, load
         self.lock = threading.Lock()
-        self.status = {}  # version -> (state, error message), TF Serving's states
-        self.served = {}  # version -> Servable
+        self.status: dict[int, tuple[str, str]] = {}  # version -> (state, error message), TF Serving's states
+        self.served: dict[int, Servable] = {}  # version -> Servable
         self.versioned = model_folder.is_base(spec.base_path)
         self.error = ""
         self.sync()
@@ -45,11 +52,11 @@ class ModelManager:
                 f"model {spec.name!r}: no version in {spec.base_path} that its version policy serves")
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.spec.name
 
     @classmethod
-    def static(cls, engine, name="model"):
+    def static(cls, engine: Engine, name: str = "model") -> ModelManager:
         """A manager around one already loaded engine (no folder, no polling)."""
         from classify_server.core.model_config import ModelSpec
         manager = cls.__new__(cls)
@@ -59,22 +66,22 @@ class ModelManager:
         return manager
 
     @property
-    def ready(self):
+    def ready(self) -> bool:
         """Whether a version is loaded and warmed up."""
         latest = self.latest
         return latest is not None and latest.engine.ready
 
     @property
-    def latest(self):
+    def latest(self) -> Servable | None:
         """The newest version served (None when none is)."""
         with self.lock:
             return self.served[max(self.served)] if self.served else None
 
-    def label_version(self, label):
+    def label_version(self, label: str) -> int | None:
         """The version a label names, or None when it names none."""
         return self.spec.labels.get(label)
 
-    def sync(self):
+    def sync(self) -> None:
         """Load the versions the policy wants that are not served; retire those it no longer wants."""
         if not self.versioned:
             if not self.served and not self.status:
@@ -96,11 +103,11 @@ class ModelManager:
         for servable in retired:
             self._retire(servable)
 
-    def _failed(self, version):
+    def _failed(self, version: int) -> bool:
         state, error = self.status.get(version, ("", ""))
         return state == "END" and bool(error)
 
-    def _load(self, version, folder):
+    def _load(self, version: int, folder: str) -> bool:
         with self.lock:
             self.status[version] = ("LOADING", "")
         started = time.monotonic()
@@ -122,7 +129,7 @@ class ModelManager:
                  time.monotonic() - started)
         return True
 
-    def _retire(self, servable):
+    def _retire(self, servable: Servable) -> None:
         with self.lock:
             servable.retired = True
             if self.status.get(servable.version, ("", ""))[0] == "AVAILABLE":
@@ -132,7 +139,7 @@ class ModelManager:
             servable.engine.close()
         log.info("model %r version %s retired", self.name, servable.version)
 
-    def close(self):
+    def close(self) -> None:
         """Retire every version (the model is no longer configured): each closes after its last request."""
         with self.lock:
             retired, self.served = list(self.served.values()), {}
@@ -140,7 +147,7 @@ class ModelManager:
             self._retire(servable)
 
     @contextmanager
-    def acquire(self, version=None):
+    def acquire(self, version: int | None = None) -> Iterator[Servable | None]:
         """The servable of `version` (None: the newest served), held for one request, or None when that
         version is not served; its session stays open until released."""
         with self.lock:
@@ -162,7 +169,7 @@ class ModelManager:
             if close:
                 servable.engine.close()
 
-    def version_status(self, version=None):
+    def version_status(self, version: int | None = None) -> list[dict[str, object]]:
         """TF Serving's model_version_status list, newest first."""
         with self.lock:
             items = sorted(self.status.items(), reverse=True)

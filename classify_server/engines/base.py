@@ -8,10 +8,13 @@ interpreters over model.tflite (classify_server.engines.tflite, MODEL_ENGINE=tfl
 members below and is chosen where versions are loaded (classify_server.engines.load); no adapter
 changes.
 """
+from __future__ import annotations
+
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -32,25 +35,33 @@ class InputSpec:
     std: float = 1.0
 
 
+# One preprocessed image, as the core hands it to an engine (inference.preprocess): float32 pixels
+# [H, W, 3], or JPEG bytes when its input_spec is `encoded`.
+Preprocessed = np.ndarray | bytes
+
+
 class Engine(Protocol):
-    labels: list           # one per score, in order
+    """What every engine is (engines.load checks both, TFSessionEngine and TFLiteEngine, against it)."""
+    labels: list[str]      # one per score, in order
     input_spec: InputSpec
+    model_dir: str         # its folder (absolute): versions.ModelManager.static, the page, metadata
     ready: bool            # warmed up: answers correctly and fast
+    loaded_at: float       # time.time() when warmed up (set by warmed_up)
 
     def warm_up(self) -> None:
         """One run on a blank input: checks the model end to end and pays the first-run cost."""
 
-    def predict(self, inputs: list) -> np.ndarray:
+    def predict(self, inputs: list[Preprocessed]) -> np.ndarray:
         """Preprocessed inputs -> scores [len(inputs), len(labels)]; thread-safe (batched where on)."""
 
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, object]:
         """What to tell clients about it: labels, input size, tensor names, where it came from."""
 
     def close(self) -> None:
         """Free it, once no request uses it any more."""
 
 
-def warmed_up(engine, probabilities, path):
+def warmed_up(engine: Engine, probabilities: np.ndarray, path: str) -> None:
     """Mark `engine` ready once its warm-up run answered `probabilities`; ModelLoadError when the model
     at `path` answers another number of scores than it has labels."""
     if probabilities.shape[-1] != len(engine.labels):
@@ -59,7 +70,7 @@ def warmed_up(engine, probabilities, path):
     engine.ready, engine.loaded_at = True, time.time()
 
 
-def metadata(served, path, sidecar, **extra):
+def metadata(served: Engine, path: str, sidecar: Mapping[str, Any], **extra: object) -> dict[str, object]:
     """What every engine tells clients of itself: labels, input size and scaling, its file, and what made it
     (the sidecar); `extra` adds the engine's own."""
     spec = served.input_spec

@@ -11,31 +11,42 @@ its ops, so one batch at a time would lose to plain concurrent runs.
 It pays off where a big run costs little more than a small one (a GPU); on this
 2-core CPU it won some benchmark runs and lost others (docs/benchmark-history.md).
 """
+from __future__ import annotations
+
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
+
+import numpy as np
+
+from classify_server.engines.base import Preprocessed
+
+# One caller's inputs and where its rows go.
+_Request = tuple[list[Preprocessed], Future[np.ndarray]]
 
 
 class Batcher:
-    def __init__(self, run, max_size, timeout_ms, runners=1):
+    def __init__(self, run: Callable[[list[Preprocessed]], np.ndarray], max_size: int, timeout_ms: float,
+                 runners: int = 1) -> None:
         self.run, self.max_size, self.timeout = run, max_size, timeout_ms / 1000.0
-        self.queue = queue.Queue()
+        self.queue: queue.Queue[_Request | None] = queue.Queue()  # None: closing
         self.threads = [threading.Thread(target=self._loop, name=f"batcher-{i}", daemon=True)
                         for i in range(max(1, runners))]
         for thread in self.threads:
             thread.start()
 
-    def predict(self, inputs):
+    def predict(self, inputs: list[Preprocessed]) -> np.ndarray:
         """Probabilities for `inputs` (a list), run in a batch with other callers' inputs."""
-        future = Future()
+        future: Future[np.ndarray] = Future()
         self.queue.put((inputs, future))
         return future.result()
 
-    def close(self):
+    def close(self) -> None:
         self.queue.put(None)
 
-    def _collect(self, first):
+    def _collect(self, first: _Request) -> list[_Request]:
         """`first` and the requests that join it: all those already waiting (they queued
         while the last batch ran, so they cost no wait), then new ones until the timeout."""
         batch, size = [first], len(first[0])
@@ -52,7 +63,7 @@ class Batcher:
             size += len(item[0])
         return batch
 
-    def _loop(self):
+    def _loop(self) -> None:
         while True:
             first = self.queue.get()
             if first is None:

@@ -6,8 +6,11 @@ classification graph works: ours (float32 pixels at `input:0`, scaling inside),
 the classic retrain.py output (JPEG bytes at `DecodeJpeg/contents:0`), or a
 third-party one configured by label_image.py-style settings.
 """
+from __future__ import annotations
+
 import io
 import os
+from typing import Any, cast
 
 import numpy as np
 import tensorflow as tf
@@ -16,15 +19,16 @@ from tensorflow.core.protobuf import rewriter_config_pb2
 
 from classify_contract import model_folder
 from classify_server.engines import base
-from classify_server.engines.base import InputSpec, ModelLoadError
+from classify_server.engines.base import InputSpec, ModelLoadError, Preprocessed
 from classify_server.engines.batching import Batcher
 
 
-def _tensor_name(name):
+def _tensor_name(name: str) -> str:
     return name if ":" in name else name + ":0"
 
 
-def read_spec(model_dir, overrides=None, graph_path=None, labels_path=None):
+def read_spec(model_dir: str, overrides: dict[str, object] | None = None, graph_path: str | None = None,
+              labels_path: str | None = None) -> tuple[str, list[str], dict[str, Any], dict[str, Any]]:
     """Where the tensors are and what they take: the sidecar, then `overrides` on top.
 
     `graph_path` and `labels_path` default to the model folder's own files (label_image may
@@ -36,8 +40,8 @@ def read_spec(model_dir, overrides=None, graph_path=None, labels_path=None):
         if not os.path.isfile(path):
             raise ModelLoadError(f"model not found: {path} is missing (set MODEL_DIR to the folder "
                                  f"retrain wrote, or run: python -m retrain --output_dir {model_dir})")
-    spec = {"input_layer": None, "output_layer": "final_result", "input_height": None,
-            "input_width": None, "input_mean": 0.0, "input_std": 1.0}
+    spec: dict[str, Any] = {"input_layer": None, "output_layer": "final_result", "input_height": None,
+                            "input_width": None, "input_mean": 0.0, "input_std": 1.0}
     try:
         sidecar = model_folder.read_sidecar(model_dir)
     except ValueError as exc:
@@ -56,8 +60,11 @@ def read_spec(model_dir, overrides=None, graph_path=None, labels_path=None):
 class TFSessionEngine:
     """The TensorFlow session engine (classify_server.engines.base): graph.pb in one persistent session."""
 
-    def __init__(self, model_dir, overrides=None, intra_threads=0, inter_threads=0, batch_max_size=0,
-                 batch_timeout_ms=5, graph_path=None, labels_path=None, bfloat16=False):
+    loaded_at: float  # set by base.warmed_up
+
+    def __init__(self, model_dir: str, overrides: dict[str, object] | None = None, intra_threads: int = 0,
+                 inter_threads: int = 0, batch_max_size: int = 0, batch_timeout_ms: float = 5,
+                 graph_path: str | None = None, labels_path: str | None = None, bfloat16: bool = False) -> None:
         self.model_dir = os.path.abspath(model_dir)
         graph_path, self.labels, spec, self.sidecar = read_spec(model_dir, overrides, graph_path, labels_path)
         graph_def = tf.compat.v1.GraphDef()
@@ -91,39 +98,40 @@ class TFSessionEngine:
                 rewriter_config_pb2.RewriterConfig.ON
         self.session = tf.compat.v1.Session(graph=graph, config=config)
         self.ready = False
-        self.batcher = None
+        self.batcher: Batcher | None = None
         # Graphs that take one scalar string, or a fixed batch size, run each request alone.
         if batch_max_size > 1 and not self.input_spec.encoded and (shape.rank is None or shape[0] is None):
             runners = inter_threads or os.cpu_count() or 1  # 0: TensorFlow's default, one per core
             self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms, runners)
 
-    def predict(self, inputs):
+    def predict(self, inputs: list[Preprocessed]) -> np.ndarray:
         """Preprocessed inputs (a list) -> probabilities, shape (len(inputs), classes)."""
         return self.batcher.predict(inputs) if self.batcher else self._run(inputs)
 
-    def _run(self, inputs):
+    def _run(self, inputs: list[Preprocessed]) -> np.ndarray:
         if self.input_spec.encoded:  # the classic graph takes one scalar string per run
             return np.stack([np.reshape(self.session.run(self.output, {self.input: x}), -1) for x in inputs])
+        pixels = cast("list[np.ndarray]", inputs)  # not encoded: the core decoded each to pixels
         # One image is fed as a view of its array, not copied into a batch of one.
-        batch = inputs[0][np.newaxis] if len(inputs) == 1 else np.stack(inputs)
+        batch = pixels[0][np.newaxis] if len(pixels) == 1 else np.stack(pixels)
         return self.session.run(self.output, {self.input: batch})
 
-    def warm_up(self):
+    def warm_up(self) -> None:
         """One run on a blank image: checks the graph end to end and pays the first-run cost."""
         spec = self.input_spec
         if spec.encoded:
             blank = io.BytesIO()
             Image.new("RGB", (spec.width, spec.height), (128, 128, 128)).save(blank, "JPEG")
-            sample = blank.getvalue()
+            sample: Preprocessed = blank.getvalue()
         else:
             sample = np.full((spec.height, spec.width, 3), (128.0 - spec.mean) / spec.std, np.float32)
         base.warmed_up(self, self.predict([sample]), self.graph_path)
 
-    def metadata(self):
+    def metadata(self) -> dict[str, object]:
         return base.metadata(self, self.graph_path, self.sidecar, engine="tf", input_tensor=self.input.name,
                                output_tensor=self.output.name, input_dtype=self.input.dtype.name)
 
-    def close(self):
+    def close(self) -> None:
         if self.batcher:
             self.batcher.close()
         self.session.close()

@@ -6,21 +6,26 @@ them: one per request running at once (TF_INTER_OP_THREADS, as for the session's
 made when first needed, each with XNNPACK on TF_INTRA_OP_THREADS threads. A batch is run image by
 image on one interpreter (its input is one image; resizing it per request would cost more).
 """
+from __future__ import annotations
+
 import os
 import queue
 import threading
+from typing import Any
 
 import numpy as np
 
 from classify_contract import model_folder, tflite_runtime
 from classify_server.engines import base
-from classify_server.engines.base import InputSpec, ModelLoadError
+from classify_server.engines.base import InputSpec, ModelLoadError, Preprocessed
 
 
 class TFLiteEngine:
     """The TFLite engine (classify_server.engines.base)."""
 
-    def __init__(self, model_dir, threads=1, runners=1):
+    loaded_at: float  # set by base.warmed_up
+
+    def __init__(self, model_dir: str, threads: int = 1, runners: int = 1) -> None:
         self.model_dir = os.path.abspath(model_dir)
         self.path = os.path.join(model_dir, model_folder.TFLITE)
         labels_path = os.path.join(model_dir, model_folder.LABELS)
@@ -30,9 +35,9 @@ class TFLiteEngine:
                                  "MODEL_ENGINE=tf to serve graph.pb)")
         if not os.path.isfile(labels_path):
             raise ModelLoadError(f"model not found: {labels_path} is missing")
-        self.labels = model_folder.read_labels(labels_path)
+        self.labels: list[str] = model_folder.read_labels(labels_path)
         try:
-            self.sidecar = model_folder.read_sidecar(model_dir)
+            self.sidecar: dict[str, Any] = model_folder.read_sidecar(model_dir)
             with open(self.path, "rb") as f:
                 self.content = f.read()
             first = tflite_runtime.interpreter(self.content, threads)
@@ -45,11 +50,13 @@ class TFLiteEngine:
                                  f"{detail['dtype'].__name__} {list(detail['shape'])}")
         self.input_spec = InputSpec(height=int(detail["shape"][1]), width=int(detail["shape"][2]))
         self.threads, self.runners = threads, max(1, runners)
-        self.idle, self.made, self.lock = queue.LifoQueue(), 1, threading.Lock()
+        # Idle interpreters (LiteRT's, untyped); `made` counts all made, at most `runners`.
+        self.idle: queue.LifoQueue[Any] = queue.LifoQueue()
+        self.made, self.lock = 1, threading.Lock()
         self.idle.put(first)
         self.ready = False
 
-    def _take(self):
+    def _take(self) -> Any:  # a LiteRT Interpreter
         try:
             return self.idle.get_nowait()
         except queue.Empty:
@@ -59,7 +66,7 @@ class TFLiteEngine:
             self.made += make
         return tflite_runtime.interpreter(self.content, self.threads) if make else self.idle.get()
 
-    def predict(self, inputs):
+    def predict(self, inputs: list[Preprocessed]) -> np.ndarray:
         """Preprocessed images (a list of float32 [H, W, 3]) -> probabilities [len(inputs), classes]."""
         runner = self._take()
         try:
@@ -67,14 +74,14 @@ class TFLiteEngine:
         finally:
             self.idle.put(runner)
 
-    def warm_up(self):
+    def warm_up(self) -> None:
         spec = self.input_spec
         base.warmed_up(self, self.predict([np.full((spec.height, spec.width, 3), 128.0, np.float32)]), self.path)
 
-    def metadata(self):
+    def metadata(self) -> dict[str, object]:
         return base.metadata(self, self.path, self.sidecar, engine="tflite")
 
-    def close(self):
+    def close(self) -> None:
         while True:  # the interpreters in use are dropped when their requests put them back
             try:
                 self.idle.get_nowait()

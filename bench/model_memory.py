@@ -89,7 +89,7 @@ def main(argv=None):
     work = tempfile.mkdtemp(prefix="model-memory-")
     try:
         sys.path.insert(0, os.path.join(C.ROOT, "tests"))
-        from helpers import write_colour_model
+        from support.models import write_colour_model
         colour = write_colour_model(os.path.join(work, "colour"))
         built = {}
         for architecture in ("mobilenet_v2", "inception_v3"):

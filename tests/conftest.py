@@ -1,5 +1,5 @@
 """Fixtures (a generated image folder, a small trained model, real gunicorn servers) and hooks (CI's
-no-skip rule, the `slow` marker). The helpers the tests share are in helpers.py, a plain module."""
+no-skip rule, the `slow` marker). What the tests share besides fixtures is in the support package."""
 import atexit
 import os
 import shutil
@@ -14,7 +14,10 @@ atexit.register(shutil.rmtree, _state, ignore_errors=True)
 os.environ.setdefault("KERAS_HOME", os.path.join(_state, "keras"))
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_state, "matplotlib"))
 
-from helpers import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS, Server, make_app, make_image_dir, run_retrain  # noqa: E402
+from support.clients import make_app  # noqa: E402
+from support.images import make_image_dir  # noqa: E402
+from support.models import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS  # noqa: E402
+from support.processes import Server, run_retrain  # noqa: E402
 
 from classify_contract.tf_noise import import_tensorflow_quietly  # noqa: E402
 

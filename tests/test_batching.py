@@ -3,7 +3,7 @@ import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from helpers import CLASSES, shape_image
+from support.images import CLASSES, shape_image
 
 from classify_server.http_api import create_app
 

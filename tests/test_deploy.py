@@ -19,7 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import ROOT, free_port, shape_image
+from support import ROOT
+from support.images import shape_image
+from support.processes import free_port
 
 DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 K8S = os.path.join(ROOT, "k8s")
@@ -491,7 +493,7 @@ MAX_UPLOAD_BYTES = 10485760  # README's default, which local_cluster.sh gives ng
 def multipart_of_size(size):
     """(body, content type): one `data` part holding a valid PNG, padded with a private ancillary chunk (which
     decoders skip) so that the whole multipart body is exactly `size` bytes."""
-    from helpers import png_bytes, png_chunk
+    from support.images import png_bytes, png_chunk
     png = png_bytes(4, 4, raw=b"".join(b"\x00" + bytes([200, 30, 30]) * 4 for _ in range(4)))
     head = (b"--b\r\nContent-Disposition: form-data; name=\"data\"; filename=\"x.png\"\r\n"
             b"Content-Type: image/png\r\n\r\n")

@@ -19,16 +19,11 @@ import time
 import numpy as np
 import pytest
 import requests
-from helpers import (
-    ROOT,
-    TEST_WEIGHTS,
-    Server,
-    assert_same_answer,
-    classify,
-    make_image_dir,
-    shape_image,
-    write_sleepy_model,
-)
+from support import ROOT
+from support.clients import assert_same_answer, classify
+from support.images import make_image_dir, shape_image
+from support.models import TEST_WEIGHTS, write_sleepy_model
+from support.processes import Server
 
 GOOD = shape_image("red_circle", 1)
 TIMEOUT = 30  # seconds, for one request under load
@@ -386,7 +381,7 @@ def drip_servers(tmp_path_factory):
     """Two servers over the colour model with TIMEOUT=1, so 1 s for a body by default: 'default' without
     BODY_TIMEOUT, 'off' with BODY_TIMEOUT=0. gunicorn's own worker timeout is set apart (-t 120: a worker
     loading TensorFlow must not be killed after 1 s); the config file's TIMEOUT is what BODY_TIMEOUT takes."""
-    from helpers import write_colour_model
+    from support.models import write_colour_model
     root = tmp_path_factory.mktemp("drip")
     model = write_colour_model(root / "model")
     started = {name: Server(dict({"MODEL_DIR": model, "TIMEOUT": str(DRIP_TIMEOUT),
@@ -482,8 +477,8 @@ def sigterm_run(servers, reference):
     """SIGTERM to the master of the 1-worker server while 8 clients post images and one client uploads a
     1 MB image slowly (2.5 s): that request keeps the worker in its graceful stop, and meanwhile new
     connections are tried every PROBE_INTERVAL s, and the listening socket watched. Returns what happened."""
-    from helpers import encode
     from PIL import Image
+    from support.images import encode
     s = servers["single"]
     big = encode(Image.fromarray(np.random.default_rng(3).integers(0, 256, (600, 600, 3), np.uint8)), "PNG")
     big_answer = classify(s.url, big)
@@ -666,7 +661,7 @@ def test_hot_swap_closes_the_old_session_after_its_requests_in_flight(tmp_path, 
     """README: a new version is loaded and warmed up beside the old one, then swapped in; requests in flight
     finish on the old session, which is closed after them. Version 1 takes SWAP_REQUEST_SECONDS per request;
     version 2 is published while one is in flight."""
-    from helpers import write_colour_model
+    from support.models import write_colour_model
     base = tmp_path / "models"
     v1 = write_sleepy_model(base / "1", 0, SWAP_REQUEST_SECONDS, labels=("v1_red", "v1_green", "v1_blue"))
     s = start_server({"MODEL_DIR": str(base), "MODEL_POLL_SECONDS": "1",

@@ -7,7 +7,9 @@ import time
 
 import pytest
 import requests
-from helpers import TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
+from support.images import make_image_dir, shape_image
+from support.models import TEST_WEIGHTS
+from support.processes import run_retrain
 
 from classify_server.http_api import create_app
 

@@ -13,17 +13,11 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import (
-    MODEL_NAME,
-    GrpcServer,
-    png_bytes,
-    predict_request,
-    read_labels,
-    rpc_error,
-    shape_image,
-    write_colour_model,
-)
 from PIL import Image
+from support.clients import MODEL_NAME, predict_request, rpc_error
+from support.images import png_bytes, shape_image
+from support.models import read_labels, write_colour_model
+from support.processes import GrpcServer
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 NAME = MODEL_NAME

@@ -22,8 +22,11 @@ import zipfile
 import numpy as np
 import pytest
 import requests
-from helpers import Server, assert_same_answer, classify, encode, png_bytes, read_labels, shape_image
 from PIL import Image
+from support.clients import assert_same_answer, classify
+from support.images import encode, png_bytes, shape_image
+from support.models import read_labels
+from support.processes import Server
 
 TIMEOUT = 60  # seconds, for every HTTP exchange
 GOOD = shape_image("red_circle", 1)
@@ -640,7 +643,7 @@ def test_fuzz_is_bounded():
 def test_a_bad_setting_is_one_line_naming_the_variable(trained_model, command, name, value, expected):
     """Each process reads the settings once, at start (classify_server.settings): a bad value stops it
     with one line that names the variable, before any model is loaded."""
-    from helpers import ROOT
+    from support import ROOT
     env = dict(os.environ, MODEL_DIR=trained_model, **{name: value})
     result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)

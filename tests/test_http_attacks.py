@@ -14,7 +14,9 @@ import time
 import httptools
 import pytest
 import requests
-from helpers import Server, shape_image, write_colour_model, write_sleepy_model
+from support.images import shape_image
+from support.models import write_colour_model, write_sleepy_model
+from support.processes import Server
 
 GOOD = shape_image("red_circle", 1)
 HOST = b"Host: 127.0.0.1\r\n"

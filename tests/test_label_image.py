@@ -9,8 +9,11 @@ import sys
 import threading
 
 import pytest
-from helpers import ROOT, assert_same_answer, encode, post_images, read_labels, shape_image
 from PIL import Image
+from support import ROOT
+from support.clients import assert_same_answer, post_images
+from support.images import encode, shape_image
+from support.models import read_labels
 
 
 @pytest.fixture(scope="module")

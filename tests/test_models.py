@@ -17,21 +17,11 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from helpers import (
-    IMAGENET_LABELS,
-    ROOT,
-    Broker,
-    Collector,
-    GrpcServer,
-    Server,
-    Stream,
-    predict_request,
-    read_labels,
-    shape_image,
-    third_party_scores,
-    write_colour_model,
-    write_third_party_model,
-)
+from support import ROOT
+from support.clients import Collector, predict_request
+from support.images import shape_image
+from support.models import IMAGENET_LABELS, read_labels, third_party_scores, write_colour_model, write_third_party_model
+from support.processes import Broker, GrpcServer, Server, Stream
 
 from classify_server.core import model_config
 from classify_server.http_api import create_app

@@ -10,7 +10,9 @@ import time
 
 import pytest
 import requests
-from helpers import ROOT, Server, shape_image
+from support import ROOT
+from support.images import shape_image
+from support.processes import Server
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import abuse  # noqa: E402

@@ -10,15 +10,9 @@ import shutil
 import numpy as np
 import pytest
 import requests
-from helpers import (
-    IMAGENET_LABELS,
-    Server,
-    read_labels,
-    shape_image,
-    third_party_scores,
-    write_colour_model,
-    write_third_party_model,
-)
+from support.images import shape_image
+from support.models import IMAGENET_LABELS, read_labels, third_party_scores, write_colour_model, write_third_party_model
+from support.processes import Server
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -12,8 +12,8 @@ import zlib
 
 import numpy as np
 import pytest
-from helpers import shape_image
 from PIL import Image
+from support.images import shape_image
 
 from classify_contract.preprocessing import ImageTooLarge, InvalidImage, decode_image, probe_image
 

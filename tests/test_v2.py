@@ -11,7 +11,10 @@ import struct
 import numpy as np
 import pytest
 import requests
-from helpers import CLASSES, Server, classify, shape_image, write_colour_model
+from support.clients import classify
+from support.images import CLASSES, shape_image
+from support.models import write_colour_model
+from support.processes import Server
 
 tritonhttp = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]: pip install -e '.[test]'")
 from tritonclient.utils import InferenceServerException  # noqa: E402

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 import requests
-from helpers import TEST_WEIGHTS, encode, shape_image
+from support.images import encode, shape_image
+from support.models import TEST_WEIGHTS
 
 from classify_server.http_api import create_app
 
@@ -178,7 +179,7 @@ def saved_model_images():
 @pytest.mark.slow
 def test_saved_model_gives_the_graph_probabilities(tmp_path, image_dir):
     import tensorflow as tf
-    from helpers import run_retrain
+    from support.processes import run_retrain
 
     from classify_server.core.inference import preprocess
     from classify_server.engines.tf_session import Classifier

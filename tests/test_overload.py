@@ -3,19 +3,15 @@ laptop, or a crowd, does to `gunicorn classify_server:app`, on 127.0.0.1, bounde
 attacks are bench/abuse.py's (which also runs them against nginx, RELIABILITY.md); their figures are
 printed as `FIGURE ...` lines."""
 import json
-import os
-import sys
 import threading
 import time
 
 import pytest
 import requests
-from support import ROOT
 from support.images import shape_image
 from support.processes import Server
 
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import abuse  # noqa: E402
+import bench.abuse as abuse
 
 GOOD = shape_image("red_circle", 1)
 HEADER_TIMEOUT, RATE_GRACE, MAX_QUEUE, THREADS = 10, 5, 64, 4  # the defaults (README)

@@ -121,7 +121,7 @@ def test_dockerignore_matcher():
     patterns = dockerignore_patterns()
     assert dockerignored(".git/config", patterns)
     assert dockerignored("classify_server/__pycache__/api.cpython-311.pyc", patterns)
-    assert dockerignored("tests/test_deploy.py", patterns)
+    assert dockerignored("tests/e2e/test_deploy.py", patterns)
     assert not dockerignored("classify_server/http_api/static/index.html", patterns)
     assert not dockerignored("model/graph.pb", patterns)  # --build-arg MODEL_PATH=model must reach it
 

@@ -3,7 +3,7 @@ clients, retrain killed midway.
 
 Each test drives a real gunicorn on 127.0.0.1 (or `python -m retrain`) with client threads; every loop
 is bounded in count and in time. The figures (failed requests, recovery time, ...) are printed as
-`FIGURE ...` lines: `python -m pytest tests/test_faults.py -s | grep FIGURE`, and RELIABILITY.md
+`FIGURE ...` lines: `python -m pytest tests/e2e/test_faults.py -s | grep FIGURE`, and RELIABILITY.md
 collects them. Other work on the machine slows everything down, so time limits are generous.
 """
 import json
@@ -321,7 +321,7 @@ def assert_body_timeout_answer(status, answer):
 def test_slow_clients_do_not_block_others_beyond_body_timeout(servers, reference):
     """As many clients trickling their bodies as the worker has threads, BODY_TIMEOUT=5: they hold no thread
     (normal requests are answered meanwhile), and each is cut at BODY_TIMEOUT with a 408 (README), not a
-    reset or a generic 400. tests/test_overload.py has the 64-client attack."""
+    reset or a generic 400. tests/e2e/test_overload.py has the 64-client attack."""
     s = servers["single"]
     threads = 4
     hold = 4 * BODY_TIMEOUT

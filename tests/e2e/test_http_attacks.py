@@ -4,7 +4,7 @@ Each case is sent on raw sockets to the default server (one worker, every settin
 after each, the worker must be the same process and a legitimate request must be answered within 2 s.
 The answers are read with httptools' response parser, so one request gets exactly one answer. The
 smuggling cases run against a server that sheds (one thread, MAX_QUEUE=0, a model that takes 2 s):
-the hidden request must never be answered. The reader's rules themselves are tests/test_http_reader.py's.
+the hidden request must never be answered. The reader's rules themselves are tests/unit/test_http_reader.py's.
 """
 import select
 import socket

@@ -1,5 +1,6 @@
 """Ways to ask the service what it answers: HTTP to a real server (`post`, `classify`), the Flask app in this
 process and its test client, gRPC requests, a reader of a Kafka topic; and comparing two answers."""
+import base64
 import io
 import time
 
@@ -45,6 +46,34 @@ def post_images(client, images, query=""):
     """POST / through a Flask test client, one `data` part per encoded image."""
     parts = [(io.BytesIO(data), f"image{i}") for i, data in enumerate(images)]
     return client.post("/" + query, data={"data": parts}, content_type="multipart/form-data")
+
+
+
+def assert_answer(answer, labels, count=None):
+    """[[label, score], ...]: known labels, each once, scores in [0, 1], best first."""
+    assert isinstance(answer, list) and answer
+    for pair in answer:
+        assert isinstance(pair, list) and len(pair) == 2, pair
+        assert isinstance(pair[0], str) and isinstance(pair[1], float), pair
+        assert pair[0] in labels and 0.0 <= pair[1] <= 1.0, pair
+    assert len({label for label, _ in answer}) == len(answer)
+    scores = [score for _, score in answer]
+    assert scores == sorted(scores, reverse=True), "not best first"
+    if count is not None:
+        assert len(answer) == count
+
+
+def assert_json_error(response, status):
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.get_json() if hasattr(response, "get_json") else response.json()
+    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
+    assert response.headers.get("X-Content-Type-Options") == "nosniff"
+    return body
+
+
+def b64(data):
+    return {"b64": base64.b64encode(data).decode()}
 
 
 # --- gRPC -------------------------------------------------------------------------------------------------

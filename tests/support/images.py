@@ -59,3 +59,12 @@ def png_bytes(width, height, bit_depth=8, colour_type=2, raw=b""):
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bit_depth, colour_type, 0, 0, 0])
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw))
             + png_chunk(b"IEND", b""))
+
+
+def random_bytes(n, seed, prefix=b""):
+    return prefix + np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def broken_jpeg():
+    data = shape_image("red_circle", 99, size=(320, 240))
+    return data[:len(data) // 2]

@@ -2,6 +2,7 @@
 the real data and weights in ../shared, and a model folder's labels."""
 import json
 import os
+import shutil
 
 import numpy as np
 
@@ -101,3 +102,56 @@ def third_party_scores(data):
 def read_labels(model_dir):
     with open(os.path.join(model_dir, "labels.txt"), encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def config_text(*models):
+    """A model_config_list of (name, base_path[, extra text]) tuples."""
+    body = "".join(f'  config {{ name: "{m[0]}" base_path: "{m[1]}" model_platform: "tensorflow" '
+                   f'{m[2] if len(m) > 2 else ""} }}\n' for m in models)
+    return "model_config_list {\n" + body + "}\n"
+
+
+def write_config(path, *models):
+    """Write the config atomically, as a user's deploy tool should (the poller never reads half a file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(config_text(*models))
+    os.replace(tmp, path)
+    return str(path)
+
+
+def publish_copy(model_dir, base, version, label_suffix):
+    """Publish model_dir as base/version atomically, its labels renamed so answers tell versions apart."""
+    tmp = os.path.join(base, f".tmp-{version}")
+    shutil.copytree(model_dir, tmp)
+    with open(os.path.join(model_dir, "labels.txt")) as f:
+        labels = [line.strip() + label_suffix for line in f if line.strip()]
+    with open(os.path.join(tmp, "labels.txt"), "w") as f:
+        f.write("\n".join(labels) + "\n")
+    os.rename(tmp, os.path.join(base, str(version)))
+    return set(labels)
+
+
+def load_frozen_graph(path):
+    import tensorflow as tf
+    graph_def = tf.compat.v1.GraphDef()
+    with open(path, "rb") as f:
+        graph_def.ParseFromString(f.read())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.import_graph_def(graph_def, name="")
+    return graph
+
+
+def run_frozen_graph(path, input_name, output_name, batch):
+    """The graph in a plain TF1 Session, as classify_server runs it."""
+    import tensorflow as tf
+    with tf.compat.v1.Session(graph=load_frozen_graph(path)) as session:
+        return session.run(output_name, {input_name: batch})
+
+
+def engine(folder, kind):
+    """The model in `folder`, loaded in this process by engine `kind` (MODEL_ENGINE: tf or tflite)."""
+    from classify_server import settings
+    from classify_server.engines import load
+    return load(str(folder), dict(settings.from_env({}), MODEL_ENGINE=kind))

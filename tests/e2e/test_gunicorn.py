@@ -1,15 +1,14 @@
-"""The classification server: answers, image modes, errors, health, concurrency, other graphs, test.sh.
+"""The classification server through real gunicorn: answers, image modes, errors, headers, health,
+concurrency, broken models, other graphs (third-party and classic retrain ones).
 
-Logic goes through the Flask test client (`flask_app`, in this process); the whole through real
-gunicorn, `server` (2 workers over `trained_model`). The checks that need answers to differ from image
-to image need `trained_model` trained on the real weights in ../shared (TEST_WEIGHTS).
+Most go through `server` (e2e/conftest.py: 2 workers over `trained_model`); the app's logic alone is
+unit/test_app.py's. The checks that need answers to differ from image to image need `trained_model`
+trained on the real weights in ../shared (TEST_WEIGHTS).
 """
 import concurrent.futures
 import io
 import json
 import os
-import re
-import shutil
 import subprocess
 import threading
 import time
@@ -18,9 +17,8 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image, ImageOps
-from support import ROOT
-from support.clients import assert_same_answer, classify, make_app, post, post_images
-from support.images import CLASSES, encode, make_image_dir, png_bytes, shape_image
+from support.clients import assert_answer, assert_json_error, assert_same_answer, classify, make_app, post
+from support.images import CLASSES, encode, png_bytes, shape_image
 from support.models import TEST_WEIGHTS, read_labels
 from support.processes import Server
 
@@ -36,87 +34,9 @@ def rgb_image(label="red_circle", seed=3, size=(96, 72)):
     return Image.open(io.BytesIO(shape_image(label, seed, size, fmt="PNG"))).convert("RGB")
 
 
-def assert_answer(answer, labels, count=None):
-    """[[label, score], ...]: known labels, each once, scores in [0, 1], best first."""
-    assert isinstance(answer, list) and answer
-    for pair in answer:
-        assert isinstance(pair, list) and len(pair) == 2, pair
-        assert isinstance(pair[0], str) and isinstance(pair[1], float), pair
-        assert pair[0] in labels and 0.0 <= pair[1] <= 1.0, pair
-    assert len({label for label, _ in answer}) == len(answer)
-    scores = [score for _, score in answer]
-    assert scores == sorted(scores, reverse=True), "not best first"
-    if count is not None:
-        assert len(answer) == count
-
-
-def assert_json_error(response, status):
-    assert response.status_code == status, (response.status_code, response.text)
-    assert response.headers["Content-Type"].startswith("application/json")
-    body = response.get_json() if hasattr(response, "get_json") else response.json()
-    assert isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"], body
-    assert response.headers.get("X-Content-Type-Options") == "nosniff"
-    return body
-
-
 @pytest.fixture(scope="module")
 def labels(trained_model):
     return read_labels(trained_model)
-
-
-@pytest.fixture
-def client(flask_app):
-    return flask_app.test_client()
-
-
-# --- answers (test client) -------------------------------------------------------------------------
-
-def test_answer_is_label_score_pairs_best_first_summing_to_one(client, labels):
-    response = post_images(client, [shape_image("red_circle", 1)], f"?top_k={len(labels)}")
-    assert response.status_code == 200, response.text
-    answer = response.get_json()
-    assert_answer(answer, labels, count=len(labels))
-    assert sorted(label for label, _ in answer) == sorted(labels)
-    assert sum(score for _, score in answer) == pytest.approx(1.0, abs=1e-4)
-
-
-def test_answers_say_their_decode_and_inference_time(client):
-    response = post_images(client, [shape_image("red_circle", 1)])
-    timing = dict(part.split(";dur=") for part in response.headers["Server-Timing"].split(", "))
-    assert set(timing) == {"decode", "inference"}
-    assert all(0 < float(ms) < 60_000 for ms in timing.values()), timing
-    bad = post_images(client, [b"junk"])
-    assert bad.status_code == 400 and "Server-Timing" not in bad.headers  # the model never ran
-
-
-def test_default_count_is_five_clamped_to_the_labels(client, labels):
-    answer = post_images(client, [shape_image("green_square", 2)]).get_json()
-    assert_answer(answer, labels, count=min(5, len(labels)))
-
-
-def test_top_k_changes_the_count(client, labels):
-    image = shape_image("blue_triangle", 3)
-    full = post_images(client, [image], f"?top_k={len(labels)}").get_json()
-    for k in range(1, len(labels) + 1):
-        answer = post_images(client, [image], f"?top_k={k}").get_json()
-        assert_answer(answer, labels, count=k)
-        assert answer == full[:k]
-
-
-@pytest.mark.parametrize("extra", [1, 100, 10**9])
-def test_top_k_over_the_label_count_is_clamped(client, labels, extra):
-    image = shape_image("red_circle", 4)
-    answer = post_images(client, [image], f"?top_k={len(labels) + extra}").get_json()
-    assert_answer(answer, labels, count=len(labels))
-    assert answer == post_images(client, [image], f"?top_k={len(labels)}").get_json()
-
-
-def test_several_parts_answer_one_list_per_part(client, labels):
-    images = [shape_image(label, 10 + i) for i, label in enumerate(CLASSES)]
-    answers = post_images(client, images, "?top_k=2").get_json()
-    assert len(answers) == len(images)
-    for answer in answers:
-        assert_answer(answer, labels, count=2)
 
 
 # --- answers (real gunicorn) ----------------------------
@@ -346,74 +266,6 @@ def test_error_messages_say_what_to_do(server):
     assert "POST" in response.headers.get("Allow", "")
 
 
-def test_far_too_many_parts_blame_max_parts(client):
-    body = assert_json_error(post_images(client, [GOOD] * 50), 413)  # about 150 KB, far under 10 MB
-    assert "MAX_PARTS" in body["error"], body
-
-
-def test_small_max_upload_bytes_gives_413_then_answers(trained_model, client):
-    app = make_app(trained_model, MAX_UPLOAD_BYTES=20_000, MAX_PARTS=2)
-    small = app.test_client()
-    big = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), np.uint8)), "PNG")
-    assert len(big) > 40_000 and len(GOOD) < 10_000
-    expected = post_images(client, [GOOD]).get_json()
-    assert_json_error(post_images(small, [big]), 413)
-    assert_same_answer(post_images(small, [GOOD]).get_json(), expected)
-    assert_json_error(post_images(small, [GOOD] * 3), 413)  # MAX_PARTS
-    assert post_images(small, [GOOD] * 2).status_code == 200
-    assert_json_error(post_images(small, [_pixel_bomb()]), 413)
-    assert_same_answer(post_images(small, [GOOD]).get_json(), expected)
-
-
-class ExplodingClassifier:
-    """Test double for the error handler only: a classifier that fails in an unexpected way."""
-    labels = ["a", "b"]
-    ready = True
-    model_dir = "/nonexistent"
-    secret = "secret-detail-7f3a /srv/internal/path.py"
-
-    def explode(self, *args, **kwargs):
-        raise RuntimeError(self.secret)
-
-    preprocess = preprocess_all = predict = explode
-
-    def metadata(self):
-        return {"labels": self.labels}
-
-    def close(self):
-        pass
-
-
-def test_unexpected_exception_gives_500_with_request_id_and_no_traceback(caplog):
-    from classify_server.http_api import create_app
-    app = create_app(test_config={"MODEL_DIR": "/nonexistent"}, classifier=ExplodingClassifier())
-    client = app.test_client()
-    with caplog.at_level("ERROR", logger="classify_server"):
-        response = post_images(client, [GOOD])
-    body = assert_json_error(response, 500)
-    assert body["request_id"] and body["request_id"] == response.headers["X-Request-Id"]
-    assert "Traceback" not in response.get_data(as_text=True)
-    assert ExplodingClassifier.secret not in response.get_data(as_text=True)
-    assert "RuntimeError" not in response.get_data(as_text=True)
-    # The details are in the server log, under the same request id.
-    assert any(body["request_id"] in r.getMessage() and r.exc_info for r in caplog.records)
-    # A request id sent by the client is used.
-    response = client.post("/", data={"data": (io.BytesIO(GOOD), "x.jpg")}, headers={"X-Request-Id": "abc-123"})
-    assert response.status_code == 500 and response.get_json()["request_id"] == "abc-123"
-    # Other paths still work.
-    assert client.get("/healthz").status_code == 200
-
-
-def test_readyz_is_503_until_the_model_is_ready():
-    from classify_server.http_api import create_app
-
-    class Loading(ExplodingClassifier):
-        ready = False
-
-    response = create_app(test_config={"MODEL_DIR": "/nonexistent"}, classifier=Loading()).test_client().get("/readyz")
-    assert response.status_code == 503
-
-
 # --- headers ---------------------------------------------------------------------------------------
 
 def test_nosniff_on_every_response(server):
@@ -447,14 +299,6 @@ def test_metadata_describes_the_model(server, trained_model, labels):
     assert metadata["input_tensor"] == "input:0" and metadata["output_tensor"] == "final_result:0"
     assert os.path.realpath(metadata["model_dir"]) == os.path.realpath(trained_model)
     assert_json_error(requests.get(server.url + "/v1/models/inception/metadata", timeout=TIMEOUT), 404)
-
-
-def test_model_name_env_changes_the_metadata_path(trained_model, monkeypatch):
-    monkeypatch.setenv("MODEL_NAME", "flowers")
-    client = make_app(trained_model).test_client()
-    assert client.get("/v1/models/flowers/metadata").status_code == 200
-    assert client.get("/v1/models/flowers/metadata").get_json()["metadata"]["labels"] == read_labels(trained_model)
-    assert_json_error(client.get("/v1/models/model/metadata"), 404)
 
 
 # --- a missing or corrupt model stops gunicorn -----------------------------------------------------
@@ -647,53 +491,3 @@ def test_classic_retrain_graph_served_without_settings(foreign):
     assert len(both) == 2 and both[0] == classify(s.url, jpeg, "?top_k=3")
     metadata = requests.get(s.url + "/v1/models/model/metadata", timeout=TIMEOUT).json()["metadata"]
     assert metadata["input_tensor"] == "DecodeJpeg/contents:0" and metadata["output_tensor"] == "final_result:0"
-
-
-# --- test.sh ---------------------------------------------------------------------------------------
-
-def _test_sh(flowers_dir, work, timeout=420, **env):
-    venv_bin = os.path.join(ROOT, ".venv", "bin")
-    if not os.path.isdir(venv_bin):
-        pytest.skip(f"test.sh runs with {venv_bin} first on PATH: no such folder")
-    settings = dict(os.environ, FLOWERS_DIR=str(flowers_dir), ARCHITECTURE="mobilenet_v2", WEIGHTS="none",
-                    STEPS="100", NO_VENV="1", PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""))
-    if work:
-        settings.update(WORK=str(work), MODEL_OUT=str(work / "model"))
-    settings.update(env)
-    settings.pop("VIRTUAL_ENV", None)
-    return subprocess.run(["bash", os.path.join(ROOT, "test.sh")], cwd=ROOT, env=settings, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-@pytest.mark.slow
-def test_test_sh_end_to_end(tmp_path):
-    """Issue 20: it ends by saying where the model is and the exact command that serves it; the model goes
-    to MODEL_OUT; its own temp folder (WORK when not given) and the server's are gone afterwards."""
-    if not shutil.which("curl"):
-        pytest.skip("test.sh needs curl")
-    temp = tmp_path / "tmp"
-    temp.mkdir()
-    model = tmp_path / "model"
-    env = {"TMPDIR": str(temp), "MODEL_OUT": str(model)}
-    result = _test_sh(make_image_dir(tmp_path / "flowers", per_class=8), None, **env)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
-    assert re.search(r"^OK\b", result.stdout, re.M), result.stdout
-    assert os.path.isfile(model / "graph.pb") and os.path.isfile(model / "report.html")
-    assert f"== the model is in {model} " in result.stdout
-    assert f"MODEL_DIR={model} {os.path.join(ROOT, '.venv', 'bin', 'gunicorn')} classify_server:app" in result.stdout
-    assert [p for p in os.listdir(temp) if os.path.isdir(temp / p)] == []  # WORK and the metrics folder removed
-    # The server's log is shown, with its ready line, and neither it nor retrain's output has TensorFlow's
-    # start-up noise (classify_contract.tf_noise).
-    assert re.search(r"serving model 'model' version 1 from .*: tf engine, \d+ labels, loaded and warmed up in",
-                     result.stdout), result.stdout
-    for noise in ("cuInit", "cuda drivers", "oneDNN", "absl::InitializeLog", "I0000"):
-        assert noise not in result.stdout + result.stderr, noise
-
-
-@pytest.mark.slow
-def test_test_sh_fails_with_one_class(tmp_path):
-    result = _test_sh(make_image_dir(tmp_path / "flowers", classes=("red_circle",), per_class=4),
-                      tmp_path / "work", timeout=120)
-    assert result.returncode != 0, result.stdout
-    assert not re.search(r"^OK\b", result.stdout, re.M)
-    assert "found 1 class(es) with images" in result.stderr and "need at least 2" in result.stderr, result.stderr

@@ -1,8 +1,6 @@
-"""The TFLite engine (MODEL_ENGINE=tflite) and the model.tflite retrain writes beside graph.pb: the same
-model, quantized; its answers against graph.pb's on real photos; the server, versions and bad input
-with it."""
+"""The TFLite engine (MODEL_ENGINE=tflite) through real processes: retrain runs' quantization, its answers
+against graph.pb's on real photos, the server with it, and an unknown engine refused by gunicorn."""
 import base64
-import io
 import json
 import os
 import shutil
@@ -14,18 +12,12 @@ import pytest
 import requests
 from support import ROOT
 from support.images import shape_image
+from support.models import engine
 from support.processes import run_retrain
 
 from classify_server.core.inference import preprocess
-from classify_server.engines import ModelLoadError, load
-from classify_server.http_api import create_app
 
 IMAGES = [shape_image(label, 60 + i) for i, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
-
-
-def engine(folder, kind):
-    from classify_server import settings
-    return load(str(folder), dict(settings.from_env({}), MODEL_ENGINE=kind))
 
 
 def held_out(folder, split="testing"):
@@ -34,13 +26,6 @@ def held_out(folder, split="testing"):
     info = json.loads((folder / "model.json").read_text())
     lists = create_image_lists([info["image_dir"]], 10, 30)
     return [(p, label) for label, paths in sorted(lists.sets()[split].items()) for p in paths]
-
-
-def test_retrain_writes_model_tflite_with_its_accuracy(trained_model):
-    info = json.loads(open(os.path.join(trained_model, "model.json")).read())
-    assert info["tflite"]["quantization"] == "int8"  # mobilenet_v2's default
-    assert os.path.getsize(os.path.join(trained_model, "model.tflite")) == info["tflite"]["bytes"]
-    assert 0 <= info["tflite"]["accuracy"]["test"] <= 1
 
 
 def converted(folder, quantization, to):
@@ -109,31 +94,6 @@ def test_a_loud_warning_when_quantization_costs_accuracy(image_dir, tmp_path):
     assert "over --max_quantization_drop -1" in info["tflite"]["warning"]
 
 
-def test_hot_reload_and_metadata_with_the_tflite_engine(trained_model, tmp_path):
-    base = tmp_path / "models"
-    shutil.copytree(trained_model, base / "1")
-    app = create_app({"MODEL_DIR": str(base), "MODEL_ENGINE": "tflite", "MODEL_POLL_SECONDS": 0})
-    c = app.test_client()
-    meta = c.get("/v1/models/model/metadata").get_json()["metadata"]
-    assert meta["engine"] == "tflite" and meta["graph"].endswith("model.tflite")
-    shutil.copytree(trained_model, base / ".tmp")
-    labels = [line.strip() + "_v2" for line in open(os.path.join(trained_model, "labels.txt")) if line.strip()]
-    (base / ".tmp" / "labels.txt").write_text("\n".join(labels) + "\n")
-    os.rename(base / ".tmp", base / "2")
-    app.extensions["models"].poll_versions()
-    answer = c.post("/", data={"data": (io.BytesIO(IMAGES[0]), "x.jpg")}).get_json()
-    assert {label for label, _ in answer} <= set(labels)
-
-
-def test_a_missing_model_tflite_says_what_to_do(trained_model, tmp_path):
-    folder = tmp_path / "graph_only"
-    shutil.copytree(trained_model, folder)
-    os.unlink(folder / "model.tflite")
-    with pytest.raises(ModelLoadError) as info:
-        engine(folder, "tflite")
-    assert "model.tflite is missing" in str(info.value) and "MODEL_ENGINE=tf" in str(info.value)
-
-
 def worker_maps(server):
     """The memory maps of the server's (only) worker: which libraries it has loaded."""
     pids = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout.split()
@@ -171,24 +131,3 @@ def test_model_engine_must_be_known():
     result = subprocess.run([sys.executable, "-m", "gunicorn", "classify_server:app", "-b", "127.0.0.1:0"], cwd=ROOT,
                             env=dict(os.environ, MODEL_ENGINE="onnx"), capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "MODEL_ENGINE='onnx' must be tf or tflite" in result.stderr, result.stderr
-
-
-def cpu_has_bf16():
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def test_bfloat16_rewrite_answers_as_float32_does(trained_model):
-    """TF_BFLOAT16=1: the same top labels and scores within 0.05; on a CPU with bf16 the rewrite really
-    runs (the scores differ a little from float32's)."""
-    from classify_server import settings
-    config = settings.from_env({})
-    fp32 = load(trained_model, config)
-    bf16 = load(trained_model, dict(config, TF_BFLOAT16=1))
-    x = np.stack([preprocess(fp32.input_spec, image, None) for image in IMAGES])
-    a, b = fp32.predict(list(x)), bf16.predict(list(x))
-    assert (np.argmax(a, 1) == np.argmax(b, 1)).all()
-    np.testing.assert_allclose(a, b, atol=0.05)
-    if cpu_has_bf16():
-        assert np.abs(a - b).max() > 1e-6, "no difference: the bfloat16 rewrite did not run"

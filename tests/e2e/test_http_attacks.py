@@ -303,5 +303,5 @@ def test_access_log_empty_is_off_and_dash_is_standard_output(server, shedding):
     for s in (server, shedding):
         assert requests.get(s.url + "/healthz", timeout=5).status_code == 200
     time.sleep(0.5)
-    assert '"GET /healthz HTTP/1.1" 200' not in server.output()  # ACCESS_LOG="" (helpers.Server)
+    assert '"GET /healthz HTTP/1.1" 200' not in server.output()  # ACCESS_LOG="" (support.processes.Server)
     assert '"GET /healthz HTTP/1.1" 200' in shedding.output()  # ACCESS_LOG="-"

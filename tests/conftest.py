@@ -16,6 +16,7 @@ os.environ.setdefault("KERAS_HOME", os.path.join(_state, "keras"))
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(_state, "matplotlib"))
 
 from support.clients import make_app  # noqa: E402
+from support.deploy import DOCKERFILE, dockerfile_instructions, read, stages  # noqa: E402
 from support.images import broken_jpeg, make_image_dir  # noqa: E402
 from support.models import TEST_WEIGHTS  # noqa: E402
 from support.processes import run_retrain  # noqa: E402
@@ -83,3 +84,9 @@ def error_dirs(tmp_path_factory):
     for name in ("bad_0.jpg", "bad_1.jpg"):
         (root / "corrupt" / "blue_triangle" / name).write_bytes(broken_jpeg())
     return dirs
+
+
+@pytest.fixture(scope="module")
+def dockerfile():
+    """The Dockerfile's stages (support.deploy.stages)."""
+    return stages(dockerfile_instructions(read(DOCKERFILE)))

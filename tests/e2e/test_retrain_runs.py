@@ -1,8 +1,7 @@
 """Whole retrain runs, `python -m retrain` in a subprocess as users run it: what they see (exit codes,
-messages, files), training/serving skew, other backbones, and real flowers. Runs use mobilenet_v2 with
+messages, files), the SavedModel, training paths, other backbones, and real flowers. Runs use mobilenet_v2 with
 random weights and few steps, except the real-data tests, which need ../shared.
 """
-import io
 import json
 import os
 import re
@@ -12,10 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from PIL import Image
 from support import ROOT
 from support.images import CLASSES, broken_jpeg, make_image_dir, shape_image
-from support.models import MOBILENET_WEIGHTS, TEST_WEIGHTS, run_frozen_graph
+from support.models import TEST_WEIGHTS, run_frozen_graph
 from support.processes import run_retrain
 
 from classify_contract.preprocessing import decode_image
@@ -128,69 +126,6 @@ def test_saved_model_takes_encoded_images(messy_run):
     scores = serve(images=tf.constant(encoded))["scores"].numpy()
     assert scores.shape == (3, 3)
     np.testing.assert_allclose(scores.sum(axis=1), 1, atol=1e-5)
-
-
-# --- training/serving skew ---------------------------------------------------------------------
-
-def skew_images(folder, image_dir):
-    """Files of many kinds, decoded by the one decode_image on both sides."""
-    paths = [os.path.join(image_dir, label, f"{label}_{i:03d}.jpg") for label in sorted(CLASSES) for i in (0, 1)]
-    extra = {
-        "rgba.png": (Image.new("RGBA", (90, 70), (200, 10, 10, 120)), "PNG", {}),
-        "gray.jpg": (Image.new("L", (50, 80), 90), "JPEG", {}),
-        "big.jpg": (Image.open(io.BytesIO(shape_image("blue_triangle", 7, size=(900, 600)))), "JPEG", {}),
-        "anim.gif": (Image.new("RGB", (40, 40), (0, 200, 0)), "GIF",
-                     {"save_all": True, "append_images": [Image.new("RGB", (40, 40), (0, 0, 200))]}),
-    }
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    extra["rotated.jpg"] = (Image.open(io.BytesIO(shape_image("red_circle", 8, size=(300, 200)))), "JPEG",
-                            {"exif": exif.tobytes()})
-    for name, (image, fmt, params) in extra.items():
-        path = os.path.join(folder, name)
-        image.save(path, fmt, **params)
-        paths.append(path)
-    return paths
-
-
-def test_frozen_graph_gives_the_keras_models_probabilities(tmp_path, image_dir):
-    from retrain import backbones, export, train
-    # Random backbone weights give features of ~1e-12 that barely depend on the image,
-    # so use the real ones when available; the head is scaled to the features anyway.
-    weights = MOBILENET_WEIGHTS if os.path.isfile(MOBILENET_WEIGHTS) else "none"
-    arch = backbones.ARCHITECTURES["mobilenet_v2"]
-    backbone = backbones.build_backbone(arch, weights)
-    paths = skew_images(str(tmp_path), image_dir)
-    batch = np.stack([decode_image(p, (arch.size, arch.size)) for p in paths])
-
-    # Head weights that make the probabilities swing with the features, so a small
-    # difference in pixels or numerics would show in the comparison.
-    features = backbone.predict(batch, verbose=0)
-    head = train.build_head(features.shape[1], 3)
-    rng = np.random.default_rng(0)
-    kernel = rng.normal(size=(features.shape[1], 3)) / (features.std(axis=0)[:, None] + 1e-30)
-    kernel *= 3 / np.sqrt(features.shape[1])
-    bias = -features.mean(axis=0) @ kernel
-    head.get_layer("final_result").set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    model = train.build_classifier(backbone, head)
-
-    in_memory = model.predict(batch, verbose=0)
-    assert np.ptp(in_memory, axis=0).max() > 0.3, in_memory   # the probabilities do depend on the image
-    # Both ways retrain writes graph.pb: the whole model frozen (after fine-tuning), and
-    # the frozen backbone with the frozen head appended (after training the head alone).
-    graphs = {"whole": export.frozen_graph_def(model, [None, arch.size, arch.size, 3]),
-              "stitched": export.stitched_graph_def(
-                  export.frozen_graph_def(backbone, [None, arch.size, arch.size, 3], export.BOTTLENECK_NAME),
-                  export.frozen_graph_def(head, [None, features.shape[1]]))}
-    for name, graph_def in graphs.items():
-        assert [n.name for n in graph_def.node if n.op == "Placeholder"] == ["input"], name
-        out = tmp_path / name
-        export.write_model(str(out / "graph.pb"), str(out / "labels.txt"), graph_def, arch.size, sorted(CLASSES),
-                           {"architecture": arch.name, "weights": weights})
-        info = json.loads((out / "model.json").read_text())
-        frozen = run_frozen_graph(str(out / "graph.pb"), info["input"], info["output"], batch)
-        assert frozen.shape == in_memory.shape == (len(paths), 3)
-        assert np.abs(frozen - in_memory).max() <= 1e-4, name
 
 
 # --- training paths ----------------------------------------------------------------------------

@@ -591,40 +591,12 @@ def test_output_partition_is_the_input_partition_modulo_the_output_count(waited_
 
 # ---------------------------------------------------------------- settings
 
-def test_settings_from_flags_and_environment(monkeypatch):
-    from classify_server.stream import cli, consumer
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka:9092")
-    monkeypatch.setenv("KAFKA_INPUT_TOPIC", "in")
-    monkeypatch.setenv("KAFKA_OUTPUT_TOPIC", "out")
-    monkeypatch.setenv("KAFKA_CONFIG", "security.protocol=ssl,consumer.fetch.wait.max.ms=10")
-    monkeypatch.setenv("STREAM_BATCH_SIZE", "4")
-    args = cli.parse_args([])
-    assert (args.bootstrap_servers, args.input_topic, args.output_topic, args.dead_letter_topic, args.group_id,
-            args.batch_size, args.remote) == ("kafka:9092", "in", "out", "in.dead-letter", "classify-stream", 4, None)
-    consumer_settings, producer_settings = consumer.kafka_settings(args.kafka_config)
-    assert consumer_settings == {"security.protocol": "ssl", "fetch.wait.max.ms": "10"}
-    assert producer_settings == {"security.protocol": "ssl"}
-    args = cli.parse_args(["--input-topic", "a", "--output-topic", "b", "--group-id", "g", "--remote",
-                              "http://h:8000", "-X", "producer.linger.ms=1"])
-    assert (args.input_topic, args.output_topic, args.group_id, args.remote) == ("a", "b", "g", "http://h:8000")
-    assert consumer.kafka_settings(args.kafka_config)[1]["linger.ms"] == "1"
-
-
 def test_missing_settings_are_usage_errors():
     result = subprocess.run([sys.executable, "-m", "classify_server.stream", "--input-topic", "in"], cwd=ROOT,
                             env={k: v for k, v in os.environ.items() if not k.startswith("KAFKA_")},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "--bootstrap-servers is required (or the environment variable KAFKA_BOOTSTRAP_SERVERS)" in result.stderr
-
-
-def test_remote_url_forms():
-    from classify_server.stream.backends import Remote
-    config = {"MODEL_NAME": "model", "TOP_K": 5}
-    assert Remote("http://h:8000", config, 32).url == "http://h:8000/v1/models/model"
-    assert Remote("h:8000/", config, 32).url == "http://h:8000/v1/models/model"
-    assert Remote("https://h/prefix/v1/models/flowers:predict", config, 32).url == \
-        "https://h/prefix/v1/models/flowers"
 
 
 def test_remote_mode_does_not_import_tensorflow():

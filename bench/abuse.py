@@ -16,7 +16,7 @@ soon as it has an answer, for --crowd_seconds (10): the answers by status, 503s 
 connection failures (resets, timeouts), latency of the 200s and of the 503s.
 
 Every loop is bounded in count and time; the image is a small generated JPEG (tests use these
-functions too: tests/test_overload.py).
+functions too: tests/e2e/test_overload.py).
 """
 import argparse
 import asyncio

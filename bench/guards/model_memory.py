@@ -88,7 +88,7 @@ def main(argv=None):
     flags = parse_args(argv)
     work = tempfile.mkdtemp(prefix="model-memory-")
     try:
-        from tests.helpers import write_colour_model  # tests/ as a namespace package, from the repo root
+        from tests.support.models import write_colour_model  # tests/ as a namespace package, from the repo root
         colour = write_colour_model(os.path.join(work, "colour"))
         built = {}
         for architecture in ("mobilenet_v2", "inception_v3"):

@@ -1,0 +1,144 @@
+"""A MODEL_CONFIG_FILE model listed before it has a version (issue 28): it waits, as TF Serving's does,
+reported in its status (state START) and answered model_not_found meanwhile, while the others serve;
+its first version is loaded by the version poller. MODEL_DIR's single model is still refused at start."""
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import requests
+from helpers import ROOT, TIMEOUT, GrpcServer, rpc_error, write_colour_model
+from PIL import Image
+
+COLOURS = {"red": (200, 20, 20), "green": (20, 180, 30), "blue": (10, 30, 220)}
+
+
+def png(colour):
+    out = io.BytesIO()
+    Image.new("RGB", (32, 32), colour).save(out, "PNG")
+    return out.getvalue()
+
+
+B64_RED = base64.b64encode(png(COLOURS["red"])).decode()
+
+
+def colour_scores(colour):
+    """What write_colour_model's graph answers for a plain image: the softmax of its colour over 32."""
+    e = np.exp(np.array(colour, dtype=np.float64) / 32.0)
+    return e / e.sum()
+
+
+def write_config(path, models):
+    body = "".join(f'  config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" }}\n'
+                   for name, base in models)
+    path.write_text("model_config_list {\n" + body + "}\n")
+    return str(path)
+
+
+def publish(base, version, labels, staging):
+    """A version put in place as retrain puts one: written aside, then renamed in (never half a model)."""
+    folder = write_colour_model(staging / f"{base.name}-{version}", labels)
+    os.makedirs(base, exist_ok=True)
+    os.rename(folder, base / str(version))
+
+
+def classify(url, model, colour):
+    return requests.post(f"{url}/?model={model}&top_k=3", files={"data": ("x.png", png(COLOURS[colour]))},
+                         timeout=TIMEOUT)
+
+
+def assert_answers(url, model, prefix):
+    """Every colour is answered by `model` with the scores its graph must give, labels `prefix`_colour."""
+    for colour, value in COLOURS.items():
+        r = classify(url, model, colour)
+        assert r.status_code == 200, r.text
+        answer = dict((label, score) for label, score in r.json())
+        expected = colour_scores(value)
+        assert max(answer, key=answer.get) == f"{prefix}_{colour}"
+        for i, name in enumerate(COLOURS):
+            assert abs(answer[f"{prefix}_{name}"] - expected[i]) < 1e-4, (answer, expected)
+
+
+def wait_for(check, seconds, what):
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"{what} not within {seconds} s"
+        time.sleep(0.2)
+
+
+def test_a_model_without_a_version_waits_and_is_served_when_its_first_version_appears(tmp_path, start_server):
+    serving, later, absent = tmp_path / "serving", tmp_path / "later", tmp_path / "not" / "yet"
+    publish(serving, 1, [f"s_{c}" for c in COLOURS], tmp_path)
+    later.mkdir()  # exists, empty
+    config = write_config(tmp_path / "models.config", [("serving", serving), ("later", later), ("absent", absent)])
+    server = start_server({"MODEL_CONFIG_FILE": config, "MODEL_POLL_SECONDS": "1", "MODEL_CONFIG_POLL_SECONDS": "0"},
+                          workers=2)
+    url = server.url
+    assert requests.get(url + "/readyz", timeout=TIMEOUT).status_code == 200  # the waiting ones hold nothing up
+    assert_answers(url, "serving", "s")
+    assert requests.get(url + "/v1/models", timeout=TIMEOUT).json() == {"models": ["serving", "later", "absent"]}
+    for name, where in (("later", f"no version in {later} yet"), ("absent", f"{absent} does not exist yet")):
+        status = requests.get(f"{url}/v1/models/{name}", timeout=TIMEOUT).json()["model_version_status"]
+        assert [(s["version"], s["state"], s["status"]["error_code"]) for s in status] == [("0", "START", "OK")]
+        assert "waiting for its first version" in status[0]["status"]["error_message"], status
+        assert where in status[0]["status"]["error_message"], status
+        r = classify(url, name, "red")
+        assert r.status_code == 404 and r.json()["code"] == "model_not_found", r.text
+        assert f"model {name!r} is not available yet: waiting for its first version" in r.json()["error"]
+        r = requests.post(f"{url}/v1/models/{name}:predict", json={"instances": [{"b64": B64_RED}]}, timeout=TIMEOUT)
+        assert r.status_code == 404 and "not available yet" in r.json()["error"], r.text
+    assert "waiting for its first version" in server.output()  # and the log says so
+
+    publish(later, 1, [f"l_{c}" for c in COLOURS], tmp_path)
+    publish(absent, 3, [f"a_{c}" for c in COLOURS], tmp_path)
+    for name, version in (("later", "1"), ("absent", "3")):  # each worker polls every second and loads it
+        wait_for(lambda: all(classify(url, name, "red").status_code == 200 for _ in range(6)), 20, f"{name} served")
+        status = requests.get(f"{url}/v1/models/{name}", timeout=TIMEOUT).json()["model_version_status"]
+        assert [(s["version"], s["state"]) for s in status] == [(version, "AVAILABLE")]
+    assert_answers(url, "later", "l")
+    assert_answers(url, "absent", "a")
+    assert_answers(url, "serving", "s")
+
+
+def test_the_grpc_server_waits_too(tmp_path):
+    from tensorflow_serving.apis import get_model_status_pb2
+    serving, later = tmp_path / "serving", tmp_path / "later"
+    publish(serving, 1, [f"s_{c}" for c in COLOURS], tmp_path)
+    later.mkdir()
+    config = write_config(tmp_path / "models.config", [("serving", serving), ("later", later)])
+    server = GrpcServer({"MODEL_CONFIG_FILE": config, "MODEL_POLL_SECONDS": "1", "MODEL_CONFIG_POLL_SECONDS": "0"},
+                        tmp_path / "grpc.log")
+    try:
+        server.wait_ready()
+        assert server.predict(png(COLOURS["red"]), "serving").model_spec.version.value == 1
+        status = server.status("later").model_version_status
+        assert [(s.version, s.state) for s in status] == [(0, get_model_status_pb2.ModelVersionStatus.START)]
+        error = rpc_error(server.predict, png(COLOURS["red"]), "later")
+        assert error.code().name == "NOT_FOUND" and "not available yet" in error.details(), error
+        publish(later, 2, [f"l_{c}" for c in COLOURS], tmp_path)
+
+        def served():
+            try:
+                return server.predict(png(COLOURS["green"]), "later").model_spec.version.value == 2
+            except Exception:
+                return False
+        wait_for(served, 20, "later served over gRPC")
+        scores = np.frombuffer(server.predict(png(COLOURS["green"]), "later").outputs["scores"].tensor_content,
+                               dtype=np.float32)
+        assert np.allclose(scores, colour_scores(COLOURS["green"]), atol=1e-4), scores
+    finally:
+        server.stop()
+
+
+def test_an_empty_model_dir_is_still_refused_at_start(tmp_path):
+    """Only a configured model waits: MODEL_DIR naming an empty folder is a mistake, said at once."""
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run([sys.executable, "-m", "gunicorn", "classify_server:app", "-b", "127.0.0.1:0"], cwd=ROOT,
+                            env=dict(os.environ, MODEL_DIR=str(tmp_path / "empty")), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0 and "model not found" in result.stderr and "set MODEL_DIR" in result.stderr, \
+        result.stderr
+    assert "Booting worker" not in result.stderr

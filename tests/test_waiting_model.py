@@ -95,7 +95,8 @@ def test_a_model_without_a_version_waits_and_is_served_when_its_first_version_ap
     publish(later, 1, [f"l_{c}" for c in COLOURS], tmp_path)
     publish(absent, 3, [f"a_{c}" for c in COLOURS], tmp_path)
     for name, version in (("later", "1"), ("absent", "3")):  # each worker polls every second and loads it
-        wait_for(lambda: all(classify(url, name, "red").status_code == 200 for _ in range(6)), 20, f"{name} served")
+        wait_for(lambda name=name: all(classify(url, name, "red").status_code == 200 for _ in range(6)), 20,
+                 f"{name} served")
         status = requests.get(f"{url}/v1/models/{name}", timeout=TIMEOUT).json()["model_version_status"]
         assert [(s["version"], s["state"]) for s in status] == [(version, "AVAILABLE")]
     assert_answers(url, "later", "l")
@@ -142,3 +143,41 @@ def test_an_empty_model_dir_is_still_refused_at_start(tmp_path):
     assert result.returncode != 0 and "model not found" in result.stderr and "set MODEL_DIR" in result.stderr, \
         result.stderr
     assert "Booting worker" not in result.stderr
+
+
+def test_config_reloads_add_a_waiting_model_and_a_change_to_an_empty_folder_keeps_the_old_serving(tmp_path, caplog):
+    """In process (the poller's two jobs called by hand): a model added with no version waits, and a
+    model changed to a base_path with no version keeps its old config serving until one appears there."""
+    import logging
+
+    from classify_server.http_api import create_app
+    old, added, moved = tmp_path / "old", tmp_path / "added", tmp_path / "moved"
+    publish(old, 1, [f"o_{c}" for c in COLOURS], tmp_path)
+    path = tmp_path / "models.config"
+    write_config(path, [("m", old)])
+    app = create_app({"MODEL_CONFIG_FILE": str(path), "MODEL_POLL_SECONDS": 0, "MODEL_CONFIG_POLL_SECONDS": 0})
+    models, client = app.extensions["models"], app.test_client()
+
+    def labels(name):
+        r = client.post(f"/?model={name}", data={"data": (io.BytesIO(png(COLOURS["red"])), "x.png")})
+        return r.status_code, sorted(label for label, _ in r.get_json()) if r.status_code == 200 else r.get_json()
+
+    moved.mkdir()
+    write_config(path, [("m", moved), ("added", added)])
+    with caplog.at_level(logging.INFO, logger="classify_server"):
+        models.reload_config()
+    assert "model 'm' is not available yet" in caplog.text and "the old config keeps serving" in caplog.text
+    assert "model 'added' is not available yet" in caplog.text
+    assert labels("m") == (200, [f"o_{c}" for c in sorted(COLOURS)])
+    assert labels("added")[0] == 404 and client.get("/readyz").status_code == 200
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="classify_server"):
+        models.reload_config()  # the same config again: looked at, not logged again
+    assert "model 'm'" not in caplog.text
+
+    publish(moved, 1, [f"n_{c}" for c in COLOURS], tmp_path)
+    publish(added, 1, [f"d_{c}" for c in COLOURS], tmp_path)
+    models.reload_config()  # the changed model's new folder has its version: swapped in
+    models.poll_versions()  # the added model's first version
+    assert labels("m") == (200, [f"n_{c}" for c in sorted(COLOURS)])
+    assert labels("added") == (200, [f"d_{c}" for c in sorted(COLOURS)])

@@ -181,3 +181,27 @@ def test_config_reloads_add_a_waiting_model_and_a_change_to_an_empty_folder_keep
     models.poll_versions()  # the added model's first version
     assert labels("m") == (200, [f"n_{c}" for c in sorted(COLOURS)])
     assert labels("added") == (200, [f"d_{c}" for c in sorted(COLOURS)])
+
+
+def test_the_kafka_consumers_model_waits_without_dead_letters(tmp_path):
+    """The stream's embedded backend (what classify_server.stream runs in process): a batch for a model with no
+    version raises Unavailable, which the consumer retries uncommitted, instead of dead-lettering every message."""
+    from classify_server import settings
+    from classify_server.stream.backends import Embedded, Unavailable
+    serving, later = tmp_path / "serving", tmp_path / "later"
+    publish(serving, 1, [f"s_{c}" for c in COLOURS], tmp_path)
+    later.mkdir()
+    config = write_config(tmp_path / "models.config", [("serving", serving), ("later", later)])
+    service = settings.from_env({"MODEL_CONFIG_FILE": config, "MODEL_POLL_SECONDS": "0",
+                                 "MODEL_CONFIG_POLL_SECONDS": "0"})
+    backend = Embedded(service, "later")
+    assert "'later' (waiting for its first version)" in backend.describe()
+    try:
+        backend.classify([png(COLOURS["red"])])
+        raise AssertionError("a model with no version answered")
+    except Unavailable as exc:
+        assert "not available yet" in str(exc)
+    publish(later, 1, [f"l_{c}" for c in COLOURS], tmp_path)
+    backend.core.models.poll_versions()
+    version, answers = backend.classify([png(COLOURS["blue"])])
+    assert version == 1 and answers[0][0][0] == "l_blue", answers

@@ -65,7 +65,8 @@ class Models:
                                            for m in failed))
         for manager in managers.values():
             if manager.waiting:
-                log.warning("%s", manager.error)
+                log.warning("%s%s", manager.error, "" if self.poll_seconds else
+                            " (MODEL_POLL_SECONDS is 0: it is not looked for again until a restart)")
         self.managers, self.started = managers, True
         self._start_polling()
 

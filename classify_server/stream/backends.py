@@ -53,7 +53,8 @@ class Embedded:
         try:
             version, labels, results = self.core.classify_each(images, self.name)
         except InferenceError as exc:
-            if exc.code not in (inference.MODEL_NOT_FOUND, inference.NOT_READY):
+            if exc.code not in (inference.MODEL_NOT_FOUND, inference.NOT_READY) or \
+                    self.core.models.get(self.name) is None:  # no longer configured: that is an error
                 raise
             # The model has no version (yet): the messages wait for one, as with a server that is down.
             raise Unavailable(exc.message) from None

@@ -91,20 +91,23 @@ class Quota:
         """(bytes, files) under `folder`, counted up to just past the quota; symlinks count as files, unfollowed."""
         size = files = 0
         todo = [folder]
-        while todo and files <= self.max_files and size <= self.max_bytes:
+        while todo:
             try:
-                entries = list(os.scandir(todo.pop()))
+                listing = os.scandir(todo.pop())
             except OSError:  # removed meanwhile, or unreadable: it holds nothing of ours
                 continue
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        todo.append(entry.path)
-                    else:
-                        files += 1
+            with listing:
+                for entry in listing:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            todo.append(entry.path)
+                            continue
                         size += entry.stat(follow_symlinks=False).st_size
-                except OSError:  # removed between the listing and the stat
-                    continue
+                    except OSError:  # removed between the listing and the stat
+                        continue
+                    files += 1
+                    if files > self.max_files or size > self.max_bytes:
+                        return size, files  # past the quota: no need to count the rest
         return size, files
 
     @contextmanager

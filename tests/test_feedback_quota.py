@@ -109,3 +109,27 @@ def test_a_worker_measures_and_writes_only_while_it_holds_the_folders_lock(tmp_p
     thread.join(timeout=30)
     assert answers and answers[0].status_code == 201, answers
     assert len(stored(folder)) == 1
+
+
+def test_usage_counts_what_others_put_there_and_follows_no_link(tmp_path):
+    """In process: files copied in by hand count; a symlink counts as the small file it is (a link to a huge
+    file elsewhere is not that file); the walk stops once past the quota."""
+    from classify_server.http_api.feedback import Quota, QuotaExceeded
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "deep").mkdir(parents=True)
+    for i in range(4):
+        (tmp_path / "a" / f"{i}.jpg").write_bytes(b"x" * 100)
+    (tmp_path / "b" / "deep" / "by-hand.png").write_bytes(b"y" * 50)
+    big = tmp_path.parent / f"{tmp_path.name}-big"
+    big.write_bytes(b"z" * 100_000)
+    os.symlink(big, tmp_path / "b" / "link.jpg")
+    link_size = len(str(big))
+    assert Quota(10**9, 100).usage(str(tmp_path)) == (450 + link_size, 6)
+    assert Quota(10**9, 2).usage(str(tmp_path))[1] == 3  # stopped just past the quota
+    Quota(450 + link_size + 10, 7).check(str(tmp_path), 10)  # fits exactly
+    for quota, adding, limit in ((Quota(450 + link_size + 10, 7), 11, "bytes"), (Quota(10**9, 6), 1, "files")):
+        try:
+            quota.check(str(tmp_path), adding)
+            raise AssertionError("past the quota, not refused")
+        except QuotaExceeded as exc:
+            assert exc.limit == limit and f"FEEDBACK_MAX_{limit.upper()}" in exc.message

@@ -36,6 +36,11 @@ CUT_OFF = Counter("classify_slow_clients_cut_total", "connections closed because
                   "(headers: HEADER_TIMEOUT; body: BODY_TIMEOUT or BODY_MIN_RATE)", ["part"])
 for _part in ("headers", "body"):
     CUT_OFF.labels(_part)  # shown as 0 before the first
+FEEDBACK_REFUSED = Counter("classify_feedback_refused_total", "corrections refused with 507: FEEDBACK_DIR at its "
+                           "quota (limit: bytes, FEEDBACK_MAX_BYTES; files, FEEDBACK_MAX_FILES) or its disk full "
+                           "(disk)", ["limit"])
+for _limit in ("bytes", "files", "disk"):
+    FEEDBACK_REFUSED.labels(_limit)
 
 
 def init_app(app, models):

@@ -95,6 +95,11 @@ class FeedbackSettings:
     """Corrections from users (POST /feedback)."""
     dir: str = setting("FEEDBACK_DIR", "", "store users' corrections here (empty: feedback off)")
     per_minute: int = setting("FEEDBACK_PER_MINUTE", 30, "corrections per client address per minute", minimum=1)
+    # Bounds what all clients together may store, so that corrections cannot fill the disk the models live on.
+    max_bytes: int = setting("FEEDBACK_MAX_BYTES", 1024 * MiB, "most bytes FEEDBACK_DIR may hold; past it "
+                                                              "corrections are refused with 507", minimum=1)
+    max_files: int = setting("FEEDBACK_MAX_FILES", 10_000, "most files FEEDBACK_DIR may hold; past it "
+                                                           "corrections are refused with 507", minimum=1)
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 The models come from classify_server.core.model_config (MODEL_CONFIG_FILE, TF Serving's model config, or
 MODEL_DIR and MODEL_NAME as one model), each a versions.ModelManager. At start every model must
-load, or the server does not start (as TF Serving). Then one poller thread looks for new versions
-every MODEL_POLL_SECONDS and reads MODEL_CONFIG_FILE again every MODEL_CONFIG_POLL_SECONDS (TF
-Serving's --model_config_file_poll_wait_seconds): a model added is loaded and then served, one
+load, or the server does not start (as TF Serving), except a configured model whose base path holds no
+version yet: it waits for its first (versions.ModelManager.waiting) while the others serve. Then one
+poller thread looks for new versions every MODEL_POLL_SECONDS and reads MODEL_CONFIG_FILE again every
+MODEL_CONFIG_POLL_SECONDS (TF Serving's --model_config_file_poll_wait_seconds): a model added is
+loaded and then served (or waits for its first version), one
 removed is retired (its requests in flight finish), one whose base_path or version policy changed is
 loaded anew beside the old and then swapped in, its version labels change in place. A model that
 fails to load is reported in its status and harms no other; a config file that does not parse keeps
@@ -40,6 +42,8 @@ class Models:
         self.managers: dict[str, ModelManager] = {}
         # name -> the changed ModelSpec that did not load (not tried again on every poll)
         self.rejected: dict[str, ModelSpec] = {}
+        # name -> the changed ModelSpec whose base path has no version yet (logged once, looked at each poll)
+        self.awaited: dict[str, ModelSpec] = {}
         self.started = False
 
     @classmethod
@@ -50,22 +54,27 @@ class Models:
         return models
 
     def start(self) -> None:
-        """Load every model, then poll; ModelLoadError, naming each model that did not load, when any did not."""
+        """Load every model, then poll; ModelLoadError, naming each model that did not load, when any did not
+        (a model waiting for its first version did not fail)."""
         managers = {spec.name: self._manager(spec) for spec in self.specs}
-        failed = [m for m in managers.values() if m.error]
+        failed = [m for m in managers.values() if m.error and not m.waiting]
         if failed:
             for manager in managers.values():
                 manager.close()
             raise ModelLoadError("; ".join(f"model {m.name!r}: {m.error}" if self.config_file else m.error
                                            for m in failed))
+        for manager in managers.values():
+            if manager.waiting:
+                log.warning("%s%s", manager.error, "" if self.poll_seconds else
+                            " (MODEL_POLL_SECONDS is 0: it is not looked for again until a restart)")
         self.managers, self.started = managers, True
         self._start_polling()
 
     @property
     def ready(self) -> bool:
         """Whether the models are loaded and warmed up: what every readiness probe asks. A model added
-        later that failed to load does not count (it is reported in its own status and readiness):
-        an unready server would stop serving every other model too."""
+        later that failed to load, or one waiting for its first version, does not count (it is reported
+        in its own status and readiness): an unready server would stop serving every other model too."""
         return self.started and all(m.ready or m.error for m in self.managers.values())
 
     def get(self, name: str | None = None) -> ModelManager | None:
@@ -98,9 +107,19 @@ class Models:
             elif manager is not None and self.rejected.get(spec.name) == spec:
                 pass  # that change failed already: the old one keeps serving
             else:
-                log.info("model %r %s: loading from %s", spec.name, "changed" if manager else "added", spec.base_path)
+                if self.awaited.get(spec.name) != spec:  # a change waiting for its version is looked at each poll
+                    log.info("model %r %s: loading from %s", spec.name, "changed" if manager else "added",
+                             spec.base_path)
                 fresh = self._manager(spec)
-                if fresh.error and not (manager and manager.ready):
+                if fresh.waiting and manager is not None and manager.ready:
+                    if self.awaited.get(spec.name) != spec:
+                        log.warning("%s; until then the old config keeps serving", fresh.error)
+                    self.awaited[spec.name] = spec
+                    fresh.close()
+                    fresh = manager
+                elif fresh.waiting:
+                    log.warning("%s", fresh.error)
+                elif fresh.error and not (manager and manager.ready):
                     log.error("model %r failed to load: %s", spec.name, fresh.error)
                 elif fresh.error and manager is not None:  # and so ready (else the branch above)
                     log.error("model %r: its new config does not load, the old one keeps serving: %s",
@@ -110,6 +129,7 @@ class Models:
                 manager = fresh
             new[spec.name] = manager
         self.managers = new
+        self.awaited = {name: spec for name, spec in self.awaited.items() if name in new and new[name].spec != spec}
         for name, manager in old.items():
             if new.get(name) is not manager:
                 log.info("model %r %s", name, "replaced" if name in new else "removed")
@@ -118,7 +138,8 @@ class Models:
     def _manager(self, spec: ModelSpec) -> ModelManager:
         """A ModelManager of `spec`, loaded by `load` (Models.static has none, and no spec to load)."""
         assert self.load is not None, "Models.static loads no model"
-        return ModelManager(spec, self.load)
+        # MODEL_CONFIG_FILE's models may wait for their first version, as TF Serving's; MODEL_DIR's must be there.
+        return ModelManager(spec, self.load, wait=bool(self.config_file))
 
     def _start_polling(self) -> None:
         """One daemon thread: versions every poll_seconds, the config file every config_poll_seconds (0: never)."""

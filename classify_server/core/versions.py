@@ -8,6 +8,10 @@ name some of them. On each poll a newly wanted version is loaded beside those se
 up, then swapped in; versions no longer wanted are retired: requests in flight finish on them,
 and each is closed after the last. A version that fails to load is reported in its status, never
 retried, and the versions served keep serving; the last one served is never dropped for nothing.
+
+A model that may wait (one of MODEL_CONFIG_FILE's) and whose base path holds no version yet, or does
+not exist yet, waits for one, as TF Serving's file-system source keeps looking: its status is one entry,
+version 0 in state START, saying so; each poll looks again and loads the first version that appears.
 """
 from __future__ import annotations
 
@@ -37,19 +41,17 @@ class Servable:
 
 
 class ModelManager:
-    def __init__(self, spec: ModelSpec, load: Callable[[str], Engine]) -> None:
+    def __init__(self, spec: ModelSpec, load: Callable[[str], Engine], wait: bool = False) -> None:
         """`spec` is a model_config.ModelSpec; `load(folder)` returns a warmed-up engine or raises
-        ModelLoadError. Loads what the policy wants; `error` says why when nothing loaded."""
-        self.spec, self.load = spec, load
+        ModelLoadError. Loads what the policy wants; `error` says why when nothing loaded. With `wait`
+        a base path that holds no version yet is `waiting` for one rather than an error."""
+        self.spec, self.load, self.wait = spec, load, wait
         self.lock = threading.Lock()
         self.status: dict[int, tuple[str, str]] = {}  # version -> (state, error message), TF Serving's states
         self.served: dict[int, Servable] = {}  # version -> Servable
         self.versioned = model_folder.is_base(spec.base_path)
         self.error = ""
         self.sync()
-        if not self.served:
-            self.error = "; ".join(e for _, e in self.status.values() if e) or (
-                f"model {spec.name!r}: no version in {spec.base_path} that its version policy serves")
 
     @property
     def name(self) -> str:
@@ -61,6 +63,7 @@ class ModelManager:
         from classify_server.core.model_config import ModelSpec
         manager = cls.__new__(cls)
         manager.spec, manager.versioned, manager.error = ModelSpec(name, engine.model_dir), False, ""
+        manager.wait = False
         manager.lock, manager.served = threading.Lock(), {1: Servable(name, 1, engine)}
         manager.status = {1: ("AVAILABLE", "")}
         return manager
@@ -70,6 +73,11 @@ class ModelManager:
         """Whether a version is loaded and warmed up."""
         latest = self.latest
         return latest is not None and latest.engine.ready
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the model waits for its first version: it may, none is served and none was tried."""
+        return self.wait and not self.served and not self.status
 
     @property
     def latest(self) -> Servable | None:
@@ -83,18 +91,40 @@ class ModelManager:
 
     def sync(self) -> None:
         """Load the versions the policy wants that are not served; retire those it no longer wants."""
+        try:
+            self._sync()
+        finally:
+            if not self.served:  # what the core answers for the model meanwhile
+                self.error = "; ".join(e for _, e in self.status.values() if e) or self._nothing()
+
+    def _nothing(self) -> str:
+        """Why nothing is served when nothing failed."""
+        base = self.spec.base_path
+        if not self.wait:
+            return f"model {self.name!r}: no version in {base} that its version policy serves"
+        where = f"{base} does not exist yet" if not os.path.isdir(base) else \
+            f"no version in {base} yet that its version policy serves"
+        inside = model_folder.models_inside(base)
+        hint = f" (did you mean base_path: {inside[0]}?)" if inside else ""
+        return f"model {self.name!r} is not available yet: waiting for its first version, {where}{hint}"
+
+    def _sync(self) -> None:
+        base = self.spec.base_path
+        if not self.versioned and not self.served and not self.status:
+            # Nothing tried yet (a model that waits): its first version, or the model itself, may be there now.
+            self.versioned = model_folder.is_base(base)
         if not self.versioned:
-            if not self.served and not self.status:
-                self._load(1, self.spec.base_path)
+            if not self.served and not self.status and (not self.wait or model_folder.is_model(base)):
+                self._load(1, base)
             return
-        available = model_folder.versions(self.spec.base_path)
+        available = model_folder.versions(base)
         while True:  # a version that fails leaves its place to the next one the policy wants
             wanted = self.spec.wanted([v for v in available if not self._failed(v)])
             todo = [v for v in reversed(wanted) if v not in self.served]
             if not todo:
                 break
             for version in todo:
-                if not self._load(version, os.path.join(self.spec.base_path, str(version))):
+                if not self._load(version, os.path.join(base, str(version))):
                     break
         with self.lock:
             if not any(v in self.served for v in wanted):
@@ -173,6 +203,9 @@ class ModelManager:
         """TF Serving's model_version_status list, newest first."""
         with self.lock:
             items = sorted(self.status.items(), reverse=True)
+        if not items and self.waiting and version in (None, 0):
+            # TF Serving's START: known, nothing done yet; version 0 stands for the one awaited.
+            return [{"version": "0", "state": "START", "status": {"error_code": "OK", "error_message": self.error}}]
         return [{"version": str(v), "state": state,
                  "status": {"error_code": "UNKNOWN" if error else "OK", "error_message": error}}
                 for v, (state, error) in items if version is None or v == version]

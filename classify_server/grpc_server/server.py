@@ -120,7 +120,8 @@ def main(argv=None):
         if not stopping.is_set():
             set_health(server, health_pb2.HealthCheckResponse.SERVING)
         log.info("gRPC serving on %s:%s: %s", args.host, port, ", ".join(
-            f"model {name!r} version {manager.latest.version} from {manager.spec.base_path}"
+            f"model {name!r} " + (f"version {latest.version}" if (latest := manager.latest) else "waiting for its "
+                                  "first version") + f" from {manager.spec.base_path}"
             for name, manager in models.managers.items()))
 
     threading.Thread(target=load, name="load-models", daemon=True).start()

@@ -57,7 +57,8 @@ def create_app(test_config: Mapping[str, object] | None = None, classifier: Engi
     errors.init_app(app)
     limiter = app.extensions["feedback_limiter"] = feedback.RateLimiter(service.feedback.per_minute)
     # Every adapter is handed the core, as the gRPC services are (app.extensions keeps them for tests).
-    app.register_blueprint(feedback.blueprint(core, limiter, service.feedback.dir))
+    quota = feedback.Quota(service.feedback.max_bytes, service.feedback.max_files)
+    app.register_blueprint(feedback.blueprint(core, limiter, service.feedback.dir, quota))
     app.register_blueprint(multipart.blueprint(core))
     app.after_request(core_calls.add_server_timing)
     app.register_blueprint(health.blueprint(core))

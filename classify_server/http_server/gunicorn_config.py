@@ -50,21 +50,20 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    # Fail at once, before the workers spend seconds importing TensorFlow, when a model is not there at all.
+    # Fail at once, before the workers spend seconds importing TensorFlow, when the model is not there at all.
+    # Only MODEL_DIR's: a MODEL_CONFIG_FILE model whose base_path holds no version yet (or does not exist
+    # yet) waits for its first, as TF Serving's do, and the workers log which (docs/operations.md: Several models).
     from classify_server.core import model_config
     try:
         specs = model_config.from_settings(service.model)
     except model_config.ConfigError as exc:
         sys.exit(f"classify_server: {exc}")
-    for spec in specs:
+    for spec in specs if not service.model.config_file else ():
         path = spec.base_path
         if not (model_folder.is_model(path) or model_folder.versions(path)):
-            where = f"model {spec.name!r} of {service.model.config_file}: " if service.model.config_file else ""
-            fix = "fix its base_path" if where else "set MODEL_DIR"
             inside = model_folder.models_inside(path)
-            if inside:
-                fix = f"did you mean {'base_path: ' if where else 'MODEL_DIR='}{inside[0]}?"
-            sys.exit(f"classify_server: {where}model not found: {' and '.join(model_folder.missing(path))} missing, "
+            fix = f"did you mean MODEL_DIR={inside[0]}?" if inside else "set MODEL_DIR"
+            sys.exit(f"classify_server: model not found: {' and '.join(model_folder.missing(path))} missing, "
                      f"and no numbered version folders ({fix}, or run: python -m retrain --output_dir {path})")
     for name in os.listdir(os.environ["PROMETHEUS_MULTIPROC_DIR"]):  # stale counts of an earlier run
         os.unlink(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], name))

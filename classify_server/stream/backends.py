@@ -2,7 +2,8 @@
 or through a running server's TensorFlow Serving REST API (Remote, no TensorFlow here).
 
 Both answer a batch of encoded images with (model version, [top-k answer or InferenceError, one per
-image]); a model server that is down or failing raises RemoteUnavailable, and the batch is retried.
+image]); a model server that is down or failing raises RemoteUnavailable, a model that is not available
+(yet: waiting for its first version) Unavailable, and the batch is retried.
 """
 import base64
 import http.client
@@ -19,7 +20,11 @@ from classify_server.settings import Settings
 log = logging.getLogger("classify_server.stream")
 
 
-class RemoteUnavailable(RuntimeError):
+class Unavailable(RuntimeError):
+    """The model cannot answer now: retry the batch later (its messages wait, none is a dead letter)."""
+
+
+class RemoteUnavailable(Unavailable):
     """The model server did not answer usefully (down, 5xx, garbled): retry the batch later."""
 
 
@@ -39,11 +44,20 @@ class Embedded:
 
     def describe(self):
         manager = self.core.models.get(self.name)
-        return f"embedded model {self.name!r} version {manager.latest.version} from {manager.spec.base_path}"
+        latest = manager.latest
+        version = f"version {latest.version}" if latest else "(waiting for its first version)"
+        return f"embedded model {self.name!r} {version} from {manager.spec.base_path}"
 
     def classify(self, images):
         """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""
-        version, labels, results = self.core.classify_each(images, self.name)
+        try:
+            version, labels, results = self.core.classify_each(images, self.name)
+        except InferenceError as exc:
+            if exc.code not in (inference.MODEL_NOT_FOUND, inference.NOT_READY) or \
+                    self.core.models.get(self.name) is None:  # no longer configured: that is an error
+                raise
+            # The model has no version (yet): the messages wait for one, as with a server that is down.
+            raise Unavailable(exc.message) from None
         return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.core.limits.top_k)
                          for r in results]
 

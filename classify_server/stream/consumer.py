@@ -8,7 +8,7 @@ import time
 from classify_server.core import inference
 from classify_server.core.inference import CODES, InferenceError, check_size
 from classify_server.settings import Limits
-from classify_server.stream.backends import RemoteUnavailable
+from classify_server.stream.backends import Unavailable
 
 log = logging.getLogger("classify_server.stream")
 
@@ -183,7 +183,7 @@ class StreamClassifier:
             try:
                 version, results = self.engine.classify(images)
                 break
-            except RemoteUnavailable as exc:
+            except Unavailable as exc:
                 log.warning("%s; retrying the batch of %d in %.0fs", exc, len(batch), delay)
                 if self.stopping.wait(delay):
                     log.warning("stopping with a batch of %d not classified: not committed, it will be read again",

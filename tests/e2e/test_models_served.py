@@ -215,7 +215,7 @@ def test_the_environments_graph_settings_are_refused_with_a_config_file(tmp_path
 
 @pytest.mark.parametrize("config, expected", [
     ("model_config_list { config { name: 'm' ", "not a model_config_list in TensorFlow Serving's text format"),
-    (config_text(("m", "/nowhere/at/all")), "model 'm' of "),
+    (config_text(("m", "/a"), ("m", "/b")), "model 'm' is configured twice"),  # (a missing base_path waits)
 ])
 def test_gunicorn_stops_with_one_line_on_a_bad_config(tmp_path, config, expected):
     path = tmp_path / "models.config"
@@ -242,8 +242,10 @@ def test_a_model_dir_one_level_too_high_gets_a_suggestion(tmp_path):
 
 
 def test_grpc_server_names_the_model_that_does_not_load(tmp_path, trained_model):
-    path = write_config(tmp_path / "models.config", ("good", trained_model), ("bad", tmp_path / "nothing"))
+    write_colour_model(tmp_path / "bad")
+    (tmp_path / "bad" / "graph.pb").write_bytes(b"not a graph")  # (a folder with no version would wait for one)
+    path = write_config(tmp_path / "models.config", ("good", trained_model), ("bad", tmp_path / "bad"))
     result = subprocess.run([sys.executable, "-m", "classify_server.grpc_server", "--port", "0"], cwd=ROOT,
                             env=dict(os.environ, MODEL_CONFIG_FILE=path), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "classify_server.grpc_server: model 'bad': model not found" in result.stderr, \
-        result.stderr
+    assert result.returncode == 1 and "classify_server.grpc_server: model 'bad': " in result.stderr, result.stderr
+    assert "graph.pb" in result.stderr

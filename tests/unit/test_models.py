@@ -191,7 +191,9 @@ def test_config_reload_adds_removes_changes_and_survives_bad_configs(colour_vers
 def test_a_changed_model_that_does_not_load_leaves_the_old_one_serving(tmp_path, caplog):
     good = write_colour_model(tmp_path / "good", ["a", "b", "c"])
     app = app_with(tmp_path, ("m", good))
-    write_config(tmp_path / "models.config", ("m", tmp_path / "nowhere"))
+    broken = write_colour_model(tmp_path / "broken", ["x", "y", "z"])
+    (tmp_path / "broken" / "graph.pb").write_bytes(b"not a graph")  # (a folder with no version would wait for one)
+    write_config(tmp_path / "models.config", ("m", broken))
     with caplog.at_level(logging.ERROR, logger="classify_server"):
         app.extensions["models"].reload_config()
     assert "its new config does not load, the old one keeps serving" in caplog.text

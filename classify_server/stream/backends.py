@@ -11,6 +11,7 @@ import logging
 import re
 import urllib.parse
 
+from classify_server.codecs import json_body
 from classify_server.core import inference
 from classify_server.core.inference import InferenceError
 from classify_server.core.ranking import top_k
@@ -41,9 +42,16 @@ class Embedded:
         manager = self.core.models.get(self.name)
         return f"embedded model {self.name!r} version {manager.latest.version} from {manager.spec.base_path}"
 
+    def resolve(self):
+        """Raise InferenceError unless the model is still served (a MODEL_CONFIG_FILE reload may remove it)."""
+        self.core.resolve(self.name)
+
     def classify(self, images):
         """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""
-        version, labels, results = self.core.classify_each(images, self.name)
+        try:
+            version, labels, results = self.core.classify_each(images, self.name)
+        except InferenceError as exc:  # the model went between resolve() and here: every image is answered so
+            return None, [exc] * len(images)
         return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.core.limits.top_k)
                          for r in results]
 
@@ -78,6 +86,9 @@ class Remote:
     def describe(self):
         return f"remote model {self.name!r} version {self.version} at {self.url}"
 
+    def resolve(self):
+        """Nothing: the server finds the model; one it does not answer for is retried as a server down."""
+
     def _request(self, method, path, body=None):
         """(status, parsed JSON body) over one kept-alive connection; RemoteUnavailable if none."""
         where = f"{method} {self.url}{path}"
@@ -98,8 +109,8 @@ class Remote:
                 if attempt == 2:
                     raise RemoteUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
         try:
-            answer = json.loads(raw)
-        except ValueError:
+            answer = json_body.loads(raw, "the answer")  # the network's bytes: no nesting without end here either
+        except InferenceError:
             answer = None
         if not isinstance(answer, dict):
             answer = {"error": raw[:200].decode(errors="replace")}

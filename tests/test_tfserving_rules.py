@@ -136,6 +136,7 @@ JSON_ROUTES = {
 }
 
 
+@pytest.mark.slow  # a real gunicorn or gRPC server
 @pytest.mark.parametrize("route", list(JSON_ROUTES))
 def test_deep_json_is_400_on_every_json_route_of_a_real_server(http, route):
     path, headers = JSON_ROUTES[route]
@@ -147,6 +148,7 @@ def test_deep_json_is_400_on_every_json_route_of_a_real_server(http, route):
     assert requests.get(http.url + "/readyz", timeout=10).status_code == 200  # and the worker lives
 
 
+@pytest.mark.slow  # a real gunicorn or gRPC server
 def test_deep_json_in_the_v2_binary_header_is_400(http):
     body = DEEP + b"\x00\x00\x00\x00"
     response = requests.post(http.url + "/v2/models/model/infer", data=body,
@@ -177,6 +179,7 @@ def test_core_resolves_the_model_before_it_checks_the_images(client):
         assert info.value.code == code
 
 
+@pytest.mark.slow  # a real gunicorn or gRPC server
 @pytest.mark.parametrize("query, code", [("?model=nope", "model_not_found"), ("?version=99", "version_not_served")])
 def test_multipart_answers_404_before_the_images(http, query, code):
     response = requests.post(http.url + "/" + query, files=[("data", ("empty.jpg", b""))], timeout=30)
@@ -194,6 +197,7 @@ TFS_BAD_BODIES = {
 }
 
 
+@pytest.mark.slow  # a real gunicorn or gRPC server
 @pytest.mark.parametrize("path, code", [("nope", "model_not_found"), ("model/versions/99", "version_not_served")])
 @pytest.mark.parametrize("bad", list(TFS_BAD_BODIES))
 def test_tf_serving_rest_answers_404_before_the_body(http, path, code, bad):
@@ -203,6 +207,7 @@ def test_tf_serving_rest_answers_404_before_the_body(http, path, code, bad):
         assert response.json()["code"] == code and "Servable not found" in response.json()["error"]
 
 
+@pytest.mark.slow  # a real gunicorn or gRPC server
 @pytest.mark.parametrize("path, code", [("nope", "model_not_found"), ("model/versions/99", "version_not_served")])
 def test_v2_rest_answers_404_before_the_tensors(http, path, code):
     empty = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": [""]}]}
@@ -211,6 +216,7 @@ def test_v2_rest_answers_404_before_the_tensors(http, path, code):
         assert response.status_code == 404 and response.json()["code"] == code, response.text[:300]
 
 
+@pytest.mark.slow  # a real gunicorn or gRPC server
 def test_tf_serving_grpc_answers_not_found_before_the_inputs(grpc_server):
     for name, version in [("nope", None), (MODEL, 99)]:
         for request in (predict_request([b""], name, version),  # an empty image
@@ -221,6 +227,7 @@ def test_tf_serving_grpc_answers_not_found_before_the_inputs(grpc_server):
             assert "Servable not found" in error.details()
 
 
+@pytest.mark.slow  # a real gunicorn or gRPC server
 def test_v2_grpc_answers_not_found_before_the_tensors(grpc_server):
     tritongrpc = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]: pip install -e '.[test]'")
     from tritonclient.utils import InferenceServerException
@@ -242,7 +249,7 @@ def test_v2_grpc_answers_not_found_before_the_tensors(grpc_server):
         client.close()
 
 
-def test_flask_multipart_and_feedback_order(client):
-    """The test client too: the model first on POST /, an empty image 400 for the model served."""
+def test_the_flask_app_finds_the_model_before_the_upload(client):
+    """In process too: the model first on POST /, and an empty image 400 once the model is served."""
     assert post_images(client, [b""], "?model=nope").status_code == 404
     assert post_images(client, [b""]).get_json()["code"] == "empty_image"

@@ -62,9 +62,10 @@ def _decode_b64(value, where):
 
 def _check_names(names, where):
     """Raise unless the input names of a row or of the columns are the signature's."""
-    unknown = sorted(str(n)[:40] for n in names if n != INPUT_KEY)
-    if unknown:
-        _invalid(f"{where}input tensor alias not found in signature: {', '.join(unknown)}. "
+    unknown = [str(n)[:40] for n in names if n != INPUT_KEY]
+    if unknown:  # a few of them named: a hostile body may have a million
+        _invalid(f"{where}input tensor alias not found in signature: {', '.join(sorted(unknown[:5]))}"
+                 f"{', ...' if len(unknown) > 5 else ''}. "
                  f"Inputs expected to be in the set {{{INPUT_KEY}}}.")
 
 

@@ -111,6 +111,9 @@ def test_classify_takes_examples_and_a_context_apart_from_them(client):
     alone = client.post(url, json={"examples": [{"images": b64(IMAGE)}]})
     assert shared.status_code == alone.status_code == 200, (shared.get_json(), alone.get_json())
     assert shared.get_json()["result"] == alone.get_json()["result"] * 2
+    # one image in the context, a million examples: over MAX_PARTS, refused, not a million images decoded
+    many = client.post(url, json={"examples": [{}] * 1_000_000, "context": {"images": b64(IMAGE)}})
+    assert many.status_code == 413 and many.get_json()["code"] == "too_many_images", many.get_json()
 
 
 def test_body_of_any_content_type_and_errors_as_tf_serving_words_them(client):

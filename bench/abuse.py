@@ -1,4 +1,4 @@
-"""Guard: re-run when the server's front (reader, timeouts, overload) changes; tests/test_overload.py runs it too.
+"""Guard: re-run when the server's front (reader, timeouts, overload) changes; tests/e2e/test_overload.py runs it too.
 
 Slow clients and a crowd against a running server, on 127.0.0.1: what issue 18 asks it to survive.
 

@@ -3,6 +3,10 @@
 
 
 INPUT_KEY = "images"
+SIGNATURE = "serving_default"
+# The names a request may give the served signature: "" (the default), its own, and the classic
+# inception_client.py's "predict_images"; any other is an error (REST 400, gRPC FAILED_PRECONDITION).
+SIGNATURE_NAMES = frozenset({"", SIGNATURE, "predict_images"})
 
 
 def signature_def(engine):
@@ -13,6 +17,6 @@ def signature_def(engine):
         "dim": [{"size": "-1", "name": ""}, {"size": str(len(engine.labels)), "name": ""}],
         "unknown_rank": False}}
     classes = dict(scores, dtype="DT_STRING", name="classes")
-    return {"signature_def": {"serving_default": {
+    return {"signature_def": {SIGNATURE: {
         "inputs": {INPUT_KEY: tensor}, "outputs": {"scores": scores, "classes": classes},
         "method_name": "tensorflow/serving/predict"}}}

@@ -4,8 +4,9 @@
               Kafka consumer (stream)   label_image CLI   corrections (feedback)
                  |  parse the request; format the answer; map InferenceError.code to a status
                  v
+    Inference.resolve(model, version)  (adapters ask it first, before they read their inputs)
     Inference.classify(images, model, version)
-        choose the model (registry.Models) and version (versions.ModelManager), enforce the limits (images per
+        choose the model (registry.Models) and version (versions.ModelManager) first, enforce the limits (images per
         request, bytes, pixels), decode each image with the shared preprocessing
         (classify_contract.preprocessing, via the engine's input spec), run the engine (batched when
         BATCH_MAX_SIZE is on), time decode and inference
@@ -118,6 +119,14 @@ class Inference:
                                      f"{', '.join(map(str, served)) or 'none'} served")
             yield servable
 
+    def resolve(self, model: str | None = None, version: int | None = None, label: str | None = None) -> int:
+        """The version that would answer `model` (and `version` or `label`) now, or InferenceError: what every
+        adapter asks before it reads or decodes a request's inputs, so that a request to a model or version
+        not served is answered 404 (NOT_FOUND) whatever else is wrong with it, as TF Serving and KServe
+        answer, and nothing is decoded for a model this server does not have."""
+        with self.servable(model, version, label) as servable:
+            return servable.version
+
     def status(self, model: str | None = None, version: int | None = None,
                label: str | None = None) -> list[dict[str, object]]:
         """TF Serving's model_version_status entries of `model`, of one version (or label) or all."""
@@ -143,10 +152,10 @@ class Inference:
 
         `names` (file names, when the protocol has them) make the error messages say which image.
         """
-        self.check_count(len(images))
-        for i, data in enumerate(images):
-            self.check_size(data, _which(i, names))
-        with self.servable(model, version, label) as servable:
+        with self.servable(model, version, label) as servable:  # the model first: 404 whatever the images
+            self.check_count(len(images))
+            for i, data in enumerate(images):
+                self.check_size(data, _which(i, names))
             engine = servable.engine
             start = time.perf_counter()
             inputs = [self._decode(engine, data, _which(i, names)) for i, data in enumerate(images)]
@@ -186,8 +195,8 @@ class Inference:
         """The format ("JPEG", "PNG"...) of one image that the shared preprocessing decodes whole,
         or InferenceError. The model is not run."""
         which = _which(0, [name])
-        self.check_size(data, which)
         with self.servable() as servable:
+            self.check_size(data, which)
             self._decode(servable.engine, data, which)
         return preprocessing.probe_image(data)[0]
 

@@ -32,12 +32,10 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from classify_server.codecs.tfserving import INPUT_KEY, signature_def
+from classify_server.codecs.tfserving import INPUT_KEY, SIGNATURE, SIGNATURE_NAMES, signature_def
 from classify_server.core.inference import INVALID_INPUT, InferenceError
 from classify_server.grpc_server.errors import Abort, rpc_methods
 
-SIGNATURE = "serving_default"
-SIGNATURE_ALIASES = {"", SIGNATURE, "predict_images"}  # "": the default; predict_images: inception_client.py's
 OUTPUTS = ("scores", "classes")
 _STATES = get_model_status_pb2.ModelVersionStatus.State
 _ERROR_CODES = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type.values_by_name
@@ -87,7 +85,9 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
 
     def Predict(self, request, context):
         spec = request.model_spec
-        if spec.signature_name not in SIGNATURE_ALIASES:
+        version, label = self._version(spec)
+        self.core.resolve(spec.name, version, label)  # the model first, as TF Serving: NOT_FOUND before the rest
+        if spec.signature_name not in SIGNATURE_NAMES:
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
                          f"Serving signature key \"{spec.signature_name}\" not found.")
         unknown = sorted(set(request.inputs) - {INPUT_KEY})
@@ -102,7 +102,6 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
             raise InferenceError(INVALID_INPUT, f"output tensor alias not found in signature: "
                                                 f"{', '.join(bad)}. Outputs expected to be in the set "
                                                 f"{{{', '.join(OUTPUTS)}}}.")
-        version, label = self._version(spec)
         prediction = self.core.classify(images_from(request.inputs[INPUT_KEY], self.core), spec.name, version,
                                         label=label)
         response = predict_pb2.PredictResponse()

@@ -48,8 +48,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request, context):
         version = _version(request.model_version)
-        with self.core.servable(request.model_name, version):
-            pass  # an unknown model or version before anything else is read
+        self.core.resolve(request.model_name, version)  # an unknown model or version before anything else is read
         if len(request.inputs) != 1:
             raise InferenceError(INVALID_INPUT, f"expected one input, \"{v2_tensors.INPUT}\"")
         tensor = request.inputs[0]

@@ -19,12 +19,14 @@ def blueprint(core: Inference) -> Blueprint:
 
     @bp.post("/")
     def classify_upload():
-        images, names = uploaded_images()
-        top_k = parse_top_k(core.limits.top_k)
         version = request.args.get("version")
         if version is not None and not version.isdigit():
             abort(400, f"version must be a version number, got {version[:40]!r}")
-        answers = classify(core, images, request.args.get("model"), version and int(version), names).top_k(top_k)
+        model, version = request.args.get("model"), version and int(version)
+        core.resolve(model, version)  # the model first: 404 before the form is read
+        images, names = uploaded_images()
+        top_k = parse_top_k(core.limits.top_k)
+        answers = classify(core, images, model, version, names).top_k(top_k)
         return jsonify(answers[0] if len(answers) == 1 else answers)
 
     return bp

@@ -9,14 +9,19 @@
 
 An image is its encoded bytes in base64, under the input key `images` (as the
 classic inception_client.py sends it). Errors are {"error": "..."} with TF
-Serving's status codes.
+Serving's status codes, and TF Serving's rules: the model and version are found
+first (404), then the body: JSON of at most json_body.MAX_DEPTH levels, exactly
+one of "instances" and "inputs", a signature_name that is the served signature's,
+only the input `images`, "examples" (and "context" features in no example) for
+:classify; 400 otherwise.
 """
 import base64
 import binascii
 
 from flask import Blueprint, jsonify, request
 
-from classify_server.codecs.tfserving import INPUT_KEY, signature_def
+from classify_server.codecs import json_body
+from classify_server.codecs.tfserving import INPUT_KEY, SIGNATURE_NAMES, signature_def
 from classify_server.core.inference import INVALID_INPUT, Inference, InferenceError
 from classify_server.http_api.core_calls import classify as run_classify
 
@@ -25,34 +30,89 @@ def _invalid(message):
     raise InferenceError(INVALID_INPUT, message)
 
 
+def _body():
+    """The request's JSON object, its signature_name checked (TF Serving's REST API takes any content type)."""
+    body = json_body.loads(request.get_data(cache=False), "the request body")
+    if not isinstance(body, dict):
+        _invalid("JSON Parse error: the body must be a JSON object")
+    name = body.get("signature_name", "")
+    if not isinstance(name, str):
+        _invalid("'signature_name' key must be a string value")
+    if name not in SIGNATURE_NAMES:
+        _invalid(f"Serving signature name: \"{name[:80]}\" not found in signature def")
+    return body
+
+
+def _is_b64(value):
+    """TF Serving's binary value: an object of exactly one key, "b64" (anything else is a map of names)."""
+    return isinstance(value, dict) and len(value) == 1 and "b64" in value
+
+
 def _decode_b64(value, where):
     if isinstance(value, dict) and len(value) == 1 and INPUT_KEY in value:
         value = value[INPUT_KEY]  # {"images": {"b64": ...}}
-    if not (isinstance(value, dict) and isinstance(value.get("b64"), str)):
+    if not (_is_b64(value) and isinstance(value["b64"], str)):
         _invalid(f"{where}: expected an encoded image as {{\"b64\": \"<base64>\"}} "
-                   f"(optionally under the key \"{INPUT_KEY}\")")
+                 f"(optionally under the key \"{INPUT_KEY}\")")
     try:
         return base64.b64decode(value["b64"], validate=True)
     except (binascii.Error, ValueError):
         _invalid(f"{where}: b64 value is not valid base64")
 
 
-def _request_images():
-    """The encoded images of a :predict body, and whether it used the columnar form."""
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        _invalid("JSON Parse error: the body must be a JSON object with \"instances\" or \"inputs\"")
+def _check_names(names, where):
+    """Raise unless the input names of a row or of the columns are the signature's."""
+    unknown = [str(n)[:40] for n in names if n != INPUT_KEY]
+    if unknown:  # a few of them named: a hostile body may have a million
+        _invalid(f"{where}input tensor alias not found in signature: {', '.join(sorted(unknown[:5]))}"
+                 f"{', ...' if len(unknown) > 5 else ''}. "
+                 f"Inputs expected to be in the set {{{INPUT_KEY}}}.")
+
+
+def _request_images(body):
+    """The encoded images of a :predict body, and whether it used the columnar form: exactly one of
+    "instances" (rows) and "inputs" (columns), as TF Serving's REST API requires."""
+    if "instances" in body and "inputs" in body:
+        _invalid("Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
     if "instances" in body:
-        items, columnar = body["instances"], False
-    elif "inputs" in body:
-        items, columnar = body["inputs"], True
-        if isinstance(items, dict) and INPUT_KEY in items:
-            items = items[INPUT_KEY]
-        if isinstance(items, dict):
-            items = [items]
-    else:
+        items = body["instances"]
+        if isinstance(items, list):
+            for i, item in enumerate(items):
+                if isinstance(item, dict) and not _is_b64(item):
+                    _check_names(item, f"instance {i}: ")
+        return _images_from(items, "instance"), False
+    if "inputs" not in body:
         _invalid("Missing 'inputs' or 'instances' key")
-    return _images_from(items, "instance"), columnar
+    items = body["inputs"]
+    if isinstance(items, dict) and not _is_b64(items):  # a map of input names to tensors
+        _check_names(items, "")
+        if INPUT_KEY not in items:
+            _invalid(f"missing input '{INPUT_KEY}': a list of encoded images")
+        items = items[INPUT_KEY]
+    return _images_from([items] if _is_b64(items) else items, "input"), True
+
+
+def _example_images(body, core):
+    """The images of a :classify body's examples; an image in "context" (features shared by every example,
+    and so in none of them, as TF Serving's REST API says) is every example's, decoded once."""
+    if "examples" not in body:
+        _invalid("Missing 'examples' key")
+    examples, context = body["examples"], body.get("context", {})
+    if not isinstance(context, dict):
+        _invalid("'context' must be a JSON object of features shared by every example")
+    if not isinstance(examples, list) or not examples:
+        _invalid("expected a non-empty list of examples")
+    core.check_count(len(examples))  # before a million examples are looked at
+    shared = _decode_b64({INPUT_KEY: context[INPUT_KEY]}, "context") if INPUT_KEY in context else None
+    images = []
+    for i, example in enumerate(examples):
+        if not isinstance(example, dict):
+            _invalid(f"example {i}: expected a JSON object of features")
+        both = sorted(set(example) & set(context))
+        if both:
+            _invalid(f"example {i}: feature {both[0][:40]!r} is also in 'context'; a feature goes in one or the other")
+        images.append(shared if shared is not None else _decode_b64(example, f"example {i}"))
+    return images
 
 
 def _images_from(items, what):
@@ -92,16 +152,15 @@ def blueprint(core: Inference) -> Blueprint:
 
     @routes("POST", ":predict")
     def predict(name, version=None, label=None):
-        images, columnar = _request_images()
+        core.resolve(name, version, label)  # the model first: 404 before anything in the body is read
+        images, columnar = _request_images(_body())
         scores = run_classify(core, images, name, version, label=label).scores.tolist()
         return jsonify(outputs=scores) if columnar else jsonify(predictions=scores)
 
     @routes("POST", ":classify")
     def classify(name, version=None, label=None):
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or "examples" not in body:
-            _invalid("JSON Parse error: the body must be a JSON object with \"examples\"")
-        prediction = run_classify(core, _images_from(body["examples"], "example"), name, version, label=label)
+        core.resolve(name, version, label)
+        prediction = run_classify(core, _example_images(_body(), core), name, version, label=label)
         return jsonify(result=[[[label, score] for label, score in zip(prediction.labels, row)]
                                for row in prediction.scores.tolist()])
 

@@ -21,7 +21,7 @@ import json
 
 from flask import Blueprint, Response, jsonify, request
 
-from classify_server.codecs import v2_tensors
+from classify_server.codecs import json_body, v2_tensors
 from classify_server.core.inference import INVALID_INPUT, Inference, InferenceError
 from classify_server.http_api.core_calls import classify
 
@@ -43,10 +43,7 @@ def _split_body():
         if not length.isdigit() or int(length) > len(body):
             _invalid(f"{HEADER_LENGTH} must be a length within the body ({len(body)} bytes), got {length[:40]!r}")
         head, binary = body[:int(length)], body[int(length):]
-    try:
-        header = json.loads(head)
-    except (ValueError, RecursionError) as exc:  # nesting deeper than the parser's stack is a bad request too
-        _invalid(f"the inference request is not valid JSON: {type(exc).__name__}")
+    header = json_body.loads(head, "the inference request")  # nesting past its MAX_DEPTH: 400, never parsed
     if not isinstance(header, dict):
         _invalid("the inference request must be a JSON object with \"inputs\"")
     return header, binary
@@ -102,8 +99,7 @@ def blueprint(core: Inference) -> Blueprint:
     @bp.post("/models/<name>/infer")
     @bp.post("/models/<name>/versions/<int:version>/infer")
     def infer(name, version=None):
-        with core.servable(name, version):
-            pass  # an unknown model or version is a 404 before anything else is read
+        core.resolve(name, version)  # an unknown model or version is a 404 before anything else is read
         header, binary = _split_body()
         images, wanted = _parse(header, binary)
         prediction = classify(core, images, name, version)

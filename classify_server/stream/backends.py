@@ -12,6 +12,7 @@ import logging
 import re
 import urllib.parse
 
+from classify_server.codecs import json_body
 from classify_server.core import inference
 from classify_server.core.inference import InferenceError
 from classify_server.core.ranking import top_k
@@ -48,16 +49,28 @@ class Embedded:
         version = f"version {latest.version}" if latest else "(waiting for its first version)"
         return f"embedded model {self.name!r} {version} from {manager.spec.base_path}"
 
+    def resolve(self):
+        """Raise InferenceError unless the model is still configured (a MODEL_CONFIG_FILE reload may remove
+        it); one waiting for its first version passes, and classify() waits for it."""
+        try:
+            self.core.resolve(self.name)
+        except InferenceError as exc:
+            if not self._waiting(exc):
+                raise
+
+    def _waiting(self, exc: InferenceError) -> bool:
+        """Whether `exc` says the model is still configured but has no version to serve yet."""
+        return exc.code in (inference.MODEL_NOT_FOUND, inference.NOT_READY) and \
+            self.core.models.get(self.name) is not None
+
     def classify(self, images):
         """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""
         try:
             version, labels, results = self.core.classify_each(images, self.name)
         except InferenceError as exc:
-            if exc.code not in (inference.MODEL_NOT_FOUND, inference.NOT_READY) or \
-                    self.core.models.get(self.name) is None:  # no longer configured: that is an error
-                raise
-            # The model has no version (yet): the messages wait for one, as with a server that is down.
-            raise Unavailable(exc.message) from None
+            if self._waiting(exc):  # no version yet: the messages wait for one, as with a server that is down
+                raise Unavailable(exc.message) from None
+            return None, [exc] * len(images)  # the model went between resolve() and here: each image says so
         return version, [r if isinstance(r, InferenceError) else top_k(labels, r, self.core.limits.top_k)
                          for r in results]
 
@@ -92,6 +105,9 @@ class Remote:
     def describe(self):
         return f"remote model {self.name!r} version {self.version} at {self.url}"
 
+    def resolve(self):
+        """Nothing: the server finds the model; one it does not answer for is retried as a server down."""
+
     def _request(self, method, path, body=None):
         """(status, parsed JSON body) over one kept-alive connection; RemoteUnavailable if none."""
         where = f"{method} {self.url}{path}"
@@ -112,8 +128,8 @@ class Remote:
                 if attempt == 2:
                     raise RemoteUnavailable(f"{where}: {type(exc).__name__}: {exc}") from None
         try:
-            answer = json.loads(raw)
-        except ValueError:
+            answer = json_body.loads(raw, "the answer")  # the network's bytes: no nesting without end here either
+        except InferenceError:
             answer = None
         if not isinstance(answer, dict):
             answer = {"error": raw[:200].decode(errors="replace")}

@@ -167,7 +167,13 @@ class StreamClassifier:
                   1000 * (time.perf_counter() - acknowledged))
 
     def classify(self, batch):
-        """The engine's answers for the batch; the checks that need no model first."""
+        """The engine's answers for the batch: the model first (gone, every message is dead-lettered
+        model_not_found, as every protocol answers 404 before it looks at the inputs), then the checks that
+        need no model, then the model."""
+        try:
+            self.engine.resolve()
+        except InferenceError as exc:
+            return None, [exc] * len(batch)
         answers, images, where = [None] * len(batch), [], []
         for i, message in enumerate(batch):
             try:

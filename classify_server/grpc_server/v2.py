@@ -2,13 +2,15 @@
 Serving's services on the gRPC server's port, so that `tritonclient.grpc` and KServe's gRPC clients
 work here. The generated service code is the one `tritonclient[grpc]` ships.
 
-ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer: one BYTES input
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig (Triton's model
+configuration extension), ModelStatistics (its statistics extension) and ModelInfer: one BYTES input
 `images` [N] in `bytes_contents` or `raw_input_contents` (each element a 4-byte little-endian length,
 then its bytes); outputs `scores` FP32 [N, classes] and `labels` BYTES [classes] in
 `raw_output_contents`, as Triton answers, or the classification extension's BYTES [N, K]
 ("classification" on `scores`). The core's errors become the gRPC statuses of grpc_server.errors' table.
 """
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from classify_server.codecs import v2_tensors
 from classify_server.core.inference import INVALID_INPUT, InferenceError
@@ -18,7 +20,8 @@ from classify_server.grpc_server.errors import rpc_methods
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core):
         self.core = core
-        rpc_methods(self, ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"))
+        rpc_methods(self, ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+                           "ModelStatistics", "ModelInfer"))
 
     def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -45,6 +48,16 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                    for key in ("inputs", "outputs")}
         return service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
                                                  platform=meta["platform"], **tensors)
+
+    def ModelConfig(self, request, context):
+        with self.core.servable(request.name, _version(request.version)) as servable:
+            config = v2_tensors.model_config(request.name, servable, self.core)
+        return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    def ModelStatistics(self, request, context):
+        # Triton's request: no name, every model; a name without a version, its versions.
+        stats = self.core.statistics(request.name or None, _version(request.version) if request.name else None)
+        return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
 
     def ModelInfer(self, request, context):
         version = _version(request.model_version)

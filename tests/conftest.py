@@ -36,7 +36,7 @@ def pytest_runtest_makereport(item, call):
 # End-to-end tests (`slow`): whole modules of real processes, and tests that start one through these fixtures.
 # `python -m pytest -m "not slow"` runs the rest in under a minute.
 SLOW_MODULES = {"test_deploy", "test_faults", "test_grpc", "test_http_attacks", "test_page", "test_protocols",
-                "test_stream", "test_v2"}
+                "test_stream", "test_triton_extensions", "test_v2"}
 SLOW_FIXTURES = {"flower_model", "server", "start_server", "broken_servers", "third_party", "foreign", "messy_run",
                  "offline_runs", "report_run"}
 

@@ -8,10 +8,11 @@ import shutil
 import tempfile
 import time
 
+import grpc
 import numpy as np
 import pytest
 import requests
-from helpers import CLASSES, GrpcServer, post, predict_request, shape_image, write_colour_model
+from helpers import CLASSES, GrpcServer, post, predict_request, rpc_error, shape_image, write_colour_model
 
 tritonhttp = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]: pip install -e '.[test]'")
 tritongrpc = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc]: pip install -e '.[test]'")
@@ -155,6 +156,13 @@ def test_http_config_and_statistics_through_tritonclient(start_server, colour_mo
     assert started_ms <= entry["last_inference"] <= time.time() * 1000
 
     send_round()  # and they go on growing
+    tensor = tritonhttp.InferInput("images", [9], "BYTES")  # over MAX_PARTS: a failure, whatever the protocol
+    tensor.set_data_from_numpy(np.array([GOOD[0]] * 9, dtype=np.object_))
+    with pytest.raises(InferenceServerException) as info:
+        c.infer("model", [tensor])
+    assert info.value.status() == "413", info.value
+    assert post(server.url, [GOOD[0]] * 9).status_code == 413
+    sent["fail"] += 2
     entry = statistics_of(c.get_inference_statistics("model"))
     assert counts(entry) == sent
     assert all(nanoseconds(entry)[key] > grown[key] for key in grown)
@@ -207,11 +215,22 @@ def test_grpc_config_and_statistics_through_tritonclient(colour_model, tmp_path)
         for _ in range(2):
             with pytest.raises(InferenceServerException):
                 infer([BAD])
+        with pytest.raises(InferenceServerException) as info:  # over MAX_PARTS: refused for the model, counted
+            infer([GOOD[0]] * 9)
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED", info.value
         server.predict([GOOD[0]])  # TF Serving's Predict goes through the same core: counted too
-        with pytest.raises(Exception):
-            server.prediction.Predict(predict_request([BAD]), timeout=30)
+        for images in ([BAD], [GOOD[0]] * 9):
+            error = rpc_error(server.prediction.Predict, predict_request(images), timeout=30)
+            assert error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), error
+        # Not counted: a malformed tensor, and a version not served (nothing of it runs).
+        wrong = tritongrpc.InferInput("images", [1], "FP32")
+        wrong.set_data_from_numpy(np.zeros(1, np.float32))
+        with pytest.raises(InferenceServerException):
+            client.infer("model", [wrong])
+        with pytest.raises(InferenceServerException):
+            client.infer("model", [wrong], model_version="7")
         entry = statistics_of(client.get_inference_statistics("model", "1", as_json=True))
-        assert counts(entry) == {"success": 4, "fail": 3, "inference_count": 10, "execution_count": 4}
+        assert counts(entry) == {"success": 4, "fail": 5, "inference_count": 10, "execution_count": 4}
         assert all(ns > 0 for ns in nanoseconds(entry).values()), entry
         assert statistics_of(client.get_inference_statistics("model", as_json=True)) == entry
     finally:

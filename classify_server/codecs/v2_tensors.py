@@ -63,15 +63,16 @@ def _engine(servable):
     return platform, backend, str(about.get("graph", "")).rsplit("/", 1)[-1]
 
 
-def check_input(name, datatype, shape, core):
-    """Raise unless this is the model's input: BYTES `images` of shape [N], N within the core's limit."""
+def check_input(name, datatype, shape, core, model, version):
+    """Raise unless this is the model's input: BYTES `images` of shape [N], N within the core's limit
+    (whose refusal counts as a failure of `model` `version`, as the core's other refusals do)."""
     if name != INPUT:
         _invalid(f"unknown input {str(name)[:40]!r}: the model's input is \"{INPUT}\"")
     if datatype != "BYTES":
         _invalid(f"input \"{INPUT}\" must be BYTES (encoded images), got {str(datatype)[:20]}")
     if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
         _invalid(f"input \"{INPUT}\" must have shape [N], got {str(shape)[:40]}")
-    core.check_count(shape[0])  # before reading any element
+    core.check_count(shape[0], model, version, counted=True)  # before reading any element
 
 
 def decode_bytes(data):

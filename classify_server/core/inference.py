@@ -144,13 +144,22 @@ class Inference:
                 wanted = [(servable.model, servable.version)]
         return statistics.read(wanted)
 
-    def check_count(self, count: int) -> None:
-        """Raise unless a request of `count` images is allowed (adapters may ask before building them)."""
-        if count < 1:
-            raise InferenceError(INVALID_INPUT, "no image in the request")
-        if count > self.limits.max_parts:
-            raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
-                                                  f"{self.limits.max_parts} (MAX_PARTS)")
+    def check_count(self, count: int, model: str | None = None, version: int | None = None,
+                    label: str | None = None, counted: bool = False) -> None:
+        """Raise unless a request of `count` images is allowed (adapters may ask before building them);
+        `counted`: a refusal counts as a failure of that model version (statistics), as classify's does."""
+        try:
+            if count < 1:
+                raise InferenceError(INVALID_INPUT, "no image in the request")
+            if count > self.limits.max_parts:
+                raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
+                                                      f"{self.limits.max_parts} (MAX_PARTS)")
+        except InferenceError:
+            if counted:
+                timer = statistics.Timer()
+                with self.servable(model, version, label) as servable:
+                    statistics.record(servable.model, servable.version, timer, ok=False)
+            raise
 
     def classify(self, images: Sequence[bytes], model: str | None = None, version: int | None = None,
                  names: Sequence[str | None] | None = None, label: str | None = None) -> Prediction:

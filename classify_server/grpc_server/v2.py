@@ -66,7 +66,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if len(request.inputs) != 1:
             raise InferenceError(INVALID_INPUT, f"expected one input, \"{v2_tensors.INPUT}\"")
         tensor = request.inputs[0]
-        v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape), self.core)
+        v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape), self.core, request.model_name,
+                               version)
         if request.raw_input_contents:
             images = v2_tensors.decode_bytes(request.raw_input_contents[0])
         else:

@@ -123,7 +123,7 @@ def blueprint(core: Inference) -> Blueprint:
         with core.servable(name, version):
             pass  # an unknown model or version is a 404 before anything else is read
         header, binary = _split_body()
-        images, wanted = _parse(header, binary)
+        images, wanted = _parse(header, binary, name, version)
         prediction = classify(core, images, name, version)
         request_parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
         all_binary = request_parameters.get("binary_data_output") is True  # tritonclient asks so when it names none
@@ -144,14 +144,14 @@ def blueprint(core: Inference) -> Blueprint:
         return Response(head + b"".join(chunks), content_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(len(head))})
 
-    def _parse(header, binary):
+    def _parse(header, binary, name, version):
         """(encoded images, [(output name, its parameters)]) of a V2 inference request."""
         inputs = header.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
             _invalid(f"expected one input, \"{INPUT}\": a BYTES tensor of encoded images")
         tensor = inputs[0]
         shape = tensor.get("shape")
-        v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, core)
+        v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, core, name, version)
         parameters = tensor.get("parameters") or {}
         if not isinstance(parameters, dict):
             _invalid("input parameters must be a JSON object")

@@ -44,7 +44,7 @@ class Timer:
     """The phases of one request, timed as the core goes (perf_counter seconds)."""
     start: float = field(default_factory=time.perf_counter)
     phases: dict[str, float] = field(default_factory=dict)
-    _mark: float = 0.0
+    _mark: float = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._mark = self.start

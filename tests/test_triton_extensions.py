@@ -254,3 +254,19 @@ def test_metadata_and_config_name_the_tflite_engine(colour_model, tmp_path):
     assert config["backend"] == "tflite" and config["default_model_filename"] == "model.tflite"
     assert_config_agrees(config, meta, max_batch_size=5)
     assert c.get("/v1/models/model/metadata").status_code == 200
+
+
+def test_each_message_of_a_stream_batch_counts_as_a_request(colour_model):
+    """classify_each (the Kafka consumer's): every image a request of its own, good and bad apart. The
+    counters live as long as this process, so what is checked is what this batch added."""
+    from helpers import make_app
+    core = make_app(colour_model).extensions["inference"]
+    before = core.statistics("model", 1)[0]
+    version, _, results = core.classify_each([GOOD[0], BAD, GOOD[1], b""])
+    assert version == 1 and [isinstance(r, Exception) for r in results] == [False, True, False, True]
+    after = core.statistics("model", 1)[0]
+    assert {key: after[key] - before[key] for key in ("inference_count", "execution_count")} == \
+        {"inference_count": 2, "execution_count": 1}
+    for outcome in ("success", "fail"):
+        assert after["inference_stats"][outcome]["count"] - before["inference_stats"][outcome]["count"] == 2
+        assert after["inference_stats"][outcome]["ns"] > before["inference_stats"][outcome]["ns"]

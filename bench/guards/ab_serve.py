@@ -49,7 +49,8 @@ def checkout(commit, folder):
 def serve(checkout_dir, model_dir, log_path, settings=()):
     """gunicorn from `checkout_dir` (its code, its gunicorn.conf.py), ready: its port."""
     env = serve_bench.caller_env()
-    env.update(MODEL_DIR=model_dir, MODEL_POLL_SECONDS="0", ACCESS_LOG="", **dict(settings))
+    env.update({"MODEL_DIR": model_dir, "MODEL_POLL_SECONDS": "0", "ACCESS_LOG": ""})
+    env.update(dict(settings))  # --env wins (e.g. ACCESS_LOG=/dev/null for a commit where empty meant '-')
     return C.start_gunicorn(checkout_dir, env, log_path)[1]
 
 

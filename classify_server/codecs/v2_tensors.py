@@ -1,16 +1,20 @@
 """The Open Inference Protocol's tensors for this model, shared by its REST and gRPC adapters:
-the input and outputs, the metadata, the BYTES layout of the binary extension, and each output's
-data (Triton's classification extension included)."""
+the input and outputs, the metadata, Triton's model configuration, the BYTES layout of the binary
+extension, and each output's data (Triton's classification extension included)."""
 import struct
 
 import numpy as np
 
+from classify_contract import model_folder
 from classify_server.core.inference import INVALID_INPUT, InferenceError
 
 SERVER = "classify-service"
 INPUT = "images"
 OUTPUTS = ("scores", "labels")
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_configuration", "statistics"]
+# Triton's platform and backend names of each engine (MODEL_ENGINE): the engine that serves, not the file format
+# the model folder also holds.
+PLATFORMS = {"tf": ("tensorflow_graphdef", "tensorflow"), "tflite": ("tensorflow_lite", "tflite")}
 
 
 def _invalid(message):
@@ -21,21 +25,54 @@ def model_metadata(name, servable, core, version):
     """The model's metadata; its `versions`: the one asked for, or every version served."""
     classes = len(servable.engine.labels)
     versions = [servable.version] if version is not None else sorted(core.manager(name).served) or [servable.version]
-    return {"name": name, "versions": [str(v) for v in versions], "platform": "tensorflow_graphdef",
+    return {"name": name, "versions": [str(v) for v in versions], "platform": _engine(servable)[0],
             "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
                         {"name": "labels", "datatype": "BYTES", "shape": [classes]}]}
 
 
-def check_input(name, datatype, shape, core):
-    """Raise unless this is the model's input: BYTES `images` of shape [N], N within the core's limit."""
+def model_config(name, servable, core):
+    """Triton's ModelConfig (model_config.proto) as JSON, field for field what model_metadata says: with
+    max_batch_size (MAX_PARTS, the most images a request may hold) each batched tensor's `dims` are its
+    shape without the first, batch, dimension; `labels` is answered once per request, [classes], as
+    in the metadata (Triton's config has no word for an unbatched output of a batched model)."""
+    meta = model_metadata(name, servable, core, servable.version)
+    kind = _engine(servable)
+    batched = {"images": True, "scores": True, "labels": False}
+    types = {"BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+
+    def tensor(t):
+        return {"name": t["name"], "data_type": types[t["datatype"]],
+                "dims": t["shape"][1:] if batched[t["name"]] else t["shape"]}
+
+    policy = core.manager(name).spec
+    version_policy = {"all": {"all": {}}, "specific": {"specific": {"versions": sorted(policy.versions)}}}.get(
+        policy.policy, {"latest": {"num_versions": policy.num_versions}})
+    return {"name": name, "platform": kind[0], "backend": kind[1], "version_policy": version_policy,
+            "max_batch_size": core.limits.max_parts,
+            "input": [dict(tensor(t), format="FORMAT_NONE") for t in meta["inputs"]],
+            "output": [dict(tensor(t), label_filename=model_folder.LABELS) if t["name"] == "scores" else tensor(t)
+                       for t in meta["outputs"]],
+            "default_model_filename": kind[2]}
+
+
+def _engine(servable):
+    """(Triton's platform, backend, the file served) of the engine serving `servable`."""
+    about = servable.engine.metadata()
+    platform, backend = PLATFORMS[str(about.get("engine", "tf"))]
+    return platform, backend, str(about.get("graph", "")).rsplit("/", 1)[-1]
+
+
+def check_input(name, datatype, shape, core, model, version):
+    """Raise unless this is the model's input: BYTES `images` of shape [N], N within the core's limit
+    (whose refusal counts as a failure of `model` `version`, as the core's other refusals do)."""
     if name != INPUT:
         _invalid(f"unknown input {str(name)[:40]!r}: the model's input is \"{INPUT}\"")
     if datatype != "BYTES":
         _invalid(f"input \"{INPUT}\" must be BYTES (encoded images), got {str(datatype)[:20]}")
     if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
         _invalid(f"input \"{INPUT}\" must have shape [N], got {str(shape)[:40]}")
-    core.check_count(shape[0])  # before reading any element
+    core.check_count(shape[0], model, version, counted=True)  # before reading any element
 
 
 def decode_bytes(data):

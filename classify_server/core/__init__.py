@@ -6,6 +6,7 @@
     versions      one model's versions: version policy, labels, hot reload
     model_config  TF Serving's model_config_list file
     ranking       the best labels of a row of scores
+    statistics    counts and times of each model version's requests (Prometheus counters, summed over workers)
 
 It reaches models only through classify_server.engines; the adapters reach it only through Inference.
 """

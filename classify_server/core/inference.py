@@ -9,7 +9,8 @@
         choose the model (registry.Models) and version (versions.ModelManager) first, enforce the limits (images per
         request, bytes, pixels), decode each image with the shared preprocessing
         (classify_contract.preprocessing, via the engine's input spec), run the engine (batched when
-        BATCH_MAX_SIZE is on), time decode and inference
+        BATCH_MAX_SIZE is on), time decode and inference, and count the request per model and version
+        (statistics: Triton's statistics extension, also at GET /metrics)
                  |
                  v
     Prediction(model, version, labels, scores [N, classes], timing)  or  InferenceError(code, message)
@@ -31,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from classify_contract import preprocessing
+from classify_server.core import statistics
 from classify_server.core.ranking import top_k
 
 if TYPE_CHECKING:
@@ -138,13 +140,35 @@ class Inference:
             raise InferenceError(VERSION_NOT_SERVED, f"Could not find version {version} of model {model}")
         return entries
 
-    def check_count(self, count: int) -> None:
-        """Raise unless a request of `count` images is allowed (adapters may ask before building them)."""
-        if count < 1:
-            raise InferenceError(INVALID_INPUT, "no image in the request")
-        if count > self.limits.max_parts:
-            raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
-                                                  f"{self.limits.max_parts} (MAX_PARTS)")
+    def statistics(self, model: str | None = None, version: int | None = None) -> list[dict[str, object]]:
+        """Triton's ModelStatistics (core.statistics, summed over the workers) of each version served of
+        `model` (None: of every model), or of that `version` alone."""
+        if model is None:
+            wanted = [(name, v) for name, manager in self.models.managers.items() for v in sorted(manager.served)]
+        elif version is None:
+            manager = self.manager(model)
+            wanted = [(manager.name, v) for v in sorted(manager.served)]
+        else:
+            with self.servable(model, version) as servable:
+                wanted = [(servable.model, servable.version)]
+        return statistics.read(wanted)
+
+    def check_count(self, count: int, model: str | None = None, version: int | None = None,
+                    label: str | None = None, counted: bool = False) -> None:
+        """Raise unless a request of `count` images is allowed (adapters may ask before building them);
+        `counted`: a refusal counts as a failure of that model version (statistics), as classify's does."""
+        try:
+            if count < 1:
+                raise InferenceError(INVALID_INPUT, "no image in the request")
+            if count > self.limits.max_parts:
+                raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
+                                                      f"{self.limits.max_parts} (MAX_PARTS)")
+        except InferenceError:
+            if counted:
+                timer = statistics.Timer()
+                with self.servable(model, version, label) as servable:
+                    statistics.record(servable.model, servable.version, timer, ok=False)
+            raise
 
     def classify(self, images: Sequence[bytes], model: str | None = None, version: int | None = None,
                  names: Sequence[str | None] | None = None, label: str | None = None) -> Prediction:
@@ -152,17 +176,25 @@ class Inference:
 
         `names` (file names, when the protocol has them) make the error messages say which image.
         """
-        with self.servable(model, version, label) as servable:  # the model first: 404 whatever the images
-            self.check_count(len(images))
-            for i, data in enumerate(images):
-                self.check_size(data, _which(i, names))
-            engine = servable.engine
-            start = time.perf_counter()
-            inputs = [self._decode(engine, data, _which(i, names)) for i, data in enumerate(images)]
-            decoded = time.perf_counter()
-            scores = self._run(engine, inputs)
-            return Prediction(servable.model, servable.version, engine.labels, scores,
-                              {"decode": decoded - start, "inference": time.perf_counter() - decoded})
+        timer = statistics.Timer()
+        with self.servable(model, version, label) as servable:
+            timer.phase("queue")
+            try:
+                self.check_count(len(images))
+                for i, data in enumerate(images):
+                    self.check_size(data, _which(i, names))
+                engine = servable.engine
+                inputs = [self._decode(engine, data, _which(i, names)) for i, data in enumerate(images)]
+                decode = timer.phase("compute_input")
+                scores = self._run(engine, inputs)
+                prediction = Prediction(servable.model, servable.version, engine.labels, scores,
+                                        {"decode": decode, "inference": timer.phase("compute_infer")})
+                timer.phase("compute_output")
+            except Exception:  # refused (InferenceError) or failed: a failure of this version, as Triton counts
+                statistics.record(servable.model, servable.version, timer, ok=False)
+                raise
+            statistics.record(servable.model, servable.version, timer, ok=True, images=len(images), executions=1)
+            return prediction
 
     def classify_each(self, images: Sequence[bytes], model: str | None = None, version: int | None = None
                       ) -> tuple[int, list[str], list[np.ndarray | InferenceError]]:
@@ -173,21 +205,35 @@ class Inference:
         results: list[np.ndarray | InferenceError | None] = [None] * len(images)
         inputs: list[Preprocessed] = []
         where: list[int] = []
+        timer = statistics.Timer()
         with self.servable(model, version) as servable:
+            timer.phase("queue")
             engine = servable.engine
-            for i, data in enumerate(images):
-                try:
-                    self.check_size(data, "")
-                    inputs.append(self._decode(engine, data, ""))
-                    where.append(i)
-                except InferenceError as exc:
-                    results[i] = exc
-                except Exception as exc:  # a decoder fault on odd input fails that image, not the batch
-                    log.exception("preprocessing failed")
-                    results[i] = InferenceError(INVALID_IMAGE, f"preprocessing failed: {exc}")
-            if inputs:
-                for i, row in zip(where, self._run(engine, inputs)):
-                    results[i] = row
+            try:
+                for i, data in enumerate(images):
+                    try:
+                        self.check_size(data, "")
+                        inputs.append(self._decode(engine, data, ""))
+                        where.append(i)
+                    except InferenceError as exc:
+                        results[i] = exc
+                    except Exception as exc:  # a decoder fault on odd input fails that image, not the batch
+                        log.exception("preprocessing failed")
+                        results[i] = InferenceError(INVALID_IMAGE, f"preprocessing failed: {exc}")
+                timer.phase("compute_input")
+                if inputs:
+                    scores = self._run(engine, inputs)
+                    timer.phase("compute_infer")
+                    for i, row in zip(where, scores):
+                        results[i] = row
+                    timer.phase("compute_output")
+            except Exception:
+                statistics.record(servable.model, servable.version, timer, ok=False, requests=len(images))
+                raise
+            # Each image is a request of its own (a message), run with the others.
+            statistics.record(servable.model, servable.version, timer, ok=True, images=len(inputs),
+                              executions=1, requests=len(inputs))
+            statistics.record(servable.model, servable.version, timer, ok=False, requests=len(images) - len(inputs))
             # Each image failed or was run: no result is None.
             return servable.version, engine.labels, cast("list[np.ndarray | InferenceError]", results)
 

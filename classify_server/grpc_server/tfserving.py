@@ -50,8 +50,9 @@ def signature_def_map(engine):
     return json_format.ParseDict(signature_def(engine), get_model_metadata_pb2.SignatureDefMap())
 
 
-def images_from(tensor, core):
-    """The encoded images of an `images` TensorProto: a scalar or a vector of strings."""
+def images_from(tensor, core, spec):
+    """The encoded images of an `images` TensorProto: a scalar or a vector of strings (too many of them
+    count as a failure of the version model_spec `spec` names)."""
     if tensor.dtype != types_pb2.DT_STRING:
         raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' must be DT_STRING (encoded image bytes), got "
                                             f"{types_pb2.DataType.Name(tensor.dtype)}")
@@ -60,7 +61,8 @@ def images_from(tensor, core):
         raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' must be a scalar or a vector [N] of encoded "
                                             f"images, got shape {dims}")
     count = dims[0] if dims else 1
-    core.check_count(count)  # before a single value is repeated to fill the shape
+    version, label = Servicer.version_of(spec)
+    core.check_count(count, spec.name, version, label, counted=True)  # before a single value fills the shape
     values = list(tensor.string_val)
     if len(values) == 1 and count > 1:  # a single value fills the shape, as tf.make_ndarray reads it
         values = values * count
@@ -77,7 +79,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
         rpc_methods(self, ("Predict", "GetModelMetadata", "GetModelStatus"))
 
     @staticmethod
-    def _version(spec):
+    def version_of(spec):
         """(version, label) of a model_spec: either may be None."""
         choice = spec.WhichOneof("version_choice")
         return (spec.version.value if choice == "version" else None,
@@ -85,7 +87,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
 
     def Predict(self, request, context):
         spec = request.model_spec
-        version, label = self._version(spec)
+        version, label = self.version_of(spec)
         self.core.resolve(spec.name, version, label)  # the model first, as TF Serving: NOT_FOUND before the rest
         if spec.signature_name not in SIGNATURE_NAMES:
             raise Abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -102,7 +104,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
             raise InferenceError(INVALID_INPUT, f"output tensor alias not found in signature: "
                                                 f"{', '.join(bad)}. Outputs expected to be in the set "
                                                 f"{{{', '.join(OUTPUTS)}}}.")
-        prediction = self.core.classify(images_from(request.inputs[INPUT_KEY], self.core), spec.name, version,
+        prediction = self.core.classify(images_from(request.inputs[INPUT_KEY], self.core, spec), spec.name, version,
                                         label=label)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
@@ -126,7 +128,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
         for field in request.metadata_field:
             if field != "signature_def":
                 raise InferenceError(INVALID_INPUT, f"Metadata field {field} is not supported")
-        version, label = self._version(spec)
+        version, label = self.version_of(spec)
         with self.core.servable(spec.name, version, label) as servable:
             response = get_model_metadata_pb2.GetModelMetadataResponse()
             response.model_spec.name = spec.name
@@ -137,7 +139,7 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
     def GetModelStatus(self, request, context):
         spec = request.model_spec
         response = get_model_status_pb2.GetModelStatusResponse()
-        for entry in self.core.status(spec.name, self._version(spec)[0]):
+        for entry in self.core.status(spec.name, self.version_of(spec)[0]):
             item = response.model_version_status.add(version=int(entry["version"]),
                                                       state=_STATES.Value(entry["state"]))
             item.status.error_code = _ERROR_CODES[entry["status"]["error_code"]].number

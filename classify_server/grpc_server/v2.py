@@ -2,13 +2,15 @@
 Serving's services on the gRPC server's port, so that `tritonclient.grpc` and KServe's gRPC clients
 work here. The generated service code is the one `tritonclient[grpc]` ships.
 
-ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata and ModelInfer: one BYTES input
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelConfig (Triton's model
+configuration extension), ModelStatistics (its statistics extension) and ModelInfer: one BYTES input
 `images` [N] in `bytes_contents` or `raw_input_contents` (each element a 4-byte little-endian length,
 then its bytes); outputs `scores` FP32 [N, classes] and `labels` BYTES [classes] in
 `raw_output_contents`, as Triton answers, or the classification extension's BYTES [N, K]
 ("classification" on `scores`). The core's errors become the gRPC statuses of grpc_server.errors' table.
 """
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from classify_server.codecs import v2_tensors
 from classify_server.core.inference import INVALID_INPUT, InferenceError
@@ -18,7 +20,8 @@ from classify_server.grpc_server.errors import rpc_methods
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core):
         self.core = core
-        rpc_methods(self, ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer"))
+        rpc_methods(self, ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+                           "ModelStatistics", "ModelInfer"))
 
     def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
@@ -46,13 +49,24 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelMetadataResponse(name=meta["name"], versions=meta["versions"],
                                                  platform=meta["platform"], **tensors)
 
+    def ModelConfig(self, request, context):
+        with self.core.servable(request.name, _version(request.version)) as servable:
+            config = v2_tensors.model_config(request.name, servable, self.core)
+        return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    def ModelStatistics(self, request, context):
+        # Triton's request: no name, every model; a name without a version, its versions.
+        stats = self.core.statistics(request.name or None, _version(request.version) if request.name else None)
+        return json_format.ParseDict({"model_stats": stats}, service_pb2.ModelStatisticsResponse())
+
     def ModelInfer(self, request, context):
         version = _version(request.model_version)
         self.core.resolve(request.model_name, version)  # an unknown model or version before anything else is read
         if len(request.inputs) != 1:
             raise InferenceError(INVALID_INPUT, f"expected one input, \"{v2_tensors.INPUT}\"")
         tensor = request.inputs[0]
-        v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape), self.core)
+        v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape), self.core, request.model_name,
+                               version)
         if request.raw_input_contents:
             images = v2_tensors.decode_bytes(request.raw_input_contents[0])
         else:

@@ -85,7 +85,9 @@ def create_app(test_config: Mapping[str, object] | None = None, classifier: Engi
                     f"request body too large: the limit is {limits.max_upload_bytes} bytes (MAX_UPLOAD_BYTES)")))
             return errors.response(InferenceError(TOO_MANY_IMAGES, (
                 f"too many parts in the form: send at most {limits.max_parts} 'data' parts (MAX_PARTS)")))
-        messages = {404: "no such path: POST an image to / (curl -F data=@image.jpg URL)",
+        v2_path = request.path == "/v2" or request.path.startswith("/v2/")  # V2's clients read V2's message
+        not_found = v2_rest.NOT_FOUND if v2_path else "no such path: POST an image to / (curl -F data=@image.jpg URL)"
+        messages = {404: not_found,
                     405: f"method {request.method} is not allowed here"}
         message = messages.get(exc.code) if exc.description == type(exc).description else exc.description
         response = jsonify(error=message or exc.description)

@@ -6,6 +6,9 @@ so that `tritonclient.http` and KServe's REST clients work here unchanged.
     GET  /v2/models/<name>[/versions/<v>]             model metadata: inputs and outputs (-1: any size)
     GET  /v2/models/<name>[/versions/<v>]/ready       200 when that model (version) answers
     POST /v2/models/<name>[/versions/<v>]/infer       one BYTES input of encoded images, shape [N]
+    GET  /v2/models/<name>[/versions/<v>]/config      Triton's model configuration extension: model_config.proto
+    GET  /v2/models[/<name>[/versions/<v>]]/stats     Triton's statistics extension: per model version, summed
+                                                      over the workers (classify_server.core.statistics)
 
 Bytes in JSON are base64 strings, as KServe's image examples send them; with the binary tensor data
 extension (header Inference-Header-Content-Length, `binary_data_size` on the input) each element is a
@@ -13,7 +16,8 @@ extension (header Inference-Header-Content-Length, `binary_data_size` on the inp
 [classes]; `"binary_data": true` on a requested output answers it in binary, and Triton's
 classification extension (`"classification": K` on `scores`) answers BYTES [N, K] "score:index:label",
 best first. Errors are {"error": message, "code": code} (the core's code): 400 for a malformed
-tensor, 404 for a model or version not served, 413 over a limit; never 500 for what a client sent.
+tensor, 404 for a model or version not served, 413 over a limit; never 500 for what a client sent;
+another path under /v2 is 404 {"error": NOT_FOUND} (create_app's handler answers it).
 """
 import base64
 import binascii
@@ -27,6 +31,8 @@ from classify_server.http_api.core_calls import classify
 
 INPUT = v2_tensors.INPUT
 HEADER_LENGTH = "Inference-Header-Content-Length"
+NOT_FOUND = ("no such path of the Open Inference Protocol (V2): GET /v2, /v2/health/{live,ready}, "
+             "/v2/models/stats, /v2/models/NAME[/versions/V][/ready|/config|/stats]; POST .../infer")
 
 
 def _invalid(message):
@@ -96,12 +102,24 @@ def blueprint(core: Inference) -> Blueprint:
         with core.servable(name, version):
             return jsonify(name=name, ready=True)
 
+    @bp.get("/models/<name>/config")
+    @bp.get("/models/<name>/versions/<int:version>/config")
+    def model_config(name, version=None):
+        with core.servable(name, version) as servable:
+            return jsonify(v2_tensors.model_config(name, servable, core))
+
+    @bp.get("/models/stats")
+    @bp.get("/models/<name>/stats")
+    @bp.get("/models/<name>/versions/<int:version>/stats")
+    def model_statistics(name=None, version=None):
+        return jsonify(model_stats=core.statistics(name, version))
+
     @bp.post("/models/<name>/infer")
     @bp.post("/models/<name>/versions/<int:version>/infer")
     def infer(name, version=None):
         core.resolve(name, version)  # an unknown model or version is a 404 before anything else is read
         header, binary = _split_body()
-        images, wanted = _parse(header, binary)
+        images, wanted = _parse(header, binary, name, version)
         prediction = classify(core, images, name, version)
         request_parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
         all_binary = request_parameters.get("binary_data_output") is True  # tritonclient asks so when it names none
@@ -122,14 +140,14 @@ def blueprint(core: Inference) -> Blueprint:
         return Response(head + b"".join(chunks), content_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(len(head))})
 
-    def _parse(header, binary):
+    def _parse(header, binary, name, version):
         """(encoded images, [(output name, its parameters)]) of a V2 inference request."""
         inputs = header.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
             _invalid(f"expected one input, \"{INPUT}\": a BYTES tensor of encoded images")
         tensor = inputs[0]
         shape = tensor.get("shape")
-        v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, core)
+        v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, core, name, version)
         parameters = tensor.get("parameters") or {}
         if not isinstance(parameters, dict):
             _invalid("input parameters must be a JSON object")

@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 from support.models import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS
-from support.processes import Server, run_retrain
+from support.processes import Server, run_retrain, starting
 
 HERE = pathlib.Path(__file__).parent
 
@@ -55,17 +55,13 @@ def report_run(tmp_path_factory, image_dir):
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Factory: start_server(env) -> a ready Server; all are stopped at the end of the test."""
-    servers = []
+    """Factory: start_server(env, workers=1, args=(), wait=True) -> a ready Server; all are stopped at the
+    end of the test."""
+    def make(n, env, workers=1, args=()):
+        return Server(env, workers, args, log_path=tmp_path / f"gunicorn-{n}.log")
 
-    def start(env, workers=1, args=(), wait=True):
-        server = Server(env, workers, args, log_path=tmp_path / f"gunicorn-{len(servers)}.log")
-        servers.append(server)
-        return server.wait_ready() if wait else server
-
-    yield start
-    for server in servers:
-        server.stop()
+    with starting(make) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

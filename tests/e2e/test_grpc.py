@@ -17,7 +17,7 @@ from PIL import Image
 from support.clients import MODEL_NAME, predict_request, rpc_error
 from support.images import png_bytes, shape_image
 from support.models import read_labels, write_colour_model
-from support.processes import GrpcServer
+from support.processes import GrpcServer, running, starting
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 NAME = MODEL_NAME
@@ -60,27 +60,16 @@ def local_scores(model_dir, images):
 
 @pytest.fixture(scope="module")
 def server(trained_model, tmp_path_factory):
-    s = GrpcServer({"MODEL_DIR": trained_model}, tmp_path_factory.mktemp("grpc") / "server.log")
-    try:
-        yield s.wait_ready()
-    finally:
-        s.stop()
+    with running(GrpcServer({"MODEL_DIR": trained_model}, tmp_path_factory.mktemp("grpc") / "server.log")) as s:
+        yield s
 
 
 @pytest.fixture
 def start_grpc(tmp_path):
     """Factory: start_grpc(env) -> a ready GrpcServer; all are stopped at the end of the test
     (conftest's start_server, for this server)."""
-    servers = []
-
-    def start(env, wait=True):
-        s = GrpcServer(env, tmp_path / f"grpc-{len(servers)}.log")
-        servers.append(s)
-        return s.wait_ready() if wait else s
-
-    yield start
-    for s in servers:
-        s.stop()
+    with starting(lambda n, env: GrpcServer(env, tmp_path / f"grpc-{n}.log")) as start:
+        yield start
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from support.models import (
     write_config,
     write_third_party_model,
 )
-from support.processes import Broker, GrpcServer, Server, Stream
+from support.processes import Broker, GrpcServer, Server, Stream, running
 
 IMAGES = [shape_image(label, 40 + i, size=(70, 50)) for i, label in enumerate(["red_circle", "green_square",
                                                                                 "blue_triangle"])]
@@ -116,20 +116,16 @@ def two_models(trained_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_model_http(two_models, tmp_path_factory):
-    s = Server(dict(ENV, MODEL_CONFIG_FILE=two_models[0]), log_path=tmp_path_factory.mktemp("http") / "gunicorn.log")
-    try:
-        yield s.wait_ready()
-    finally:
-        s.stop()
+    log = tmp_path_factory.mktemp("http") / "gunicorn.log"
+    with running(Server(dict(ENV, MODEL_CONFIG_FILE=two_models[0]), log_path=log)) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def two_model_grpc(two_models, tmp_path_factory):
-    s = GrpcServer(dict(ENV, MODEL_CONFIG_FILE=two_models[0]), tmp_path_factory.mktemp("grpc") / "server.log")
-    try:
-        yield s.wait_ready()
-    finally:
-        s.stop()
+    log = tmp_path_factory.mktemp("grpc") / "server.log"
+    with running(GrpcServer(dict(ENV, MODEL_CONFIG_FILE=two_models[0]), log)) as s:
+        yield s
 
 
 def answers_by_protocol(name, labels, http, grpc_server):

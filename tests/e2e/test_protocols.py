@@ -24,7 +24,7 @@ from support import ROOT
 from support.clients import Collector, rpc_error
 from support.images import CLASSES, png_bytes, shape_image
 from support.models import write_colour_model
-from support.processes import Broker, GrpcServer, Server, Stream
+from support.processes import Broker, GrpcServer, Server, Stream, running
 
 LABELS = list(CLASSES)
 ENV = {"MAX_PARTS": "2", "MAX_IMAGE_PIXELS": "1000000", "TOP_K": "3", "MODEL_POLL_SECONDS": "0"}
@@ -48,20 +48,15 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def http(model, tmp_path_factory):
-    server = Server(dict(ENV, MODEL_DIR=model), log_path=tmp_path_factory.mktemp("http") / "gunicorn.log")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    log = tmp_path_factory.mktemp("http") / "gunicorn.log"
+    with running(Server(dict(ENV, MODEL_DIR=model), log_path=log)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def grpc_server(model, tmp_path_factory):
-    server = GrpcServer(dict(ENV, MODEL_DIR=model), tmp_path_factory.mktemp("grpc") / "server.log")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    with running(GrpcServer(dict(ENV, MODEL_DIR=model), tmp_path_factory.mktemp("grpc") / "server.log")) as server:
+        yield server
 
 
 def b64(data):

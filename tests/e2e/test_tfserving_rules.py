@@ -16,7 +16,7 @@ import requests
 from support.clients import post_images, predict_request, rpc_error
 from support.images import shape_image
 from support.models import write_colour_model
-from support.processes import GrpcServer, Server
+from support.processes import GrpcServer, Server, running
 
 IMAGE = shape_image("green_square", 1, size=(40, 30))
 DEEP = b"[" * 100_000 + b"]" * 100_000
@@ -34,28 +34,22 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(model):
-    from helpers import make_app
+    from support.clients import make_app
     return make_app(model, MODEL_POLL_SECONDS="0").test_client()
 
 
 @pytest.fixture(scope="module")
 def http(model, tmp_path_factory):
-    server = Server({"MODEL_DIR": model, "MODEL_POLL_SECONDS": "0"},
-                    log_path=tmp_path_factory.mktemp("tfs-rules-http") / "gunicorn.log")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    with running(Server({"MODEL_DIR": model, "MODEL_POLL_SECONDS": "0"},
+                    log_path=tmp_path_factory.mktemp("tfs-rules-http") / "gunicorn.log")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def grpc_server(model, tmp_path_factory):
-    server = GrpcServer({"MODEL_DIR": model, "MODEL_POLL_SECONDS": "0"},
-                        tmp_path_factory.mktemp("tfs-rules-grpc") / "server.log")
-    try:
-        yield server.wait_ready()
-    finally:
-        server.stop()
+    with running(GrpcServer({"MODEL_DIR": model, "MODEL_POLL_SECONDS": "0"},
+                        tmp_path_factory.mktemp("tfs-rules-grpc") / "server.log")) as server:
+        yield server
 
 
 def refused(response, words):

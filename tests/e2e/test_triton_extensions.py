@@ -137,10 +137,14 @@ def test_http_config_and_statistics_through_tritonclient(start_server, colour_mo
         sent["inference_count"] += 6
         sent["execution_count"] += 4
 
-    for _ in range(20):  # until each worker has counted some: the sums must add up both
+    # Until each worker has counted some (the sums must add up both): the second worker may still be loading
+    # its model when the first answers, so this is bounded in time (and rounds), not in a few rounds.
+    deadline = time.monotonic() + 120
+    for _ in range(600):
         send_round()
-        if len(per_worker_requests(metrics_dir)) == 2:
+        if len(per_worker_requests(metrics_dir)) == 2 or time.monotonic() > deadline:
             break
+        time.sleep(0.2)
     workers = per_worker_requests(metrics_dir)
     assert len(workers) == 2, workers
     assert sum(workers.values()) == sent["success"] + sent["fail"]

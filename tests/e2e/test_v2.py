@@ -14,7 +14,7 @@ import requests
 from support.clients import classify
 from support.images import CLASSES, shape_image
 from support.models import write_colour_model
-from support.processes import Server
+from support.processes import Server, running
 
 tritonhttp = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http]: pip install -e '.[test]'")
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -28,11 +28,8 @@ ENV = {"MAX_PARTS": "8", "TOP_K": "3", "MODEL_POLL_SECONDS": "0"}
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("v2")
     model = write_colour_model(root / "model", LABELS, sharpness=16.0)
-    s = Server(dict(ENV, MODEL_DIR=model), log_path=root / "gunicorn.log")
-    try:
-        yield s.wait_ready()
-    finally:
-        s.stop()
+    with running(Server(dict(ENV, MODEL_DIR=model), log_path=root / "gunicorn.log")) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

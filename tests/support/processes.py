@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import grpc
 import pytest
@@ -276,3 +277,30 @@ class Stream(Process):
                 self.process.wait()
                 raise AssertionError(f"stream still running {timeout}s after {sig!r}:\n{self.output()}") from None
         return self.process.returncode
+
+
+@contextmanager
+def running(process):
+    """`process` ready, and stopped on the way out, whatever happened (a module fixture's server)."""
+    try:
+        yield process.wait_ready()
+    finally:
+        process.stop()
+
+
+@contextmanager
+def starting(make):
+    """start(..., wait=True): a process made by make(n, ...) (n: how many this factory made before it), ready
+    unless wait=False; every one is stopped on the way out (a test's factory fixture)."""
+    started = []
+
+    def start(*args, wait=True, **kwargs):
+        process = make(len(started), *args, **kwargs)
+        started.append(process)
+        return process.wait_ready() if wait else process
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()

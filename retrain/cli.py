@@ -82,7 +82,7 @@ def build_parser():
                         "none (auto: int8 for mobilenet_v2, dynamic for inception_v3; docs/operations.md: Engines)")
     p.add_argument("--max_quantization_drop", type=float, default=0.01,
                    help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more")
-    p.add_argument("--tflite_metadata_python", default=os.environ.get("TFLITE_METADATA_PYTHON"),
+    p.add_argument("--tflite_metadata_python", default=None,
                    help="a Python with mediapipe==0.10.21, which writes model.tflite's TFLite metadata for MediaPipe "
                         "(a venv of its own: docs/training.md; default $TFLITE_METADATA_PYTHON; none: no metadata)")
     p.add_argument("--export", action="append", nargs="+", default=[], metavar="FORMAT",
@@ -132,6 +132,7 @@ def parse_args(argv=None):
     flags = p.parse_args(argv)
     flags.output_graph = flags.output_graph or os.path.join(flags.output_dir, model_folder.GRAPH)
     flags.output_labels = flags.output_labels or os.path.join(flags.output_dir, model_folder.LABELS)
+    flags.tflite_metadata_python = flags.tflite_metadata_python or os.environ.get("TFLITE_METADATA_PYTHON")
     flags.exports = exports.requested(p, flags.export)
     if "triton" in flags.exports and not triton_repository.NAME.match(exports.model_name(flags)):
         p.error(f"{exports.model_name(flags)!r} is not a Triton model name (letters, digits, _ . -): give --model_name")

@@ -99,7 +99,7 @@ def write_beside(folder, made):
     path = os.path.join(folder, model_folder.ONNX)
     if "onnx" in made.wanted:
         atomic.write_bytes(path, made.onnx)
-        print(f"wrote {path}")
+        print(f"wrote {model_folder.ONNX}")
     elif os.path.exists(path):
         os.unlink(path)
 

@@ -11,6 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import requests
 from support import ROOT
 from support.models import METADATA_PYTHON, engine, held_out, read_labels
 from support.processes import run_retrain
@@ -80,6 +81,21 @@ def test_mediapipe_classifies_with_model_tflite_alone(flower_model, tmp_path):
     np.testing.assert_allclose(mediapipe, tflite, atol=0.01)  # the same int8 model: the same quantized answers
     assert agree >= INT8_AGREEMENT and np.abs(mediapipe - tf).mean() < INT8_MEAN_DIFFERENCE
     assert accuracy["mediapipe, its own resizing"] >= accuracy["tflite"] - 0.05
+
+
+def test_the_server_reads_model_tflite_with_its_metadata(flower_model, start_server):
+    """The server (MODEL_ENGINE=tflite) serves model.tflite with its metadata as before: held-out photos' scores
+    are the in-process engine's."""
+    folder, _ = flower_model
+    needs_metadata(folder)
+    server = start_server({"MODEL_DIR": str(folder), "MODEL_ENGINE": "tflite", "TOP_K": "10"})
+    local = engine(folder, "tflite")
+    for path, _ in held_out(folder)[::50]:
+        with open(path, "rb") as f:
+            data = f.read()
+        want = local.predict([preprocess(local.input_spec, data, None)])[0]
+        answer = requests.post(server.url + "/", files={"data": ("photo.jpg", data)}, timeout=30).json()
+        assert dict(answer) == pytest.approx(dict(zip(local.labels, want.tolist())), abs=1e-6)
 
 
 def test_onnx_runtime_runs_model_onnx_as_graph_pb(flower_model):

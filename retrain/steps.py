@@ -7,7 +7,8 @@
     train_model           the new layer on the bottlenecks (refit on training + validation), or, with
                           --fine_tune or augmentation, on the photos' pixels
     evaluate              validation and test accuracy, the confusion matrix
-    export_model          the frozen graph (backbone + new layer) and model.tflite
+    export_model          the frozen graph (backbone + new layer), model.tflite (with its TFLite metadata)
+                          and --export's ONNX model, each measured on the test split
     write_model_folder    graph.pb, labels.txt, model.json, model.tflite, report.html (and a SavedModel),
     publish_version       or the next numbered version under --model_base_path
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from classify_contract import atomic, model_folder
 from classify_contract.preprocessing import PREPROCESSING_VERSION
-from retrain import backbones, bottlenecks, export, report, train
+from retrain import backbones, bottlenecks, export, exports, report, train
 from retrain.images import ImageLists, create_image_lists, maybe_download_flowers
 
 
@@ -231,7 +232,8 @@ def model_info(arch, flags, image_dir, run, seconds):
 
 
 def export_model(trained, data, arch, flags, run, info):
-    """(the frozen graph, model.tflite's bytes or None); the TFLite model's accuracy goes into `info`."""
+    """(the frozen graph, model.tflite's bytes or None, --export's exports.Made); the TFLite and ONNX models'
+    accuracies go into `info`."""
     stage = time.time()
     frozen = trained.graph_def()
     quantization = arch.quantization if flags.tflite_quantization == "auto" else flags.tflite_quantization
@@ -241,15 +243,20 @@ def export_model(trained, data, arch, flags, run, info):
         tflite_model, info["tflite"] = tflite.export(frozen, arch.size, quantization, data.training.paths,
                                                      data.testing.paths, data.testing.y, run.accuracy.get("test"),
                                                      flags.max_quantization_drop)
+        tflite_model = exports.tflite_metadata(tflite_model, flags, arch.name, data.labels, info["tflite"])
         run.tflite = info["tflite"]
+    made = exports.make(flags, frozen, arch.size, data.testing, info)
+    run.exports = {name: info[name] for name in ("onnx", "triton") if name in info}
     run.timings["export"] = time.time() - stage
-    return frozen, tflite_model
+    return frozen, tflite_model, made
 
 
-def write_model_folder(flags, frozen, trained, size, labels, info, tflite_model, run):
+def write_model_folder(flags, frozen, trained, size, labels, info, tflite_model, run, made):
     """graph.pb, labels.txt, model.json (and model.tflite), report.html, and a SavedModel if asked for."""
     export.write_model(flags.output_graph, flags.output_labels, frozen, size, labels, info, tflite_model)
     print(f"wrote {flags.output_graph} and {flags.output_labels}" + (" and model.tflite" if tflite_model else ""))
+    exports.write_beside(os.path.dirname(os.path.abspath(flags.output_graph)), made)
+    exports.write_elsewhere(flags, made, labels)
     print(f"report: {report.write(os.path.dirname(os.path.abspath(flags.output_graph)), run)}")
     if flags.saved_model_dir:
         export.publish(flags.saved_model_dir, lambda tmp: export.write_saved_model(tmp, trained.keras_model, size))
@@ -257,7 +264,7 @@ def write_model_folder(flags, frozen, trained, size, labels, info, tflite_model,
     return 0
 
 
-def publish_version(flags, graph_def, trained, size, labels, info, tflite_model=None, run=None):
+def publish_version(flags, graph_def, trained, size, labels, info, tflite_model=None, run=None, made=None):
     """Write MODEL_BASE_PATH/N+1 complete, or refuse if it is worse than version N."""
     existing = model_folder.versions(flags.model_base_path)
     if existing:
@@ -277,12 +284,16 @@ def publish_version(flags, graph_def, trained, size, labels, info, tflite_model=
         export.write_model(os.path.join(folder, model_folder.GRAPH), os.path.join(folder, model_folder.LABELS),
                            graph_def, size, labels, info, tflite_model)
         export.write_saved_model(folder, trained.keras_model, size)  # saved_model.pb beside graph.pb, for TF Serving
+        if made is not None:
+            exports.write_beside(folder, made)
         if run is not None:
             report.write(folder, run)
 
     target = os.path.join(flags.model_base_path, str(version))
     export.publish(target, write)
     print(f"wrote version {version}: {target}")
+    if made is not None:
+        exports.write_elsewhere(flags, made, labels, version)
     return 0
 
 

@@ -4,7 +4,7 @@ import os
 import pathlib
 
 import pytest
-from support.models import FLOWERS, MOBILENET_WEIGHTS, TEST_WEIGHTS
+from support.models import FLOWERS, METADATA_PYTHON, MOBILENET_WEIGHTS, TEST_WEIGHTS
 from support.processes import Server, run_retrain, starting
 
 HERE = pathlib.Path(__file__).parent
@@ -20,7 +20,8 @@ def pytest_collection_modifyitems(items):
 def flower_model(tmp_path_factory):
     """(model folder, retrain's CompletedProcess): MobileNetV2 with the real ImageNet weights, retrained on
     150 real flower photos a class (linked in place, ../shared is never copied), 30 % held out for testing;
-    with its model.tflite (int8, the default for mobilenet_v2)."""
+    with its model.tflite (int8, the default for mobilenet_v2; with TFLite metadata when METADATA_PYTHON is
+    there), model.onnx and a Triton repository beside the folder (triton/flower_photos: test_exports.py)."""
     if not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)):
         pytest.skip(f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
     root = tmp_path_factory.mktemp("flowers")
@@ -33,10 +34,12 @@ def flower_model(tmp_path_factory):
         for name in sorted(os.listdir(folder))[:150]:
             os.symlink(os.path.join(folder, name), images / label / name)
     out = root / "model"
+    metadata = ["--tflite_metadata_python", METADATA_PYTHON] if os.path.isfile(METADATA_PYTHON) else []
     result = run_retrain("--image_dir", images, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
                          "--how_many_training_steps", 300, "--testing_percentage", 30,
                          "--validation_percentage", 10, "--output_dir", out,
-                         "--bottleneck_dir", root / "bottlenecks", "--summaries_dir", "")
+                         "--bottleneck_dir", root / "bottlenecks", "--summaries_dir", "", *metadata,
+                         "--model_name", "flower_photos", "--export", "onnx", "--export", "triton", root / "triton")
     return out, result
 
 

@@ -12,20 +12,12 @@ import pytest
 import requests
 from support import ROOT
 from support.images import shape_image
-from support.models import engine
+from support.models import engine, held_out
 from support.processes import run_retrain
 
 from classify_server.core.inference import preprocess
 
 IMAGES = [shape_image(label, 60 + i) for i, label in enumerate(["red_circle", "green_square", "blue_triangle"])]
-
-
-def held_out(folder, split="testing"):
-    """A split of the flower model's photos as retrain made it (by file name): (path, label) pairs."""
-    from retrain.images import create_image_lists
-    info = json.loads((folder / "model.json").read_text())
-    lists = create_image_lists([info["image_dir"]], 10, 30)
-    return [(p, label) for label, paths in sorted(lists.sets()[split].items()) for p in paths]
 
 
 def converted(folder, quantization, to):

@@ -17,6 +17,11 @@ MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.
 # them, make the tests' models tell images apart.
 TEST_WEIGHTS = MOBILENET_WEIGHTS if os.path.isfile(MOBILENET_WEIGHTS) else "none"
 
+# The Python with mediapipe==0.10.21 that writes model.tflite's TFLite metadata (retrain.tflite_metadata): .ci/run
+# makes it in the checkout; $TFLITE_METADATA_PYTHON, as for retrain, names another.
+METADATA_PYTHON = os.environ.get("TFLITE_METADATA_PYTHON") or os.path.join(ROOT, ".venv-tflite-metadata", "bin",
+                                                                            "python")
+
 
 def write_colour_model(folder, labels=("red", "green", "blue"), sharpness=32.0):
     """A tiny frozen graph whose answer depends on the image's colours (a trained model on few
@@ -148,6 +153,15 @@ def run_frozen_graph(path, input_name, output_name, batch):
     import tensorflow as tf
     with tf.compat.v1.Session(graph=load_frozen_graph(path)) as session:
         return session.run(output_name, {input_name: batch})
+
+
+def held_out(folder, split="testing"):
+    """A split of the e2e flower_model's photos as retrain made it (by file name): (path, label) pairs."""
+    from retrain.images import create_image_lists
+    with open(os.path.join(folder, "model.json"), encoding="utf-8") as f:
+        image_dir = json.load(f)["image_dir"]
+    lists = create_image_lists([image_dir], 10, 30)
+    return [(p, label) for label, paths in sorted(lists.sets()[split].items()) for p in paths]
 
 
 def engine(folder, kind):

@@ -51,16 +51,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-SHARED_WEIGHTS = {"mobilenet_v2": C.MOBILENET_WEIGHTS,
-                  "efficientnet_lite0": os.path.join(C.SHARED, "models", "efficientnet_lite0_imagenet"),
-                  "efficientnet_lite2": os.path.join(C.SHARED, "models", "efficientnet_lite2_imagenet")}
-
-
 class FlowerFolds:
     """Every shared flower photo's bottleneck (real weights, cached as retrain caches them) and its fold."""
 
     def __init__(self, cache_dir, folds, seed=0, architecture="mobilenet_v2", weights=None):
-        weights = weights or SHARED_WEIGHTS.get(architecture, "imagenet")
+        weights = weights or C.SHARED_WEIGHTS.get(architecture, "imagenet")
         if not (os.path.isdir(C.FLOWERS) and os.path.exists(weights)):
             raise SystemExit(f"needs {C.FLOWERS} and {weights}")
         from classify_contract import tf_noise

@@ -12,7 +12,7 @@
 #
 # Training build arguments: IMAGE_DIR (photos in the context; default: download flower_photos),
 # ARCHITECTURE (mobilenet_v2: 4x cheaper to serve than inception_v3), WEIGHTS (imagenet, or a .weights.h5
-# file in the context), STEPS (4000). Needs BuildKit (the default builder since Docker 23).
+# file or, for efficientnet_lite*, a KerasHub preset folder in the context), STEPS (4000). Needs BuildKit (the default builder since Docker 23).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -47,7 +47,7 @@ RUN --mount=type=bind,target=/context \
       test -d "/context/$MODEL_PATH" || { echo "MODEL_PATH=$MODEL_PATH: no such folder in the build context" >&2; exit 1; }; \
       mkdir -p /models && cp -r "/context/$MODEL_PATH" /models/model; \
     else \
-      weights="$WEIGHTS"; if [ -f "/context/$WEIGHTS" ]; then weights="/context/$WEIGHTS"; fi; \
+      weights="$WEIGHTS"; if [ -e "/context/$WEIGHTS" ]; then weights="/context/$WEIGHTS"; fi; \
       HOME=/cache python -m retrain ${IMAGE_DIR:+--image_dir "/context/$IMAGE_DIR"} \
         --architecture "$ARCHITECTURE" --weights "$weights" --how_many_training_steps "$STEPS" \
         --output_dir /models/model --bottleneck_dir /cache/bottlenecks --summaries_dir ""; \

@@ -25,6 +25,7 @@ setup(
         "tqdm",
         "tensorboard",
         "prometheus_client",
+        "keras-hub>=0.32",  # retrain: EfficientNet-Lite (EfficientNetBackbone) and its presets
         "matplotlib",  # retrain's report.html: the confusion matrix and training curves (Agg, no display)
     ],
     extras_require={

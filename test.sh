@@ -3,8 +3,8 @@
 # gunicorn on a free port, classify one image with curl, check the answer, stop.
 #
 #   ./test.sh                      # online: downloads flower_photos and ImageNet weights
-#   FLOWERS_DIR=../shared/data/flower_photos ARCHITECTURE=mobilenet_v2 \
-#   WEIGHTS=../shared/models/mobilenet_v2_1.0_224_no_top.weights.h5 ./test.sh   # offline
+#   FLOWERS_DIR=../shared/data/flower_photos ARCHITECTURE=efficientnet_lite0 \
+#   WEIGHTS=../shared/models/efficientnet_lite0_imagenet ./test.sh   # offline
 #
 # Variables: FLOWERS_DIR (default: ~/flower_photos, downloaded when absent),
 # ARCHITECTURE (inception_v3), WEIGHTS (imagenet), STEPS (4000), MODEL_OUT (where the model

@@ -17,6 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 FLOWERS = os.path.join(SHARED, "data", "flower_photos")
 MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.weights.h5")
+# The real ImageNet weights ../shared has, by architecture (the others have random weights offline).
+SHARED_WEIGHTS = {"mobilenet_v2": MOBILENET_WEIGHTS,
+                  "efficientnet_lite0": os.path.join(SHARED, "models", "efficientnet_lite0_imagenet"),
+                  "efficientnet_lite2": os.path.join(SHARED, "models", "efficientnet_lite2_imagenet")}
 
 _children = []
 

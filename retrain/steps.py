@@ -61,7 +61,7 @@ class Backbone:
 
     def __init__(self, arch, weights, bottleneck_dir):
         self.arch, self.weights = arch, weights
-        self.cache_dir = os.path.join(bottleneck_dir, f"{arch.name}-{backbones.weights_tag(weights)}"
+        self.cache_dir = os.path.join(bottleneck_dir, f"{arch.name}-{backbones.weights_tag(arch, weights)}"
                                                       f"-p{PREPROCESSING_VERSION}")
 
     @functools.cached_property

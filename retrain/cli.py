@@ -83,7 +83,11 @@ def build_parser():
                    help="model.tflite beside graph.pb, for MODEL_ENGINE=tflite: int8, dynamic, float16, float32 or "
                         "none (auto: int8 for mobilenet_v2, dynamic for inception_v3; docs/operations.md: Engines)")
     p.add_argument("--max_quantization_drop", type=float, default=0.01,
-                   help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more")
+                   help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more, and a "
+                        "paired test on the test photos says it is no chance (docs/training.md)")
+    p.add_argument("--tflite_calibration_dir", default=None,
+                   help="int8: calibrate on up to 100 images from this folder (any layout: e.g. photos like those "
+                        "the model will serve) instead of 100 of the training photos")
     p.add_argument("--tflite_metadata_python", default=None,
                    help="a Python with mediapipe==0.10.21, which writes model.tflite's TFLite metadata for MediaPipe "
                         "(a venv of its own: docs/training.md; default $TFLITE_METADATA_PYTHON; none: no metadata)")
@@ -126,6 +130,8 @@ def build_parser():
     p.add_argument("--fine_tune_batch_size", type=int, default=32, help="images per fine-tuning step")
     p.add_argument("--print_misclassified_test_images", action="store_true",
                    help="list the test images the model gets wrong")
+    p.add_argument("--print_label_issues", action="store_true",
+                   help="list the training photos likeliest to carry a wrong label (report.html shows them)")
     return p
 
 
@@ -138,6 +144,8 @@ def parse_args(argv=None):
     flags.exports = exports.requested(p, flags.export)
     if "triton" in flags.exports and not triton_repository.NAME.match(exports.model_name(flags)):
         p.error(f"{exports.model_name(flags)!r} is not a Triton model name (letters, digits, _ . -): give --model_name")
+    if flags.tflite_calibration_dir and not os.path.isdir(flags.tflite_calibration_dir):
+        p.error(f"--tflite_calibration_dir {flags.tflite_calibration_dir} is not a folder")
     if flags.saved_model_dir:
         saved = os.path.abspath(flags.saved_model_dir)
         for output in (flags.output_graph, flags.output_labels):
@@ -161,6 +169,7 @@ def main(argv=None):
     data = steps.compute_bottlenecks(lists, backbone)
     run = steps.start_report(data, arch, flags)
     run.timings["bottlenecks"] = time.time() - start
+    steps.find_label_issues(data, flags, run)
     trained = steps.train_model(data, backbone, flags, run)
     steps.evaluate(trained, data, flags, run)
     info = steps.model_info(arch, flags, image_dir, run, time.time() - start)

@@ -79,6 +79,15 @@ def create_image_lists(image_dirs, validation_percentage, testing_percentage):
     return lists
 
 
+def images_in(folder):
+    """The image files anywhere under `folder`, sorted (e.g. --tflite_calibration_dir's)."""
+    found = sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+                   if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise SystemExit(f"error: no JPEG, PNG, BMP, GIF or WebP file in {folder}")
+    return found
+
+
 def maybe_download_flowers(dest_dir, url=FLOWERS_URL):
     """Download and unpack TensorFlow's flower_photos.tgz into `dest_dir` unless it is there."""
     if os.path.isdir(dest_dir):

@@ -3,8 +3,9 @@
 Written into the model folder beside graph.pb (and into each numbered version), with its pictures in
 report/ beside it: accuracy with a 95% confidence interval, precision, recall and F1 per class, the
 confusion matrix (counts and row-normalised), the training curves, the misclassified test photos as
-thumbnails, the data per class, skipped files, the run's settings and timings, and the quantized
-model's accuracy. Pictures are drawn with matplotlib's Agg backend (no display needed). Every file is
+thumbnails, the training photos likeliest to carry a wrong label (retrain.label_issues) as thumbnails,
+the data per class, skipped files, the run's settings and timings, and the quantized model's accuracy
+against graph.pb's. Pictures are drawn with matplotlib's Agg backend (no display needed). Every file is
 written atomically, report.html last, so a reader never sees half a report.
 """
 import html
@@ -18,8 +19,8 @@ import numpy as np
 from classify_contract import atomic
 from classify_contract.model_folder import REPORT as HTML, REPORT_FILES as FOLDER
 
-THUMBNAIL = 160  # pixels, the longer side of a misclassified photo's thumbnail
-MAX_THUMBNAILS = 200
+THUMBNAIL = 160  # pixels, the longer side of a photo's thumbnail (misclassified, likely label error)
+MAX_THUMBNAILS = 200  # of each list
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Run:
     tflite: dict = None  # model.json's "tflite" info
     exports: dict = field(default_factory=dict)  # model.json's "onnx" and "triton" entries (retrain.exports)
     refit: bool = False  # the new layer was trained again on training + validation after its validation
+    label_issues: list = field(default_factory=list)  # [retrain.label_issues.LabelIssue], likeliest first
 
 
 def wilson_interval(correct, total, z=1.96):
@@ -176,6 +178,24 @@ def _export_rows(run):
     return rows
 
 
+def _figure(picture, path, caption, pictures):
+    """A photo's thumbnail (`picture` in FOLDER, when written), its path and `caption` (HTML)."""
+    e = html.escape
+    image = f'<img src="{FOLDER}/{e(picture)}" alt="{e(os.path.basename(path))}">' if picture in pictures else ""
+    return f'<figure>{image}<figcaption><span class="path">{e(path)}</span><br>{caption}</figcaption></figure>'
+
+
+def _label_issues_html(issues, pictures):
+    e = html.escape
+    items = [_figure(f"label-issues/{i}.jpg", issue.path, f"given <b>{e(issue.given)}</b>, suggested "
+                     f'<b>{e(issue.suggested)}</b> (<span class="score">{issue.score:.3f}</span>)', pictures)
+             for i, issue in enumerate(issues)]
+    return (f"<h2>Likely label errors ({len(issues)})</h2><p>Training photos whose label the rest of the data "
+            "contradicts, likeliest first: each with its folder's label, the label a new layer trained without "
+            "it suggests, and that layer's probability of the given label. Move or remove the wrong ones and "
+            f'train again.</p><div id="label-issues">{"".join(items) or "<p>none</p>"}</div>')
+
+
 def render(run, pictures, matrix, wrong):
     """The report's HTML; `pictures` are the names of the files written into FOLDER, `matrix` the test
     photos' confusion matrix (None without a test set), `wrong` their misclassified() list."""
@@ -197,6 +217,8 @@ def render(run, pictures, matrix, wrong):
                                                'id="accuracy"'))
     if run.tflite and run.tflite.get("warning"):
         parts.append(f'<p class="warning">{e(run.tflite["warning"])}</p>')
+    elif run.tflite and run.tflite.get("against_graph"):
+        parts.append(f'<p id="quantization">model.tflite against graph.pb: {e(run.tflite["against_graph"])}</p>')
     if run.tflite or run.exports:
         parts.append("<h2>Exports</h2>" + _table(["file", "size (MB)", "test accuracy", "notes"],
                                                  _export_rows(run), 'id="exports"'))
@@ -212,15 +234,11 @@ def render(run, pictures, matrix, wrong):
                      + _table(["true \\ predicted"] + labels, counts, 'id="confusion"'))
     if "curves.png" in pictures:
         parts.append(f'<h2>Training</h2><img src="{FOLDER}/curves.png" alt="training curves">')
-    items = []
-    for i, (path, truth, guess, score) in enumerate(wrong):
-        picture = f"misclassified/{i}.jpg"
-        image = (f'<img src="{FOLDER}/{e(picture)}" alt="{e(os.path.basename(path))}">' if picture in pictures
-                 else "")
-        items.append(f'<figure>{image}<figcaption><span class="path">{e(path)}</span><br>true <b>{e(truth)}</b>, '
-                     f'predicted <b>{e(guess)}</b> ({score:.2f})</figcaption></figure>')
+    items = [_figure(f"misclassified/{i}.jpg", path, f"true <b>{e(truth)}</b>, predicted <b>{e(guess)}</b> "
+                     f"({score:.2f})", pictures) for i, (path, truth, guess, score) in enumerate(wrong)]
     parts.append(f"<h2>Misclassified test photos ({len(wrong)})</h2>"
                  f'<div id="misclassified">{"".join(items) or "<p>none</p>"}</div>')
+    parts.append(_label_issues_html(run.label_issues, pictures))
     splits = ("training", "validation", "testing")
     parts.append("<h2>Data</h2>" + _table(["class"] + list(splits) + ["total"],
                                            [[label] + [run.counts[s].get(label, 0) for s in splits]
@@ -236,8 +254,8 @@ def render(run, pictures, matrix, wrong):
                  + "<h3>Settings</h3>" + _table(["flag", "value"], settings, 'id="settings"'))
     style = ("body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;"
-             "text-align:left}th{background:#f3f3f3}img{max-width:100%}#misclassified{display:flex;flex-wrap:wrap;"
-             "gap:.8em}figure{margin:0;width:170px;font-size:.8em}.path{color:#777;word-break:break-all}"
+             "text-align:left}th{background:#f3f3f3}img{max-width:100%}#misclassified,#label-issues{display:flex;"
+             "flex-wrap:wrap;gap:.8em}figure{margin:0;width:170px;font-size:.8em}.path{color:#777;word-break:break-all}"
              ".warning{color:#b00;font-weight:bold}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>retrain report: '
             f'{e(run.architecture)}</title><style>{style}</style></head><body>{"".join(parts)}</body></html>\n')
@@ -251,11 +269,13 @@ def write(folder, run):
         pictures["confusion.png"] = _confusion_png(matrix, run.labels)
     if run.head_history:
         pictures["curves.png"] = _curves_png(run)
-    for i, (path, _, _, _) in enumerate(wrong[:MAX_THUMBNAILS]):
-        try:
-            pictures[f"misclassified/{i}.jpg"] = _thumbnail(path)
-        except OSError:
-            pass  # listed without its picture
+    for kind, paths in (("misclassified", [path for path, _, _, _ in wrong]),
+                        ("label-issues", [issue.path for issue in run.label_issues])):
+        for i, path in enumerate(paths[:MAX_THUMBNAILS]):
+            try:
+                pictures[f"{kind}/{i}.jpg"] = _thumbnail(path)
+            except OSError:
+                pass  # listed without its picture
     for name, content in pictures.items():
         atomic.write_bytes(os.path.join(folder, FOLDER, name), content)
     path = os.path.join(folder, HTML)

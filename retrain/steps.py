@@ -4,6 +4,7 @@
     list_images           the photos, split into training, validation and testing by a hash of each name
     Backbone              the ImageNet network, built on first use (cached bottlenecks never need it)
     compute_bottlenecks   each photo's feature vector, cached under --bottleneck_dir
+    find_label_issues     the training photos likeliest to carry a wrong label (cleanlab, on the bottlenecks)
     train_model           the new layer on the bottlenecks (refit on training + validation), or, with
                           --fine_tune or augmentation, on the photos' pixels
     evaluate              validation and test accuracy, the confusion matrix
@@ -26,8 +27,8 @@ import numpy as np
 
 from classify_contract import atomic, model_folder
 from classify_contract.preprocessing import PREPROCESSING_VERSION
-from retrain import backbones, bottlenecks, export, exports, report, train
-from retrain.images import ImageLists, create_image_lists, maybe_download_flowers
+from retrain import backbones, bottlenecks, export, exports, label_issues, progress, report, train
+from retrain.images import ImageLists, create_image_lists, images_in, maybe_download_flowers
 
 
 def choose_architecture(name):
@@ -129,6 +130,30 @@ def start_report(data, arch, flags):
                       counts=data.counts)
 
 
+def find_label_issues(data, flags, run):
+    """The training and validation photos likeliest to carry a wrong label (retrain.label_issues), for
+    report.html and --print_label_issues; a few seconds: new layers on the cached bottlenecks."""
+    stage = time.time()
+    paths = data.training.paths + data.validation.paths
+    x = np.concatenate([data.training.x, data.validation.x]) if len(data.validation.y) else data.training.x
+    y = np.concatenate([data.training.y, data.validation.y])
+    quiet = argparse.Namespace(**dict(vars(flags), summaries_dir=""))  # TensorBoard: the real layer's curves
+
+    def train_head(fold_x, fold_y):  # the run's own new layer, its settings and schedule
+        return train.train_head(fold_x, fold_y, None, len(data.labels), quiet, quiet=True)
+
+    with progress.bar(total=label_issues.folds_for(y, len(data.labels)), unit="fold", desc="label issues") as bar:
+        run.label_issues = label_issues.find(paths, x, y, data.labels, train_head, on_fold=lambda: bar.update(1))
+    run.timings["label issues"] = time.time() - stage
+    found = len(run.label_issues)
+    print(f"likely label errors: {found} of the {len(y)} training and validation photos" + (
+        "" if not found else ":" if flags.print_label_issues else
+        " (report.html shows them; --print_label_issues lists them)"))
+    if flags.print_label_issues:
+        for issue in run.label_issues:
+            print(f"  {issue.path}  (given {issue.given}, suggested {issue.suggested}, {issue.score:.3f})")
+
+
 class HeadOnBackbone:
     """The new layer, trained on the bottlenecks, over the frozen backbone."""
 
@@ -228,7 +253,8 @@ def model_info(arch, flags, image_dir, run, seconds):
     weights = flags.weights if flags.weights in ("imagenet", "none") else os.path.abspath(flags.weights)
     return {"architecture": arch.name, "weights": weights, "labels_count": len(run.labels),
             "accuracy": run.accuracy, "fine_tuned": bool(flags.fine_tune), "refit": run.refit,
-            "image_dir": os.path.abspath(image_dir), "training_seconds": round(seconds, 1)}
+            "image_dir": os.path.abspath(image_dir), "training_seconds": round(seconds, 1),
+            "label_issues": len(run.label_issues)}
 
 
 def export_model(trained, data, arch, flags, run, info):
@@ -240,9 +266,11 @@ def export_model(trained, data, arch, flags, run, info):
     tflite_model = None
     if quantization != "none":
         from retrain import tflite
-        tflite_model, info["tflite"] = tflite.export(frozen, arch.size, quantization, data.training.paths,
-                                                     data.testing.paths, data.testing.y, run.accuracy.get("test"),
-                                                     flags.max_quantization_drop)
+        calibration = (images_in(flags.tflite_calibration_dir) if flags.tflite_calibration_dir
+                       else data.training.paths)
+        graph_answers = None if run.test_scores is None else np.argmax(run.test_scores, axis=1)
+        tflite_model, info["tflite"] = tflite.export(frozen, arch.size, quantization, calibration, data.testing.paths,
+                                                     data.testing.y, graph_answers, flags.max_quantization_drop)
         tflite_model = exports.tflite_metadata(tflite_model, flags, arch.name, data.labels, info["tflite"])
         run.tflite = info["tflite"]
     made = exports.make(flags, frozen, arch.size, data.testing, info)

@@ -65,9 +65,10 @@ def _fit(model, dataset, validation, epochs, steps_per_epoch, summaries_dir, des
                      shuffle=False)  # the dataset shuffles itself
 
 
-def train_head(train_x, train_y, val, class_count, flags, history=None):
+def train_head(train_x, train_y, val, class_count, flags, history=None, quiet=False):
     """Train the softmax layer on cached bottlenecks, as retrain.py did; each report (every
-    --eval_step_interval steps) is appended to `history` when given.
+    --eval_step_interval steps) is appended to `history` when given, and printed unless `quiet` (a fit
+    among many, e.g. retrain.label_issues' folds, which show their own progress).
 
     Each step trains on a random batch of --train_batch_size bottlenecks. The
     --eval_step_interval steps between two reports run as one TensorFlow graph
@@ -101,7 +102,7 @@ def train_head(train_x, train_y, val, class_count, flags, history=None):
         writers = {name: tf.summary.create_file_writer(f"{flags.summaries_dir}/head/{name}")
                    for name in ("train", "validation")}
     steps, interval = flags.how_many_training_steps, max(1, flags.eval_step_interval)
-    with progress.bar(total=steps, unit="step", desc="training head") as bar:
+    with progress.bar(total=steps, unit="step", desc="training head", disable=quiet) as bar:
         for step in range(0, steps, interval):
             count = min(interval, steps - step)
             loss, train_accuracy = (float(v) for v in run_steps(tf.constant(count)))
@@ -113,7 +114,7 @@ def train_head(train_x, train_y, val, class_count, flags, history=None):
             bar.set_postfix(loss=f"{loss:.3f}", train_acc=f"{train_accuracy:.3f}",
                             **({"val_acc": f"{val_accuracy:.3f}"} if val is not None else {}))
             done = step + count
-            if step == 0 or done % (10 * interval) == 0 or done == steps:
+            if not quiet and (step == 0 or done % (10 * interval) == 0 or done == steps):
                 progress.write(f"step {done}: train accuracy {train_accuracy:.3f}"
                                + (f", validation accuracy {val_accuracy:.3f}" if val is not None else ""))
             if history is not None:

@@ -68,3 +68,20 @@ def test_bfloat16_rewrite_answers_as_float32_does(trained_model):
     np.testing.assert_allclose(a, b, atol=0.05)
     if cpu_has_bf16():
         assert np.abs(a - b).max() > 1e-6, "no difference: the bfloat16 rewrite did not run"
+
+
+def test_the_paired_test_counts_only_the_photos_the_two_models_disagree_on():
+    """Exact McNemar, one-sided: 7 photos only graph.pb gets right, 1 only model.tflite does, of 297 (README's
+    first run): p = P(X >= 7 | X ~ Binomial(8, 1/2)) = 9/256; the photos both get right or wrong count for nothing."""
+    from retrain.tflite import compare
+    truth = np.zeros(297, np.int64)
+    graph = np.zeros(297, np.int64)
+    graph[:26] = 1  # 26 both get wrong...
+    quantized = graph.copy()
+    quantized[100:107] = 2  # 7 only graph.pb gets right
+    quantized[0] = 0  # 1 only model.tflite gets right
+    result = compare(truth, graph, quantized)
+    assert (result["worse"], result["better"]) == (7, 1)
+    assert result["p_value"] == pytest.approx(9 / 256) and result["drop"] == pytest.approx(6 / 297)
+    assert compare(truth, quantized, graph)["p_value"] == pytest.approx(1 - 1 / 256)  # a gain is no alarm
+    assert compare(truth, graph, graph) == {"drop": 0.0, "worse": 0, "better": 0, "p_value": 1.0}

@@ -1,5 +1,5 @@
 """The quantization warning means something (issue 29): README's offline run on all the shared photos
-(mobilenet_v2, the shared weights, int8) warns exactly when the paired test on its test photos says
+(efficientnet_lite0, the shared preset, int8) warns exactly when the paired test on its test photos says
 model.tflite's drop is over --max_quantization_drop and no chance, with numbers this test works out again
 from the two models' answers; and a quantization broken on purpose (int8 calibrated on one flat grey image,
 --tflite_calibration_dir) warns loudly."""
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.stats import binomtest
-from support.models import FLOWERS, MOBILENET_WEIGHTS, engine
+from support.models import FLOWERS, SHARED, engine
 from support.processes import run_retrain
 from support.report_page import Page
 
@@ -19,14 +19,15 @@ from classify_server.core.inference import preprocess
 from retrain.images import create_image_lists
 
 BOX = "!" * 72
+LITE0_PRESET = os.path.join(SHARED, "models", "efficientnet_lite0_imagenet")  # README's offline command's weights
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """(root folder, retrain's CompletedProcess) of README's offline command's retrain, its bottlenecks under
     root (removed afterwards)."""
-    if not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)):
-        pytest.skip(f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
+    if not (os.path.isdir(FLOWERS) and os.path.isdir(LITE0_PRESET)):
+        pytest.skip(f"real data absent: needs {FLOWERS} and {LITE0_PRESET}")
     root = tmp_path_factory.mktemp("quantization")
     try:
         yield root, run_retrain(*readme_flags(root), "--output_dir", root / "model")
@@ -35,7 +36,7 @@ def default_run(tmp_path_factory):
 
 
 def readme_flags(root):
-    return ("--image_dir", FLOWERS, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+    return ("--image_dir", FLOWERS, "--architecture", "efficientnet_lite0", "--weights", LITE0_PRESET,
             "--bottleneck_dir", root / "bottlenecks", "--summaries_dir", "")
 
 

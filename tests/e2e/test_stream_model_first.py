@@ -56,3 +56,42 @@ def test_a_removed_model_dead_letters_every_message_model_not_found(tmp_path):
             if part is not None:
                 part.stop() if part is stream else part.close()
         broker.stop()
+
+
+def test_a_model_whose_versions_all_failed_dead_letters_with_the_error_until_one_loads(tmp_path):
+    """A model with no version yet waits for one, as TF Serving's does; once versions are found and all failed
+    to load there is nothing to wait for: each message is dead-lettered model_not_found with the load error
+    (not retried for ever), and a good version that comes later serves the messages after it."""
+    base = tmp_path / "later"
+    base.mkdir()
+    config = tmp_path / "models.config"
+    write_config(config, ("later", base))
+    broker = Broker(tmp_path / "broker.log")
+    stream = out = dead = None
+    try:
+        broker.create_topics("bf-in", "bf-out", "bf-in.dead-letter")
+        out, dead = Collector(broker, "bf-out"), Collector(broker, "bf-in.dead-letter")
+        stream = Stream(broker, tmp_path / "stream.log", "bf-in", "bf-out", "broken-first", args=["--model", "later"],
+                        env={"MODEL_CONFIG_FILE": str(config), "MODEL_POLL_SECONDS": "1"})
+        stream.wait_assigned()
+        assert "waiting for its first version" in stream.output()
+        with open(os.path.join(write_colour_model(tmp_path / "v1"), "graph.pb"), "wb") as f:
+            f.write(b"not a graph")
+        os.rename(tmp_path / "v1", base / "1")  # whole, as a version is published
+        stream.wait_until(lambda: "no version loads" in stream.output(), 60, "version 1 failed")
+        broker.produce("bf-in", [(b"a", shape_image("red_circle", 1)), (b"b", shape_image("red_circle", 2))])
+        letters = {m.key(): dict(m.headers()) for m in dead.wait(2, 60, stream)}
+        assert {key: headers["error.code"] for key, headers in letters.items()} == \
+            {b"a": b"model_not_found", b"b": b"model_not_found"}, letters
+        assert b"corrupt model" in letters[b"a"]["error"], letters
+        assert "retrying the batch" not in stream.output()
+        os.rename(write_colour_model(tmp_path / "v2"), base / "2")
+        stream.wait_until(lambda: "serving model 'later' version 2" in stream.output(), 60, "version 2 loaded")
+        broker.produce("bf-in", [(b"c", shape_image("red_circle", 3))])
+        assert [m.key() for m in out.wait(1, 60, stream)] == [b"c"]
+        assert len(dead.read(0.5)) == 2  # all it holds: no new dead letter
+    finally:
+        for part in (stream, out, dead):
+            if part is not None:
+                part.stop() if part is stream else part.close()
+        broker.stop()

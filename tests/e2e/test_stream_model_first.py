@@ -4,6 +4,7 @@ before 400: once a MODEL_CONFIG_FILE reload removes its model, every message is 
 `python -m classify_server.stream`, as tests/e2e/test_stream.py runs them."""
 import os
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -25,20 +26,33 @@ def write_config(path, *models):
     os.replace(f"{path}.tmp", path)
 
 
+@contextmanager
+def consuming(tmp_path, prefix, model, env):
+    """A broker and `python -m classify_server.stream --model MODEL` from PREFIX-in to PREFIX-out (dead letters:
+    PREFIX-in.dead-letter), assigned its partitions: (broker, stream, outputs, dead letters); all stopped after."""
+    broker = Broker(tmp_path / "broker.log")
+    stream = out = dead = None
+    try:
+        broker.create_topics(f"{prefix}-in", f"{prefix}-out", f"{prefix}-in.dead-letter")
+        out, dead = Collector(broker, f"{prefix}-out"), Collector(broker, f"{prefix}-in.dead-letter")
+        stream = Stream(broker, tmp_path / "stream.log", f"{prefix}-in", f"{prefix}-out", f"{prefix}-group",
+                        args=["--model", model], env=env)
+        stream.wait_assigned()
+        yield broker, stream, out, dead
+    finally:
+        for part in (stream, out, dead):
+            if part is not None:
+                part.stop() if part is stream else part.close()
+        broker.stop()
+
+
 def test_a_removed_model_dead_letters_every_message_model_not_found(tmp_path):
     keep = write_colour_model(tmp_path / "keep")
     gone = write_colour_model(tmp_path / "gone")
     config = tmp_path / "models.config"
     write_config(config, ("keep", keep), ("gone", gone))
-    broker = Broker(tmp_path / "broker.log")
-    stream = out = dead = None
-    try:
-        broker.create_topics("mf-in", "mf-out", "mf-in.dead-letter")
-        out, dead = Collector(broker, "mf-out"), Collector(broker, "mf-in.dead-letter")
-        stream = Stream(broker, tmp_path / "stream.log", "mf-in", "mf-out", "model-first", args=["--model", "gone"],
-                        env={"MODEL_CONFIG_FILE": str(config), "MODEL_CONFIG_POLL_SECONDS": "1",
-                             "MODEL_POLL_SECONDS": "0"})
-        stream.wait_assigned()
+    env = {"MODEL_CONFIG_FILE": str(config), "MODEL_CONFIG_POLL_SECONDS": "1", "MODEL_POLL_SECONDS": "0"}
+    with consuming(tmp_path, "mf", "gone", env) as (broker, stream, out, dead):
         broker.produce("mf-in", [(b"before", shape_image("red_circle", 1))])
         assert len(out.wait(1, 60, stream)) == 1  # served while the model is there
         write_config(config, ("keep", keep))
@@ -51,11 +65,6 @@ def test_a_removed_model_dead_letters_every_message_model_not_found(tmp_path):
         time.sleep(0.5)
         assert stream.process.poll() is None, stream.output()  # it goes on
         assert len(out.read(0.5)) == 1
-    finally:
-        for part in (stream, out, dead):
-            if part is not None:
-                part.stop() if part is stream else part.close()
-        broker.stop()
 
 
 def test_a_model_whose_versions_all_failed_dead_letters_with_the_error_until_one_loads(tmp_path):
@@ -66,14 +75,8 @@ def test_a_model_whose_versions_all_failed_dead_letters_with_the_error_until_one
     base.mkdir()
     config = tmp_path / "models.config"
     write_config(config, ("later", base))
-    broker = Broker(tmp_path / "broker.log")
-    stream = out = dead = None
-    try:
-        broker.create_topics("bf-in", "bf-out", "bf-in.dead-letter")
-        out, dead = Collector(broker, "bf-out"), Collector(broker, "bf-in.dead-letter")
-        stream = Stream(broker, tmp_path / "stream.log", "bf-in", "bf-out", "broken-first", args=["--model", "later"],
-                        env={"MODEL_CONFIG_FILE": str(config), "MODEL_POLL_SECONDS": "1"})
-        stream.wait_assigned()
+    with consuming(tmp_path, "bf", "later", {"MODEL_CONFIG_FILE": str(config), "MODEL_POLL_SECONDS": "1"}) \
+            as (broker, stream, out, dead):
         assert "waiting for its first version" in stream.output()
         with open(os.path.join(write_colour_model(tmp_path / "v1"), "graph.pb"), "wb") as f:
             f.write(b"not a graph")
@@ -90,8 +93,3 @@ def test_a_model_whose_versions_all_failed_dead_letters_with_the_error_until_one
         broker.produce("bf-in", [(b"c", shape_image("red_circle", 3))])
         assert [m.key() for m in out.wait(1, 60, stream)] == [b"c"]
         assert len(dead.read(0.5)) == 2  # all it holds: no new dead letter
-    finally:
-        for part in (stream, out, dead):
-            if part is not None:
-                part.stop() if part is stream else part.close()
-        broker.stop()

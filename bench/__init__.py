@@ -1,12 +1,14 @@
 """Benchmarks, run from the repo root as modules: `.venv/bin/python -m bench.guards.serve_bench --help`.
 
     bench/_common.py        helpers shared by every script: tables, child processes, /proc readings
+    bench/perf_analyzer_env.sh  PyPI's perf_analyzer made to run here (Debian 13's loader on a Debian 12 host)
     bench/abuse.py          guard: slow clients and a crowd against a running server (tests import it)
     bench/guards/           re-run to catch regressions; each one's figures are in BENCHMARKS.md
         serve_bench.py      the server under wrk against its ceiling and the alternatives
         ab_serve.py         two commits' serving path side by side, alternating
         engine_bench.py     TensorFlow and LiteRT engines, speed and accuracy, in-process
         protocol_bench.py   one image through every protocol (multipart, TF Serving, V2, gRPC)
+        perf_analyzer_bench.py  Triton's perf_analyzer on V2 HTTP and gRPC beside wrk's multipart
         stage_bench.py      CPU per stage of one request, in-process
         http_parsers.py     llhttp (the reader's) against h11, per request
         model_memory.py     resident memory per model in a worker

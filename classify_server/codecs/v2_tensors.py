@@ -26,7 +26,7 @@ def model_metadata(name, servable, core, version):
     classes = len(servable.engine.labels)
     versions = [servable.version] if version is not None else sorted(core.manager(name).served) or [servable.version]
     return {"name": name, "versions": [str(v) for v in versions], "platform": _engine(servable)[0],
-            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+            "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
             "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
                         {"name": "labels", "datatype": "BYTES", "shape": [classes]}]}
 
@@ -45,12 +45,24 @@ def model_config(name, servable, core):
         return {"name": t["name"], "data_type": types[t["datatype"]],
                 "dims": t["shape"][1:] if batched[t["name"]] else t["shape"]}
 
+    def input_tensor(t):
+        # One image a batch row: dims [1], which the model takes as [] (Triton's reshape): [N, 1] on the wire,
+        # as Triton's tools send it (they need dims), or [N] (check_input takes both).
+        return dict(tensor(t), reshape={"shape": []}, format="FORMAT_NONE")
+
     policy = core.manager(name).spec
     version_policy = {"all": {"all": {}}, "specific": {"specific": {"versions": sorted(policy.versions)}}}.get(
         policy.policy, {"latest": {"num_versions": policy.num_versions}})
+    engine = servable.engine
+    # How it is served, per process (each gunicorn worker and the gRPC server load their own): the runs at
+    # once, and dynamic batching across clients where BATCH_MAX_SIZE has it on.
+    layout: dict[str, object] = {"instance_group": [{"name": name, "kind": "KIND_CPU", "count": engine.instances}]}
+    if engine.batching is not None:
+        layout["dynamic_batching"] = {"preferred_batch_size": [engine.batching.max_size],
+                                      "max_queue_delay_microseconds": round(engine.batching.timeout_ms * 1000)}
     return {"name": name, "platform": kind[0], "backend": kind[1], "version_policy": version_policy,
-            "max_batch_size": core.limits.max_parts,
-            "input": [dict(tensor(t), format="FORMAT_NONE") for t in meta["inputs"]],
+            "max_batch_size": core.limits.max_parts, **layout,
+            "input": [input_tensor(t) for t in meta["inputs"]],
             "output": [dict(tensor(t), label_filename=model_folder.LABELS) if t["name"] == "scores" else tensor(t)
                        for t in meta["outputs"]],
             "default_model_filename": kind[2]}
@@ -63,16 +75,17 @@ def _engine(servable):
     return platform, backend, str(about.get("graph", "")).rsplit("/", 1)[-1]
 
 
-def check_input(name, datatype, shape, core, model, version):
-    """Raise unless this is the model's input: BYTES `images` of shape [N], N within the core's limit
-    (whose refusal counts as a failure of `model` `version`, as the core's other refusals do)."""
+def check_input(name, datatype, shape):
+    """The number of images of the model's input (BYTES `images` of shape [N], or [N, 1] as Triton's config
+    says it with its reshape), or InferenceError."""
     if name != INPUT:
         _invalid(f"unknown input {str(name)[:40]!r}: the model's input is \"{INPUT}\"")
     if datatype != "BYTES":
         _invalid(f"input \"{INPUT}\" must be BYTES (encoded images), got {str(datatype)[:20]}")
-    if not (isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int) and shape[0] >= 0):
-        _invalid(f"input \"{INPUT}\" must have shape [N], got {str(shape)[:40]}")
-    core.check_count(shape[0], model, version, counted=True)  # before reading any element
+    if not (isinstance(shape, list) and len(shape) in (1, 2) and shape[1:] in ([], [1])
+            and isinstance(shape[0], int) and shape[0] >= 0):
+        _invalid(f"input \"{INPUT}\" must have shape [N] (or [N, 1]), got {str(shape)[:40]}")
+    return shape[0]
 
 
 def decode_bytes(data):

@@ -153,33 +153,32 @@ class Inference:
                 wanted = [(servable.model, servable.version)]
         return statistics.read(wanted)
 
-    def check_count(self, count: int, model: str | None = None, version: int | None = None,
-                    label: str | None = None, counted: bool = False) -> None:
-        """Raise unless a request of `count` images is allowed (adapters may ask before building them);
-        `counted`: a refusal counts as a failure of that model version (statistics), as classify's does."""
-        try:
-            if count < 1:
-                raise InferenceError(INVALID_INPUT, "no image in the request")
-            if count > self.limits.max_parts:
-                raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
-                                                      f"{self.limits.max_parts} (MAX_PARTS)")
-        except InferenceError:
-            if counted:
-                timer = statistics.Timer()
-                with self.servable(model, version, label) as servable:
-                    statistics.record(servable.model, servable.version, timer, ok=False)
-            raise
+    def check_count(self, count: int) -> None:
+        """Raise unless a request of `count` images is allowed."""
+        if count < 1:
+            raise InferenceError(INVALID_INPUT, "no image in the request")
+        if count > self.limits.max_parts:
+            raise InferenceError(TOO_MANY_IMAGES, f"too many images: {count}, the limit is "
+                                                  f"{self.limits.max_parts} (MAX_PARTS)")
 
-    def classify(self, images: Sequence[bytes], model: str | None = None, version: int | None = None,
-                 names: Sequence[str | None] | None = None, label: str | None = None) -> Prediction:
+    def classify(self, images: Sequence[bytes] | Callable[[], Sequence[bytes]], model: str | None = None,
+                 version: int | None = None, names: Sequence[str | None] | None = None, label: str | None = None,
+                 count: int | None = None) -> Prediction:
         """Scores for encoded images, all or none: the first bad image fails the request.
 
+        `images`: the encoded images, or a function reading them from the request, called once the `count`
+        images the request declares are allowed (a request declaring a million is refused before one is
+        read); a refusal or a failure of either kind counts as a failure of the version (statistics).
         `names` (file names, when the protocol has them) make the error messages say which image.
         """
         timer = statistics.Timer()
         with self.servable(model, version, label) as servable:
             timer.phase("queue")
             try:
+                if callable(images):
+                    if count is not None:
+                        self.check_count(count)
+                    images = images()
                 self.check_count(len(images))
                 for i, data in enumerate(images):
                     self.check_size(data, _which(i, names))

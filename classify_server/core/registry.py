@@ -90,7 +90,10 @@ class Models:
 
     def poll_versions(self) -> None:
         for manager in list(self.managers.values()):
+            failed = manager.failed
             manager.sync()
+            if manager.failed and not failed:  # e.g. the first version of a model that waited for one
+                log.error("model %r: no version loads, nothing served: %s", manager.name, manager.error)
 
     def reload_config(self) -> None:
         """Read MODEL_CONFIG_FILE again and serve what it says; keep the models served if it is not usable."""

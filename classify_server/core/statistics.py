@@ -13,6 +13,9 @@ registry). They show at GET /metrics too.
     compute_infer     the engine's run (its batching queue included)
     compute_output    building the answer's scores (adapters format them afterwards)
     inference_count   images run; execution_count: engine runs; last_inference: ms since the epoch
+    batch_stats       per batch size (the images of one engine run the core made), the runs and the
+                      cumulative time of their compute_input, compute_infer and compute_output
+                      (with BATCH_MAX_SIZE on, the engine may join several such runs into one session run)
 """
 from __future__ import annotations
 
@@ -34,9 +37,13 @@ PHASE_SECONDS = Counter("classify_model_phase_seconds", "cumulative time of the 
                         ["model", "version", "phase"])
 INFERENCES = Counter("classify_model_inferences", "images run by the engine", ["model", "version"])
 EXECUTIONS = Counter("classify_model_executions", "engine runs (one per batch of a request)", ["model", "version"])
+BATCHES = Counter("classify_model_batches", "engine runs by batch size (images)", ["model", "version", "batch_size"])
+BATCH_SECONDS = Counter("classify_model_batch_phase_seconds", "cumulative time of the compute phases of those runs",
+                        ["model", "version", "batch_size", "phase"])
 LAST_INFERENCE = Gauge("classify_model_last_inference_ms", "when the model last answered or refused a request, "
                        "ms since the epoch", ["model", "version"], multiprocess_mode="max")
-_METRICS = (REQUESTS, REQUEST_SECONDS, PHASE_SECONDS, INFERENCES, EXECUTIONS, LAST_INFERENCE)
+_METRICS = (REQUESTS, REQUEST_SECONDS, PHASE_SECONDS, INFERENCES, EXECUTIONS, BATCHES, BATCH_SECONDS, LAST_INFERENCE)
+COMPUTE = PHASES[1:]  # the phases of a run, as Triton's batch_stats has them
 
 
 @dataclass
@@ -60,7 +67,8 @@ class Timer:
 def record(model: str, version: int, timer: Timer, ok: bool, images: int = 0, executions: int = 0,
            requests: int = 1) -> None:
     """Count `requests` of one outcome, ended now, run together: each took all of `timer`'s time, as
-    Triton counts each request of a batch."""
+    Triton counts each request of a batch; and `executions` engine runs of `images` images in all (one
+    run: batch_stats counts it under its size, its phases once)."""
     if requests < 1:
         return
     labels = (model, str(version))
@@ -74,6 +82,10 @@ def record(model: str, version: int, timer: Timer, ok: bool, images: int = 0, ex
         INFERENCES.labels(*labels).inc(images)
     if executions:
         EXECUTIONS.labels(*labels).inc(executions)
+        size = str(images // executions)
+        BATCHES.labels(*labels, size).inc(executions)
+        for phase in COMPUTE:
+            BATCH_SECONDS.labels(*labels, size, phase).inc(timer.phases.get(phase, 0.0))
     LAST_INFERENCE.labels(*labels).set(time.time() * 1000)
 
 
@@ -103,6 +115,10 @@ class _Totals:
     inference_count: int = 0
     execution_count: int = 0
     last_inference: int = 0
+    batches: dict[int, dict[str, list[int]]] = field(default_factory=dict)  # size -> phase -> [count, ns]
+
+    def _batch(self, labels: dict[str, str]) -> dict[str, list[int]]:
+        return self.batches.setdefault(int(labels["batch_size"]), {phase: [0, 0] for phase in COMPUTE})
 
     def add(self, name: str, labels: dict[str, str], value: float) -> None:
         if name == "classify_model_requests_total":
@@ -116,6 +132,11 @@ class _Totals:
             self.inference_count += round(value)
         elif name == "classify_model_executions_total":
             self.execution_count += round(value)
+        elif name == "classify_model_batches_total":
+            for counted in self._batch(labels).values():  # each phase is timed once per run
+                counted[0] += round(value)
+        elif name == "classify_model_batch_phase_seconds_total":
+            self._batch(labels)[labels["phase"]][1] += round(value * 1e9)
         elif name == "classify_model_last_inference_ms":
             self.last_inference = max(self.last_inference, round(value))
 
@@ -124,4 +145,6 @@ class _Totals:
         return {"name": model, "version": version, "last_inference": self.last_inference,
                 "inference_count": self.inference_count, "execution_count": self.execution_count,
                 "inference_stats": {key: {"count": self.count.get(key, 0), "ns": self.ns.get(key, 0)} for key in keys},
-                "batch_stats": []}
+                "batch_stats": [{"batch_size": size, **{phase: {"count": count, "ns": ns}
+                                                        for phase, (count, ns) in phases.items()}}
+                                for size, phases in sorted(self.batches.items())]}

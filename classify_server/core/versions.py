@@ -80,6 +80,13 @@ class ModelManager:
         return self.wait and not self.served and not self.status
 
     @property
+    def failed(self) -> bool:
+        """Whether versions were tried and every one failed to load (`error` says why): none is served, and
+        none is loading or awaited, unlike a model that waits for its first version."""
+        with self.lock:
+            return not self.served and bool(self.status) and all(self._failed(v) for v in self.status)
+
+    @property
     def latest(self) -> Servable | None:
         """The newest version served (None when none is)."""
         with self.lock:

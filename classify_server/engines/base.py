@@ -35,6 +35,14 @@ class InputSpec:
     std: float = 1.0
 
 
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching (engines.batching): requests join a run until it holds `max_size` images or
+    `timeout_ms` has passed."""
+    max_size: int
+    timeout_ms: float
+
+
 # One preprocessed image, as the core hands it to an engine (inference.preprocess): float32 pixels
 # [H, W, 3], or JPEG bytes when its input_spec is `encoded`.
 Preprocessed = np.ndarray | bytes
@@ -47,6 +55,8 @@ class Engine(Protocol):
     model_dir: str         # its folder (absolute): versions.ModelManager.static, the page, metadata
     ready: bool            # warmed up: answers correctly and fast
     loaded_at: float       # time.time() when warmed up (set by warmed_up)
+    instances: int         # runs of the model at once in this process (Triton's instance_group count)
+    batching: Batching | None  # how concurrent requests are batched into one run, or None: each runs alone
 
     def warm_up(self) -> None:
         """One run on a blank input: checks the model end to end and pays the first-run cost."""

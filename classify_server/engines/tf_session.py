@@ -19,7 +19,7 @@ from tensorflow.core.protobuf import rewriter_config_pb2
 
 from classify_contract import model_folder
 from classify_server.engines import base
-from classify_server.engines.base import InputSpec, ModelLoadError, Preprocessed
+from classify_server.engines.base import Batching, InputSpec, ModelLoadError, Preprocessed
 from classify_server.engines.batching import Batcher
 
 
@@ -99,10 +99,13 @@ class TFSessionEngine:
         self.session = tf.compat.v1.Session(graph=graph, config=config)
         self.ready = False
         self.batcher: Batcher | None = None
+        self.batching: Batching | None = None
+        # Runs at once: the session's inter-op threads (0: TensorFlow's default, one per core).
+        self.instances = inter_threads or os.cpu_count() or 1
         # Graphs that take one scalar string, or a fixed batch size, run each request alone.
         if batch_max_size > 1 and not self.input_spec.encoded and (shape.rank is None or shape[0] is None):
-            runners = inter_threads or os.cpu_count() or 1  # 0: TensorFlow's default, one per core
-            self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms, runners)
+            self.batching = Batching(batch_max_size, batch_timeout_ms)
+            self.batcher = Batcher(self._run, batch_max_size, batch_timeout_ms, self.instances)
 
     def predict(self, inputs: list[Preprocessed]) -> np.ndarray:
         """Preprocessed inputs (a list) -> probabilities, shape (len(inputs), classes)."""

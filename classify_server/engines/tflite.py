@@ -17,7 +17,7 @@ import numpy as np
 
 from classify_contract import model_folder, tflite_runtime
 from classify_server.engines import base
-from classify_server.engines.base import InputSpec, ModelLoadError, Preprocessed
+from classify_server.engines.base import Batching, InputSpec, ModelLoadError, Preprocessed
 
 
 class TFLiteEngine:
@@ -50,6 +50,8 @@ class TFLiteEngine:
                                  f"{detail['dtype'].__name__} {list(detail['shape'])}")
         self.input_spec = InputSpec(height=int(detail["shape"][1]), width=int(detail["shape"][2]))
         self.threads, self.runners = threads, max(1, runners)
+        self.instances = self.runners  # interpreters; each request runs alone on one
+        self.batching: Batching | None = None
         # Idle interpreters (LiteRT's, untyped); `made` counts all made, at most `runners`.
         self.idle: queue.LifoQueue[Any] = queue.LifoQueue()
         self.made, self.lock = 1, threading.Lock()

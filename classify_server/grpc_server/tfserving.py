@@ -50,9 +50,9 @@ def signature_def_map(engine):
     return json_format.ParseDict(signature_def(engine), get_model_metadata_pb2.SignatureDefMap())
 
 
-def images_from(tensor, core, spec):
-    """The encoded images of an `images` TensorProto: a scalar or a vector of strings (too many of them
-    count as a failure of the version model_spec `spec` names)."""
+def images_from(tensor):
+    """(the number of images, a function reading them) of an `images` TensorProto: a scalar or a vector of
+    strings; the core checks the number before it reads them (Inference.classify)."""
     if tensor.dtype != types_pb2.DT_STRING:
         raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' must be DT_STRING (encoded image bytes), got "
                                             f"{types_pb2.DataType.Name(tensor.dtype)}")
@@ -61,14 +61,15 @@ def images_from(tensor, core, spec):
         raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' must be a scalar or a vector [N] of encoded "
                                             f"images, got shape {dims}")
     count = dims[0] if dims else 1
-    version, label = Servicer.version_of(spec)
-    core.check_count(count, spec.name, version, label, counted=True)  # before a single value fills the shape
-    values = list(tensor.string_val)
-    if len(values) == 1 and count > 1:  # a single value fills the shape, as tf.make_ndarray reads it
-        values = values * count
-    if len(values) != count:
-        raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' has shape {dims} but {len(values)} values")
-    return values
+
+    def read():
+        values = list(tensor.string_val)
+        if len(values) == 1 and count > 1:  # a single value fills the shape, as tf.make_ndarray reads it
+            values = values * count
+        if len(values) != count:
+            raise InferenceError(INVALID_INPUT, f"input '{INPUT_KEY}' has shape {dims} but {len(values)} values")
+        return values
+    return count, read
 
 
 class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_service_pb2_grpc.ModelServiceServicer):
@@ -104,8 +105,8 @@ class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer, model_serv
             raise InferenceError(INVALID_INPUT, f"output tensor alias not found in signature: "
                                                 f"{', '.join(bad)}. Outputs expected to be in the set "
                                                 f"{{{', '.join(OUTPUTS)}}}.")
-        prediction = self.core.classify(images_from(request.inputs[INPUT_KEY], self.core, spec), spec.name, version,
-                                        label=label)
+        count, read = images_from(request.inputs[INPUT_KEY])
+        prediction = self.core.classify(read, spec.name, version, label=label, count=count)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = spec.name
         response.model_spec.version.value = prediction.version

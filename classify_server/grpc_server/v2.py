@@ -65,18 +65,21 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         if len(request.inputs) != 1:
             raise InferenceError(INVALID_INPUT, f"expected one input, \"{v2_tensors.INPUT}\"")
         tensor = request.inputs[0]
-        v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape), self.core, request.model_name,
-                               version)
-        if request.raw_input_contents:
-            images = v2_tensors.decode_bytes(request.raw_input_contents[0])
-        else:
-            images = list(tensor.contents.bytes_contents)
-        if len(images) != tensor.shape[0]:
-            raise InferenceError(INVALID_INPUT, f"input \"{v2_tensors.INPUT}\" has shape [{tensor.shape[0]}] but "
-                                                f"{len(images)} elements")
+        count = v2_tensors.check_input(tensor.name, tensor.datatype, list(tensor.shape))
+
+        def read():
+            if request.raw_input_contents:
+                images = v2_tensors.decode_bytes(request.raw_input_contents[0])
+            else:
+                images = list(tensor.contents.bytes_contents)
+            if len(images) != count:
+                raise InferenceError(INVALID_INPUT, f"input \"{v2_tensors.INPUT}\" has shape [{count}] but "
+                                                    f"{len(images)} elements")
+            return images
+
         wanted = [(o.name, {"classification": o.parameters["classification"].int64_param}
                    if "classification" in o.parameters else {}) for o in request.outputs]
-        prediction = self.core.classify(images, request.model_name, version)
+        prediction = self.core.classify(read, request.model_name, version, count=count)  # count before reading
         response = service_pb2.ModelInferResponse(model_name=request.model_name,
                                                   model_version=str(prediction.version), id=request.id)
         for name, parameters in v2_tensors.wanted(wanted or None):

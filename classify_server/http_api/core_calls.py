@@ -49,8 +49,8 @@ def add_server_timing(response):
     return response
 
 
-def classify(core, images, model=None, version=None, names=None, label=None):
-    """The core's Prediction, its timing kept for the Server-Timing header."""
-    prediction = core.classify(images, model, version, names, label)
+def classify(core, images, model=None, version=None, names=None, label=None, count=None):
+    """The core's Prediction (Inference.classify), its timing kept for the Server-Timing header."""
+    prediction = core.classify(images, model, version, names, label, count)
     g.server_timing = prediction.timing
     return prediction

@@ -92,9 +92,10 @@ def _request_images(body):
     return _images_from([items] if _is_b64(items) else items, "input"), True
 
 
-def _example_images(body, core):
-    """The images of a :classify body's examples; an image in "context" (features shared by every example,
-    and so in none of them, as TF Serving's REST API says) is every example's, decoded once."""
+def _example_images(body):
+    """(the number of examples, a function reading their images) of a :classify body; an image in "context"
+    (features shared by every example, and so in none of them, as TF Serving's REST API says) is every
+    example's, decoded once. The core checks the number before a million examples are looked at."""
     if "examples" not in body:
         _invalid("Missing 'examples' key")
     examples, context = body["examples"], body.get("context", {})
@@ -102,17 +103,20 @@ def _example_images(body, core):
         _invalid("'context' must be a JSON object of features shared by every example")
     if not isinstance(examples, list) or not examples:
         _invalid("expected a non-empty list of examples")
-    core.check_count(len(examples))  # before a million examples are looked at
-    shared = _decode_b64({INPUT_KEY: context[INPUT_KEY]}, "context") if INPUT_KEY in context else None
-    images = []
-    for i, example in enumerate(examples):
-        if not isinstance(example, dict):
-            _invalid(f"example {i}: expected a JSON object of features")
-        both = sorted(set(example) & set(context))
-        if both:
-            _invalid(f"example {i}: feature {both[0][:40]!r} is also in 'context'; a feature goes in one or the other")
-        images.append(shared if shared is not None else _decode_b64(example, f"example {i}"))
-    return images
+
+    def read():
+        shared = _decode_b64({INPUT_KEY: context[INPUT_KEY]}, "context") if INPUT_KEY in context else None
+        images = []
+        for i, example in enumerate(examples):
+            if not isinstance(example, dict):
+                _invalid(f"example {i}: expected a JSON object of features")
+            both = sorted(set(example) & set(context))
+            if both:
+                _invalid(f"example {i}: feature {both[0][:40]!r} is also in 'context'; a feature goes in one or "
+                         "the other")
+            images.append(shared if shared is not None else _decode_b64(example, f"example {i}"))
+        return images
+    return len(examples), read
 
 
 def _images_from(items, what):
@@ -160,7 +164,8 @@ def blueprint(core: Inference) -> Blueprint:
     @routes("POST", ":classify")
     def classify(name, version=None, label=None):
         core.resolve(name, version, label)
-        prediction = run_classify(core, _example_images(_body(), core), name, version, label=label)
+        count, read = _example_images(_body())
+        prediction = run_classify(core, read, name, version, label=label, count=count)
         return jsonify(result=[[[label, score] for label, score in zip(prediction.labels, row)]
                                for row in prediction.scores.tolist()])
 

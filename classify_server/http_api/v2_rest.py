@@ -119,8 +119,8 @@ def blueprint(core: Inference) -> Blueprint:
     def infer(name, version=None):
         core.resolve(name, version)  # an unknown model or version is a 404 before anything else is read
         header, binary = _split_body()
-        images, wanted = _parse(header, binary, name, version)
-        prediction = classify(core, images, name, version)
+        count, read, wanted = _parse(header, binary)
+        prediction = classify(core, read, name, version, count=count)
         request_parameters = header.get("parameters") if isinstance(header.get("parameters"), dict) else {}
         all_binary = request_parameters.get("binary_data_output") is True  # tritonclient asks so when it names none
         outputs, chunks = [], []
@@ -140,14 +140,15 @@ def blueprint(core: Inference) -> Blueprint:
         return Response(head + b"".join(chunks), content_type="application/octet-stream",
                         headers={HEADER_LENGTH: str(len(head))})
 
-    def _parse(header, binary, name, version):
-        """(encoded images, [(output name, its parameters)]) of a V2 inference request."""
+    def _parse(header, binary):
+        """(the number of images, a function reading them, [(output name, its parameters)]) of a V2 inference
+        request: the core checks the number before it reads them (Inference.classify)."""
         inputs = header.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
             _invalid(f"expected one input, \"{INPUT}\": a BYTES tensor of encoded images")
         tensor = inputs[0]
         shape = tensor.get("shape")
-        v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape, core, name, version)
+        count = v2_tensors.check_input(tensor.get("name"), tensor.get("datatype"), shape)
         parameters = tensor.get("parameters") or {}
         if not isinstance(parameters, dict):
             _invalid("input parameters must be a JSON object")
@@ -157,14 +158,17 @@ def blueprint(core: Inference) -> Blueprint:
                 _invalid(f"binary_data_size {str(size)[:20]} is not within the {len(binary)} bytes after the header")
             if size != len(binary):
                 _invalid(f"binary_data_size {size} does not match the {len(binary)} bytes after the header")
-            images = v2_tensors.decode_bytes(binary)
-        else:
-            data = tensor.get("data")
-            if not isinstance(data, list):
-                _invalid(f"input \"{INPUT}\" has no data: base64 strings in \"data\", or binary_data_size")
-            images = [_b64(item, i) for i, item in enumerate(data)]
-        if len(images) != shape[0]:
-            _invalid(f"input \"{INPUT}\" has shape [{shape[0]}] but {len(images)} elements")
-        return images, _wanted(header.get("outputs"))
+        elif not isinstance(tensor.get("data"), list):
+            _invalid(f"input \"{INPUT}\" has no data: base64 strings in \"data\", or binary_data_size")
+
+        def read():
+            if "binary_data_size" in parameters:
+                images = v2_tensors.decode_bytes(binary)
+            else:
+                images = [_b64(item, i) for i, item in enumerate(tensor["data"])]
+            if len(images) != count:
+                _invalid(f"input \"{INPUT}\" has shape [{count}] but {len(images)} elements")
+            return images
+        return count, read, _wanted(header.get("outputs"))
 
     return bp

@@ -59,9 +59,12 @@ class Embedded:
                 raise
 
     def _waiting(self, exc: InferenceError) -> bool:
-        """Whether `exc` says the model is still configured but has no version to serve yet."""
-        return exc.code in (inference.MODEL_NOT_FOUND, inference.NOT_READY) and \
-            self.core.models.get(self.name) is not None
+        """Whether `exc` says the model is still configured but has no version to serve yet: none found yet, or
+        one loading (wait for it, as TF Serving does). Versions that were found and all failed to load are no
+        wait: the messages are dead-lettered with the error, until a new version loads."""
+        manager = self.core.models.get(self.name)
+        return exc.code in (inference.MODEL_NOT_FOUND, inference.NOT_READY) and manager is not None and \
+            not manager.failed
 
     def classify(self, images):
         """(model version, [top-k [[label, score], ...] or InferenceError, one per image])."""

@@ -432,7 +432,7 @@ def test_v2_grpc_through_tritonclient(server, flask_app):
         assert not client.is_model_ready("other") and not client.is_model_ready(NAME, "7")
         assert "classification" in client.get_server_metadata().extensions
         meta = client.get_model_metadata(NAME, as_json=True)
-        assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": ["-1"]}]
+        assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": ["-1", "1"]}]
         images = tritongrpc.InferInput("images", [len(IMAGES)], "BYTES")
         images.set_data_from_numpy(np.array(IMAGES, dtype=np.object_))
         result = client.infer(NAME, [images])

@@ -34,16 +34,21 @@ def colour_model(tmp_path_factory):
 
 
 def assert_config_agrees(config, meta, max_batch_size):
-    """Triton's rule: a batched model's metadata shape is [-1] + the config's dims; `labels`, answered once
-    per request, is the one unbatched output (its dims are its shape)."""
+    """Triton's rule: a batched model's metadata shape is [-1] + the config's dims (every tensor has dims:
+    `images` is [1], one image a row, which its reshape says the model takes as []); `labels`, answered
+    once per request, is the one unbatched output (its dims are its shape)."""
     assert config["name"] == meta["name"] == "model"
     assert int(config["max_batch_size"]) == max_batch_size
     assert config["platform"] == meta["platform"]
     for tensors, configured in ((meta["inputs"], config["input"]), (meta["outputs"], config["output"])):
         assert [t["name"] for t in tensors] == [c["name"] for c in configured]
         for t, c in zip(tensors, configured):
+            if t["name"] == "images":  # one image a row, taken as one string (gRPC's JSON leaves [] out)
+                assert c["reshape"].get("shape", []) == [], c
+            else:
+                assert "reshape" not in c, c
             assert DATATYPES[t["datatype"]] == c["data_type"]
-            dims = [int(d) for d in c.get("dims", [])]
+            dims = [int(d) for d in c["dims"]]
             shape = [int(d) for d in t["shape"]]
             assert shape == (dims if t["name"] == "labels" else [-1] + dims), (t, c)
 
@@ -60,6 +65,19 @@ def counts(entry):
     return {"success": int(inference["success"].get("count", 0)), "fail": int(inference["fail"].get("count", 0)),
             "inference_count": int(entry.get("inference_count", 0)),
             "execution_count": int(entry.get("execution_count", 0))}
+
+
+def batch_counts(entry):
+    """{batch size: runs} of an entry's batch_stats, checking that every phase of every size was counted
+    and timed for each run."""
+    found = {}
+    for stats in entry.get("batch_stats", []):  # gRPC's JSON leaves an empty list out
+        runs = {int(stats[phase]["count"]) for phase in ("compute_input", "compute_infer", "compute_output")}
+        assert len(runs) == 1, stats
+        assert all(int(stats[phase]["ns"]) > 0 for phase in ("compute_input", "compute_infer", "compute_output"))
+        found[int(stats["batch_size"])] = runs.pop()
+    assert list(found) == sorted(found), found  # by batch size, as Triton lists them
+    return found
 
 
 def nanoseconds(entry):
@@ -98,6 +116,9 @@ def test_http_config_and_statistics_through_tritonclient(start_server, colour_mo
     meta, config = c.get_model_metadata("model"), c.get_model_config("model")
     assert_config_agrees(config, meta, max_batch_size=8)
     assert config["platform"] == "tensorflow_graphdef" and config["backend"] == "tensorflow"
+    # Each worker runs cores / workers requests at once (gunicorn.conf.py's TF_INTER_OP_THREADS), each alone.
+    assert config["instance_group"] == [{"name": "model", "kind": "KIND_CPU", "count": max(1, os.cpu_count() // 2)}]
+    assert "dynamic_batching" not in config
     assert c.get_model_config("model", "1") == config
     for call in (lambda: c.get_model_config("other"), lambda: c.get_model_config("model", "7"),
                  lambda: c.get_inference_statistics("other"), lambda: c.get_inference_statistics("model", "7")):
@@ -111,6 +132,7 @@ def test_http_config_and_statistics_through_tritonclient(start_server, colour_mo
     c.close()
 
     sent = {"success": 0, "fail": 0, "inference_count": 0, "execution_count": 0}
+    batches = {1: 0, 2: 0}  # runs of each batch size
     before = nanoseconds(entry)
     started_ms = time.time() * 1000
 
@@ -136,6 +158,8 @@ def test_http_config_and_statistics_through_tritonclient(start_server, colour_mo
         sent["fail"] += 2
         sent["inference_count"] += 6
         sent["execution_count"] += 4
+        batches[1] += 2
+        batches[2] += 2
 
     # Until each worker has counted some (the sums must add up both): the second worker may still be loading
     # its model when the first answers, so this is bounded in time (and rounds), not in a few rounds.
@@ -173,6 +197,7 @@ def test_http_config_and_statistics_through_tritonclient(start_server, colour_mo
     entry = statistics_of(c.get_inference_statistics("model"))
     assert counts(entry) == sent
     assert all(nanoseconds(entry)[key] > grown[key] for key in grown)
+    assert batch_counts(entry) == batches  # refusals ran nothing
     c.close()
 
     # /metrics shows the same counters, summed the same way.
@@ -245,6 +270,40 @@ def test_grpc_config_and_statistics_through_tritonclient(colour_model, tmp_path)
         server.stop()
 
 
+def test_grpc_config_says_dynamic_batching_and_statistics_count_each_batch_size(colour_model, tmp_path):
+    """With BATCH_MAX_SIZE on, the config says dynamic_batching with its settings and the instance_group says
+    the runs at once (TF_INTER_OP_THREADS); batch_stats counts each run under its batch size."""
+    env = dict(ENV, MODEL_DIR=colour_model, BATCH_MAX_SIZE="4", BATCH_TIMEOUT_MS="7", TF_INTER_OP_THREADS="3")
+    server = GrpcServer(env, tmp_path / "grpc.log")
+    client = tritongrpc.InferenceServerClient(f"127.0.0.1:{server.port}")
+    try:
+        server.wait_ready()
+        config = client.get_model_config("model", as_json=True)["config"]
+        assert config["instance_group"] == [{"name": "model", "kind": "KIND_CPU", "count": 3}]
+        assert config["dynamic_batching"] == {"preferred_batch_size": [4], "max_queue_delay_microseconds": "7000"}
+        assert batch_counts(statistics_of(client.get_inference_statistics("model", as_json=True))) == {}
+
+        def infer(images):
+            tensor = tritongrpc.InferInput("images", [len(images)], "BYTES")
+            tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+            return client.infer("model", [tensor])
+
+        for i in range(5):
+            infer([GOOD[i % len(GOOD)]])
+        infer(GOOD)  # a batch of 3
+        tensor = tritongrpc.InferInput("images", [2, 1], "BYTES")  # Triton's [N, 1] of the config's dims: 2
+        tensor.set_data_from_numpy(np.array([[GOOD[0]], [GOOD[1]]], dtype=np.object_))
+        assert client.infer("model", [tensor]).as_numpy("scores").shape == (2, len(LABELS))
+        with pytest.raises(InferenceServerException):
+            infer([BAD, GOOD[0]])  # refused: nothing runs
+        entry = statistics_of(client.get_inference_statistics("model", as_json=True))
+        assert batch_counts(entry) == {1: 5, 2: 1, 3: 1}
+        assert counts(entry) == {"success": 7, "fail": 1, "inference_count": 10, "execution_count": 7}
+    finally:
+        client.close()
+        server.stop()
+
+
 def test_metadata_and_config_name_the_tflite_engine(colour_model, tmp_path):
     import tensorflow as tf
     from support.clients import make_app
@@ -259,6 +318,9 @@ def test_metadata_and_config_name_the_tflite_engine(colour_model, tmp_path):
     meta, config = c.get("/v2/models/model").get_json(), c.get("/v2/models/model/config").get_json()
     assert meta["platform"] == config["platform"] == "tensorflow_lite"
     assert config["backend"] == "tflite" and config["default_model_filename"] == "model.tflite"
+    # An interpreter per request at once (TF_INTER_OP_THREADS, by default one per core), each request alone.
+    assert config["instance_group"] == [{"name": "model", "kind": "KIND_CPU", "count": os.cpu_count()}]
+    assert "dynamic_batching" not in config
     assert_config_agrees(config, meta, max_batch_size=5)
     assert c.get("/v1/models/model/metadata").status_code == 200
 

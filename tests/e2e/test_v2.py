@@ -59,7 +59,7 @@ def test_health_and_metadata_through_tritonclient(client):
     server = client.get_server_metadata()
     assert {"binary_tensor_data", "classification"} <= set(server["extensions"])
     meta = client.get_model_metadata("model")
-    assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1, 1]}]  # Triton's form; [N] too
     assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 3]},
                                {"name": "labels", "datatype": "BYTES", "shape": [3]}]
     assert meta["versions"] == ["1"]
@@ -101,8 +101,9 @@ def test_classification_extension(client, server):
         assert [float(s) for s, _, _ in got] == pytest.approx([s for s, _, _ in expected], abs=1e-6)
 
 
-def test_json_base64_body(server):
-    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+@pytest.mark.parametrize("shape", [[1], [1, 1]])  # [N], or Triton's [N, 1] (the config's dims [1])
+def test_json_base64_body(server, shape):
+    body = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": shape,
                         "data": [base64.b64encode(IMAGES[1]).decode()]}]}
     r = requests.post(server.url + "/v2/models/model/infer", json=body, timeout=30)
     assert r.status_code == 200, r.text
@@ -131,6 +132,9 @@ ONE = struct.pack("<I", len(IMAGES[0])) + IMAGES[0]
 HOSTILE = {  # name -> (body, headers, status, code)
     "wrong datatype": (json.dumps({"inputs": [{"name": "images", "datatype": "FP32", "shape": [1], "data": [1.0]}]}),
                        {}, 400, "invalid_input"),
+    "two strings a row": (json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1, 2],
+                                                  "data": [base64.b64encode(IMAGES[0]).decode()] * 2}]}),
+                          {}, 400, "invalid_input"),
     "shape not matching the data": (json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
                                                             "data": [base64.b64encode(IMAGES[0]).decode()]}]}),
                                     {}, 400, "invalid_input"),

@@ -3,9 +3,12 @@
 Users' photos are noisy (a bedroom filed under roses, a fountain under tulips), and a wrong label teaches
 the model the wrong thing. Each photo's class probabilities come from the same new layer trained on the
 other folds (out of fold, FOLDS-fold, on the cached bottlenecks: seconds, no backbone run), so no photo
-vouches for its own label. cleanlab's confident learning (`cleanlab.filter.find_label_issues`) then
-picks the photos whose given label those probabilities contradict beyond the noise it estimates per
-pair of classes, ranked likeliest first: lowest probability of the given label ("self-confidence").
+vouches for its own label. The list is the photos whose held-out layer likes another class better than the
+given one (cleanlab's `find_label_issues`, filter "predicted_neq_given"), ranked likeliest first by
+cleanlab's self-confidence: the lowest probability of the given label. Confident learning's own filter
+(pruning by estimated noise rates) flagged fewer: with 20 photos planted among 500 shared flowers it
+listed 22 to 27 on EfficientNet-Lite0's confident features and left 4 to 7 planted ones out of the first
+40; the ranked disagreements put 18 of 20 there for Lite0 and MobileNetV2 alike, over 3 fold shuffles.
 The suggested label is the one the held-out layer gives the highest probability.
 """
 import logging
@@ -57,7 +60,8 @@ def find(paths: list, x: np.ndarray, y: np.ndarray, labels: list, train_head: Ca
     if folds < 2:
         return []
     probabilities = out_of_fold_probabilities(x, y, len(labels), train_head, folds, on_fold)
-    ranked = find_label_issues(y, probabilities, return_indices_ranked_by="self_confidence",
+    ranked = find_label_issues(y, probabilities, filter_by="predicted_neq_given",
+                               return_indices_ranked_by="self_confidence",
                                n_jobs=1)  # no worker processes forked from a process running TensorFlow
     return [LabelIssue(paths[i], labels[y[i]], labels[int(np.argmax(probabilities[i]))],
                        float(probabilities[i, y[i]])) for i in ranked]

@@ -190,10 +190,11 @@ def _label_issues_html(issues, pictures):
     items = [_figure(f"label-issues/{i}.jpg", issue.path, f"given <b>{e(issue.given)}</b>, suggested "
                      f'<b>{e(issue.suggested)}</b> (<span class="score">{issue.score:.3f}</span>)', pictures)
              for i, issue in enumerate(issues)]
-    return (f"<h2>Likely label errors ({len(issues)})</h2><p>Training photos whose label the rest of the data "
-            "contradicts, likeliest first: each with its folder's label, the label a new layer trained without "
-            "it suggests, and that layer's probability of the given label. Move or remove the wrong ones and "
-            f'train again.</p><div id="label-issues">{"".join(items) or "<p>none</p>"}</div>')
+    return (f"<h2>Likely label errors ({len(issues)})</h2><p>Training photos that a new layer trained without "
+            "them puts in another class, likeliest wrong first: each with its folder's label, the label that layer "
+            "suggests, and its probability of the given label. The first ones are mostly mislabeled; further down, "
+            "more are just hard photos. Move or remove the wrong ones and train again.</p>"
+            f'<div id="label-issues">{"".join(items) or "<p>none</p>"}</div>')
 
 
 def render(run, pictures, matrix, wrong):

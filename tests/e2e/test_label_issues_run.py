@@ -5,7 +5,7 @@ import os
 import shutil
 
 import pytest
-from support.models import FLOWERS, MOBILENET_WEIGHTS
+from support.models import FLOWERS, LITE0_PRESET
 from support.processes import run_retrain
 from support.report_page import Page
 
@@ -32,8 +32,8 @@ def printed_issues(stdout):
 def planted_run(tmp_path_factory):
     """(model folder, retrain's CompletedProcess, {planted path: (true label, given label)}); the photos, the
     copies and the model are removed afterwards."""
-    if not (os.path.isdir(FLOWERS) and os.path.isfile(MOBILENET_WEIGHTS)):
-        pytest.skip(f"real data absent: needs {FLOWERS} and {MOBILENET_WEIGHTS}")
+    if not (os.path.isdir(FLOWERS) and os.path.isdir(LITE0_PRESET)):
+        pytest.skip(f"real data absent: needs {FLOWERS} and {LITE0_PRESET}")
     root = tmp_path_factory.mktemp("planted")
     try:
         images = root / "flowers"
@@ -53,7 +53,7 @@ def planted_run(tmp_path_factory):
                 planted[str(images / wrong / name)] = (label, wrong)
         assert len(planted) == PLANTED
         out = root / "model"
-        result = run_retrain("--image_dir", images, "--architecture", "mobilenet_v2", "--weights", MOBILENET_WEIGHTS,
+        result = run_retrain("--image_dir", images, "--architecture", "efficientnet_lite0", "--weights", LITE0_PRESET,
                              "--output_dir", out, "--bottleneck_dir", root / "bottlenecks", "--summaries_dir", "",
                              "--tflite_quantization", "none", "--print_label_issues")
         yield out, result, planted

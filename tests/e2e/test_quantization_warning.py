@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy.stats import binomtest
-from support.models import FLOWERS, SHARED, engine
+from support.models import FLOWERS, LITE0_PRESET, engine
 from support.processes import run_retrain
 from support.report_page import Page
 
@@ -19,7 +19,6 @@ from classify_server.core.inference import preprocess
 from retrain.images import create_image_lists
 
 BOX = "!" * 72
-LITE0_PRESET = os.path.join(SHARED, "models", "efficientnet_lite0_imagenet")  # README's offline command's weights
 
 
 @pytest.fixture(scope="module")

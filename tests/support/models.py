@@ -11,6 +11,7 @@ from . import ROOT
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 FLOWERS = os.path.join(SHARED, "data", "flower_photos")
 MOBILENET_WEIGHTS = os.path.join(SHARED, "models", "mobilenet_v2_1.0_224_no_top.weights.h5")
+LITE0_PRESET = os.path.join(SHARED, "models", "efficientnet_lite0_imagenet")  # README's offline command's weights
 
 # Random MobileNetV2 weights give (almost) the same features for every image, so a
 # model trained on them answers the same for all: real weights, when ../shared has

@@ -2,7 +2,7 @@
 
 The engines side by side, in one run: TensorFlow's float32 session over graph.pb against LiteRT over
 model.tflite in each quantization, for MobileNetV2 and Inception-v3 (--architectures: any of retrain's), in this
-process (no HTTP).
+process (no HTTP), then served by the default server.
 
     .venv/bin/python -m bench.guards.engine_bench [--per_class 200] [--rounds 3] [--seconds 3]
 
@@ -17,7 +17,14 @@ round so that the machine's drift falls on all alike; "1 caller" is batch 1, one
 "2 callers" is two threads at once (the session's two concurrent runs, or two interpreters of the
 pool), what a worker does under load; "batch 8" is the session's best batch. Threads as the server's
 defaults on this machine (TF_INTRA_OP_THREADS = TF_INTER_OP_THREADS = cores).
+
+Then, served (--served, the wrk concurrencies; "" skips it): each architecture's model behind one default
+server (`gunicorn classify_server:app`, its gunicorn.conf.py) with the tf engine over graph.pb and with
+the tflite engine over the int8 model.tflite, every server up at once and wrk's multipart POST of
+serve_bench (a 500x375 flower JPEG) on one at a time, alternating their order round after round:
+req/s and p50 as users would see them, architecture beside architecture.
 """
+
 import argparse
 import os
 import shutil
@@ -42,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--architectures", default="mobilenet_v2,inception_v3")
+    p.add_argument("--served", default="1,4", help="comma-separated wrk concurrencies for the served part ('': skip)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per wrk run of the served part")
     return p.parse_args(argv)
 
 
@@ -102,12 +111,37 @@ def accuracy(engine, pixels, y):
     return float(np.mean(np.array(predicted) == y))
 
 
+def served(models, concurrency, rounds, duration, work):
+    """{(architecture, engine, c): [(req/s, p50 ms, errors)]}: one default server per model folder of
+    `models` {(architecture, engine): folder}, wrk on each in turn, the order reversed every other round."""
+    from bench.guards import serve_bench
+    _, lua = serve_bench.write_body(serve_bench.default_image(), work)
+    ports = {}
+    for (architecture, engine), folder in models.items():
+        env = serve_bench.caller_env() | {"MODEL_DIR": folder, "MODEL_ENGINE": engine, "MODEL_POLL_SECONDS": "0",
+                                          "ACCESS_LOG": ""}
+        ports[architecture, engine] = C.start_gunicorn(C.ROOT, env, os.path.join(work, f"{architecture}-{engine}.log"))[1]
+    for port in ports.values():  # warm each: first runs of each shape, connections
+        serve_bench.wrk(f"http://127.0.0.1:{port}/", lua, max(concurrency), 2)
+    runs = {(*key, c): [] for key in ports for c in concurrency}
+    for round_ in range(rounds):
+        order = list(ports) if round_ % 2 == 0 else list(reversed(ports))
+        for c in concurrency:
+            for key in order:
+                r = serve_bench.wrk(f"http://127.0.0.1:{ports[key]}/", lua, c, duration)
+                runs[(*key, c)].append((r["rps"], r["p50_us"] / 1000, r["non200"] + r["socket_errors"]))
+        C.log(f"served: round {round_ + 1} of {rounds} done")
+    C.stop_all()
+    return runs
+
+
 def main(argv=None):
     flags = parse_args(argv)
     cores = os.cpu_count() or 1
     config = {"TF_INTRA_OP_THREADS": str(cores), "TF_INTER_OP_THREADS": str(cores)}  # settings' variables
     work = tempfile.mkdtemp(prefix="engine-bench-")
     C.print_machine(cores, C.revision(), C.other_busy_processes())
+    models = {}  # (architecture, engine): the folder a server loads, for the served part
     try:
         for architecture in flags.architectures.split(","):
             real = os.path.exists(C.SHARED_WEIGHTS.get(architecture, ""))
@@ -118,6 +152,9 @@ def main(argv=None):
             from retrain.backbones import ARCHITECTURES
             size = ARCHITECTURES[architecture].size
             built = engines(model_dir, lists, size, config)
+            served_int8 = shutil.copytree(model_dir, f"{model_dir}-served-int8")  # a whole folder, int8 model.tflite
+            shutil.copy(os.path.join(f"{model_dir}-int8", model_folder.TFLITE), served_int8)
+            models[architecture, "tf"], models[architecture, "tflite"] = model_dir, served_int8
             labels = sorted(lists.testing)
             paths = [(p, i) for i, label in enumerate(labels) for p in lists.testing[label]]
             pixels = [decode_image(p, (size, size)) for p, _ in paths]
@@ -146,7 +183,20 @@ def main(argv=None):
                      f", images/s (median of {flags.rounds} rounds of {flags.seconds:g} s)")
             print(C.table(["engine", "1 caller", "2 callers", "batch 8", "1 caller vs TF", "2 callers vs TF",
                            "test accuracy"], rows, title), flush=True)
+        concurrency = [int(c) for c in flags.served.split(",") if c]
+        if concurrency:
+            runs = served(models, concurrency, flags.rounds, flags.duration, work)
+            rows = [[architecture, engine, c, f"{statistics.median(x for x, _, _ in runs[architecture, engine, c]):.1f}"
+                     f" ({min(x for x, _, _ in runs[architecture, engine, c]):.1f}-"
+                     f"{max(x for x, _, _ in runs[architecture, engine, c]):.1f})",
+                     f"{statistics.median(p for _, p, _ in runs[architecture, engine, c]):.1f}",
+                     sum(e for _, _, e in runs[architecture, engine, c])]
+                    for architecture, engine in models for c in concurrency]
+            print(C.table(["architecture", "engine", "c", "req/s, median (min-max)", "p50 ms", "errors"], rows,
+                          f"served: one default server each (tflite: int8), {flags.rounds} alternating rounds of "
+                          f"{flags.duration} s"), flush=True)
     finally:
+        C.stop_all()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -9,6 +9,7 @@ test split of one run.
     .venv/bin/python -m bench.studies.cv --bottleneck_dir /var/tmp/cv-bottlenecks   # keep the cache between runs
     .venv/bin/python -m bench.studies.cv --only_folds 1,2 --variants "fine_tune;fine_tune,fine_tune_fraction=0.6"
     .venv/bin/python -m bench.studies.cv --architecture efficientnet_lite2 --folds 10 --seeds 0,1,2
+    .venv/bin/python -m bench.studies.cv --architecture efficientnet_lite0 --folds 10 --variants fine_tune --quantization int8
 
 MobileNetV2 on the real ImageNet weights (../shared) by default; --architecture efficientnet_lite0 or
 efficientnet_lite2 takes the shared KerasHub presets (--weights for others). Every photo's bottleneck is computed once, as
@@ -20,7 +21,8 @@ held-out fold: the new layer on the training folds less a validation share, then
 default), again on all of them. With 10 folds that is what a user's run does (10 % test, 10 % of the
 rest validation). A variant with fine_tune (e.g. "fine_tune") runs retrain's fine-tuning on each fold
 too (minutes a fold: its training photos' pixels, a fresh backbone; --only_folds screens such variants
-on a few folds first). Prints each variant's accuracy per shuffle (the mean of its folds), the mean, stdev and range over
+on a few folds first); with --quantization, its model.tflite too, as a row of its own ("fine_tune [int8]": put the
+variant first to pair that row against it). Prints each variant's accuracy per shuffle (the mean of its folds), the mean, stdev and range over
 every fold of every shuffle, and the mean difference from the first variant over the same folds
 (paired: the same photos on both sides); and the seconds each stage took.
 """
@@ -46,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--architecture", default="mobilenet_v2", help="retrain's --architecture")
     p.add_argument("--weights", help="retrain's --weights (default: the shared weights of the architecture)")
     p.add_argument("--bottleneck_dir", help="the bottleneck cache (default: a temp folder, removed at the end)")
+    p.add_argument("--quantization", default="",
+                   help="also judge each fine_tune variant's model.tflite in this quantization (e.g. int8), converted "
+                        "from its frozen graph as retrain converts it: a row 'VARIANT [int8]', paired like the others")
     p.add_argument("--only_folds", help="comma-separated fold numbers to run (default: all), to screen slow "
                                         "variants before a full run")
     return p.parse_args(argv)
@@ -117,10 +122,10 @@ def head_accuracy(data, train_rows, test_rows, settings):
     return train.accuracy_of(head, data.x[test_rows], data.y[test_rows])
 
 
-def fine_tuned_accuracy(data, train_rows, test_rows, settings):
+def fine_tuned_accuracy(data, train_rows, test_rows, settings, quantization=""):
     """The held-out fold's accuracy after retrain's --fine_tune path: the new layer on the bottlenecks, then
     the top of a fresh backbone trained on pixels, keeping the epoch best on a validation share of the
-    training folds, as retrain does."""
+    training folds, as retrain does; and, with `quantization`, its model.tflite's (else None)."""
     from retrain import backbones, train
     val_rows, fit_rows = validation_split(train_rows, settings)
     head = train.train_head(data.x[fit_rows], data.y[fit_rows], (data.x[val_rows], data.y[val_rows]),
@@ -128,8 +133,15 @@ def fine_tuned_accuracy(data, train_rows, test_rows, settings):
     backbone = backbones.build_backbone(data.arch, data.weights)
     model = train.train_on_images(backbone, head, [data.paths[i] for i in fit_rows], data.y[fit_rows],
                                   ([data.paths[i] for i in val_rows], data.y[val_rows]), data.arch.size, settings)
-    pixels = train.load_images([data.paths[i] for i in test_rows], data.arch.size).astype(np.float32)
-    return float(np.mean(np.argmax(model.predict(pixels, verbose=0), axis=1) == data.y[test_rows]))
+    test_paths = [data.paths[i] for i in test_rows]
+    pixels = train.load_images(test_paths, data.arch.size).astype(np.float32)
+    accuracy = float(np.mean(np.argmax(model.predict(pixels, verbose=0), axis=1) == data.y[test_rows]))
+    if not quantization:
+        return accuracy, None
+    from retrain import export, tflite
+    content = tflite.convert(export.frozen_graph_def(model, [None, data.arch.size, data.arch.size, 3]),
+                             data.arch.size, quantization, [data.paths[i] for i in fit_rows])
+    return accuracy, float(np.mean(tflite.predictions(content, data.arch.size, test_paths) == data.y[test_rows]))
 
 
 def main(argv=None):
@@ -152,18 +164,26 @@ def main(argv=None):
                     train_rows, test_rows = data.split(fold)
                     start = time.time()
                     if settings.fine_tune:
-                        folds.append(fine_tuned_accuracy(data, train_rows, test_rows, settings))
-                        C.log(f"{variant}, seed {seed}, fold {fold + 1}: {folds[-1]:.4f}")
+                        accuracy, quantized = fine_tuned_accuracy(data, train_rows, test_rows, settings,
+                                                                  flags.quantization)
+                        folds.append(accuracy)
+                        if quantized is not None:
+                            scores.setdefault(f"{variant} [{flags.quantization}]", {}).setdefault(seed, []).append(
+                                quantized)
+                        C.log(f"{variant}, seed {seed}, fold {fold + 1}: {accuracy:.4f}" + (
+                            "" if quantized is None else f", model.tflite ({flags.quantization}) {quantized:.4f}"))
                     else:
                         folds.append(head_accuracy(data, train_rows, test_rows, settings))
                     seconds[variant] += time.time() - start
                 C.log(f"{variant}, seed {seed}: " + " ".join(f"{a:.4f}" for a in folds))
         every = {variant: [a for seed in seeds for a in by_seed[seed]] for variant, by_seed in scores.items()}
+        for variant in every:  # a model.tflite row: its conversion and judging, beside its fine-tuning's seconds
+            seconds.setdefault(variant, 0.0)
         base = every[variants[0]]
         rows = [[v, *(f"{statistics.mean(scores[v][seed]):.4f}" for seed in seeds), f"{statistics.mean(s):.4f}",
                  f"{statistics.stdev(s):.4f}" if len(s) > 1 else "-",
                  f"{min(s):.4f} .. {max(s):.4f}", f"{statistics.mean(a - b for a, b in zip(s, base)):+.4f}",
-                 f"{seconds[v] / len(s):.1f}"]
+                 f"{seconds[v] / len(s):.1f}" if seconds[v] else "-"]
                 for v, s in every.items()]
         C.print_machine(os.cpu_count(), C.revision(), C.other_busy_processes())
         print(C.table(["variant", *(f"seed {seed}" for seed in seeds), "mean", "stdev", "range",

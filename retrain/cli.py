@@ -123,9 +123,10 @@ def build_parser():
     p.add_argument("--fine_tune", action="store_true",
                    help="then also train the top of the backbone, keeping the best epoch on validation (slow)")
     p.add_argument("--fine_tune_epochs", type=int, default=8, help="epochs of fine-tuning")
-    p.add_argument("--fine_tune_learning_rate", type=float, default=1e-4,
-                   help="fine-tuning's learning rate, decaying to 0 over the epochs (rate, epochs and fraction "
-                        "chosen by 5-fold CV: docs/benchmark-history.md run Q)")
+    p.add_argument("--fine_tune_learning_rate", type=float, default=None,
+                   help="fine-tuning's learning rate, decaying to 0 over the epochs (default: the architecture's, "
+                        "1e-4, or 3e-4 for EfficientNet-Lite; rate, epochs and fraction chosen by CV: "
+                        "docs/benchmark-history.md runs Q and V)")
     p.add_argument("--fine_tune_fraction", type=float, default=0.3, help="share of the backbone's layers to train")
     p.add_argument("--fine_tune_batch_size", type=int, default=32, help="images per fine-tuning step")
     p.add_argument("--print_misclassified_test_images", action="store_true",

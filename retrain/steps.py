@@ -199,11 +199,10 @@ def train_model(data, backbone, flags, run):
     if not on_pixels:
         return HeadOnBackbone(head, backbone, training.x.shape[1])
     stage = time.time()
-    size = backbone.arch.size
     model = train.train_on_images(backbone.model, head, training.paths, training.y,
-                                  (validation.paths, validation.y), size, flags, run.fine_tune_history)
+                                  (validation.paths, validation.y), backbone.arch, flags, run.fine_tune_history)
     run.timings["training on pixels" + (" (fine-tuning)" if flags.fine_tune else "")] = time.time() - stage
-    return TrainedOnPixels(model, size)
+    return TrainedOnPixels(model, backbone.arch.size)
 
 
 def refit_head(head, training, validation, class_count, flags, run):

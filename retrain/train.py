@@ -151,9 +151,10 @@ def load_images(paths, size):
                      for p in progress.bar(paths, unit="img", desc="loading images")])
 
 
-def train_on_images(backbone, head, train_paths, train_y, val, size, flags, history=None):
-    """Train on pixels: the head with augmented inputs, and with --fine_tune the backbone's top; Keras'
-    per-epoch history goes into the dict `history` when given."""
+def train_on_images(backbone, head, train_paths, train_y, val, arch, flags, history=None):
+    """Train on pixels (`arch`'s size): the head with augmented inputs, and with --fine_tune the backbone's
+    top; Keras' per-epoch history goes into the dict `history` when given."""
+    size = arch.size
     augmentation = augmentation_layers(flags)
     model = build_classifier(backbone, head, augmentation)
     if flags.fine_tune:
@@ -172,7 +173,7 @@ def train_on_images(backbone, head, train_paths, train_y, val, size, flags, hist
         backbone.trainable = False
     steps_per_epoch = max(1, len(train_paths) // flags.fine_tune_batch_size)
     # As for the head: the rate decays to zero, so the last epochs settle instead of jitter.
-    rate = keras.optimizers.schedules.CosineDecay(flags.fine_tune_learning_rate,
+    rate = keras.optimizers.schedules.CosineDecay(flags.fine_tune_learning_rate or arch.fine_tune_learning_rate,
                                                   flags.fine_tune_epochs * steps_per_epoch)
     model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])

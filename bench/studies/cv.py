@@ -132,7 +132,7 @@ def fine_tuned_accuracy(data, train_rows, test_rows, settings, quantization=""):
                             len(data.labels), settings)
     backbone = backbones.build_backbone(data.arch, data.weights)
     model = train.train_on_images(backbone, head, [data.paths[i] for i in fit_rows], data.y[fit_rows],
-                                  ([data.paths[i] for i in val_rows], data.y[val_rows]), data.arch.size, settings)
+                                  ([data.paths[i] for i in val_rows], data.y[val_rows]), data.arch, settings)
     test_paths = [data.paths[i] for i in test_rows]
     pixels = train.load_images(test_paths, data.arch.size).astype(np.float32)
     accuracy = float(np.mean(np.argmax(model.predict(pixels, verbose=0), axis=1) == data.y[test_rows]))

@@ -49,6 +49,16 @@ def shown_default(action):
     return str(action.default)
 
 
+def rate_or_auto(text):
+    """A flag's value: "auto" (the architecture decides) or a positive number."""
+    if text == "auto":
+        return text
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive rate")
+    return value
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The module's docstring as written, and each flag's default after its help."""
 
@@ -123,10 +133,10 @@ def build_parser():
     p.add_argument("--fine_tune", action="store_true",
                    help="then also train the top of the backbone, keeping the best epoch on validation (slow)")
     p.add_argument("--fine_tune_epochs", type=int, default=8, help="epochs of fine-tuning")
-    p.add_argument("--fine_tune_learning_rate", type=float, default=None,
-                   help="fine-tuning's learning rate, decaying to 0 over the epochs (default: the architecture's, "
-                        "1e-4, or 3e-4 for EfficientNet-Lite; rate, epochs and fraction chosen by CV: "
-                        "docs/benchmark-history.md runs Q and V)")
+    p.add_argument("--fine_tune_learning_rate", type=rate_or_auto, default="auto",
+                   help="fine-tuning's learning rate, decaying to 0 over the epochs (auto: the architecture's, 3e-4 "
+                        "for the EfficientNet-Lite ones, 1e-4 for the others; rate, epochs and fraction chosen by "
+                        "CV: docs/benchmark-history.md runs Q and V)")
     p.add_argument("--fine_tune_fraction", type=float, default=0.3, help="share of the backbone's layers to train")
     p.add_argument("--fine_tune_batch_size", type=int, default=32, help="images per fine-tuning step")
     p.add_argument("--print_misclassified_test_images", action="store_true",

@@ -173,7 +173,8 @@ def train_on_images(backbone, head, train_paths, train_y, val, arch, flags, hist
         backbone.trainable = False
     steps_per_epoch = max(1, len(train_paths) // flags.fine_tune_batch_size)
     # As for the head: the rate decays to zero, so the last epochs settle instead of jitter.
-    rate = keras.optimizers.schedules.CosineDecay(flags.fine_tune_learning_rate or arch.fine_tune_learning_rate,
+    start = arch.fine_tune_learning_rate if flags.fine_tune_learning_rate == "auto" else flags.fine_tune_learning_rate
+    rate = keras.optimizers.schedules.CosineDecay(start,
                                                   flags.fine_tune_epochs * steps_per_epoch)
     model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])

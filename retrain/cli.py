@@ -91,7 +91,8 @@ def build_parser():
                         "than the newest version's by more than this")
     p.add_argument("--tflite_quantization", default="auto", choices=("auto",) + TFLITE_QUANTIZATIONS,
                    help="model.tflite beside graph.pb, for MODEL_ENGINE=tflite: int8, dynamic, float16, float32 or "
-                        "none (auto: int8 for mobilenet_v2, dynamic for inception_v3; docs/operations.md: Engines)")
+                        "none (auto: int8 for mobilenet_v2, float16 once fine-tuned, int8 for the EfficientNet-Lite "
+                        "ones, dynamic for the others; docs/operations.md: Engines)")
     p.add_argument("--max_quantization_drop", type=float, default=0.01,
                    help="warn loudly when model.tflite's test accuracy is lower than graph.pb's by more, and a "
                         "paired test on the test photos says it is no chance (docs/training.md)")

@@ -261,7 +261,8 @@ def export_model(trained, data, arch, flags, run, info):
     accuracies go into `info`."""
     stage = time.time()
     frozen = trained.graph_def()
-    quantization = arch.quantization if flags.tflite_quantization == "auto" else flags.tflite_quantization
+    quantization = (arch.default_quantization(flags.fine_tune) if flags.tflite_quantization == "auto"
+                    else flags.tflite_quantization)
     tflite_model = None
     if quantization != "none":
         from retrain import tflite
